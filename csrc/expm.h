@@ -1,0 +1,79 @@
+/*
+ * expm.h - exp(x) for x <= 0, the only range softmax ever needs.
+ *
+ * Branch-free and lanewise, so it vectorises on every ISA and gives the same
+ * bits on all of them (no FMA: the build disables contraction).
+ *
+ *   n = round(x / ln 2)             by the "magic number" addition, which
+ *                                   also leaves n in the low mantissa bits
+ *   r = x - n*ln2_hi - n*ln2_lo     Cody-Waite: ln2_hi has trailing zero
+ *                                   bits, so n*ln2_hi is exact
+ *   exp(x) = 2^n * (1 + r*p(r))     |r| <= ln2/2; 2^n built from the bits
+ *
+ * float32: degree-5 minimax polynomial (the coefficients of XNNPACK's
+ * rr2-p5 kernel). float64: the degree-13 Taylor polynomial, whose
+ * truncation error (< 5e-18 on |r| <= ln2/2) is below double rounding.
+ *
+ * Inputs below ln(smallest normal) (-87.3365 in float32, -708.396 in
+ * float64) return 0: softmax terms that small are below the rounding of any
+ * sum that holds the row maximum's term exp(0) = 1. NaN passes through.
+ * Inputs above 0 are outside the contract (callers subtract the row max).
+ */
+#ifndef FASTXENT_EXPM_H
+#define FASTXENT_EXPM_H
+
+#include "vec.h"
+
+static inline fx_vf32 fx_expm_f32(fx_vf32 x)
+{
+    const float cutoff = -87.33654475f; /* ln(FLT_MIN) */
+    const fx_vi32 small = x < fx_splat_f32(cutoff);
+    /* Clamp first so n stays in [-126, 0] and the exponent bits are valid;
+       NaN compares false and stays NaN. */
+    const fx_vf32 xc = fx_sel_f32(small, fx_splat_f32(cutoff), x);
+    const fx_vf32 magic = fx_splat_f32(12582912.0f); /* 1.5 * 2^23 */
+    const fx_vf32 t = xc * fx_splat_f32(1.44269504088896341f) + magic;
+    const fx_vf32 n = t - magic;
+    fx_vf32 r = xc - n * fx_splat_f32(0x1.62E400p-1f);
+    r = r - n * fx_splat_f32(0x1.7F7D1Cp-20f);
+    /* 2^n: the low bits of t hold n; adding the bias and shifting keeps the
+       low 9 bits, (n + 127) mod 512, which is the exponent field. */
+    const fx_vf32 s = (fx_vf32)(((fx_vu32)t + 127u) << 23);
+    fx_vf32 p = fx_splat_f32(0x1.0F9F9Cp-7f);
+    p = p * r + fx_splat_f32(0x1.573A1Ap-5f);
+    p = p * r + fx_splat_f32(0x1.555A80p-3f);
+    p = p * r + fx_splat_f32(0x1.FFFDC6p-2f);
+    p = p * r + fx_splat_f32(0x1.FFFFF6p-1f);
+    const fx_vf32 e = s + (s * r) * p;
+    return fx_sel_f32(small, fx_splat_f32(0.0f), e);
+}
+
+static inline fx_vf64 fx_expm_f64(fx_vf64 x)
+{
+    const double cutoff = -708.39641853226408; /* ln(DBL_MIN) */
+    const fx_vi64 small = x < fx_splat_f64(cutoff);
+    const fx_vf64 xc = fx_sel_f64(small, fx_splat_f64(cutoff), x);
+    const fx_vf64 magic = fx_splat_f64(6755399441055744.0); /* 1.5 * 2^52 */
+    const fx_vf64 t = xc * fx_splat_f64(1.4426950408889634) + magic;
+    const fx_vf64 n = t - magic;
+    fx_vf64 r = xc - n * fx_splat_f64(6.93147180369123816490e-01);
+    r = r - n * fx_splat_f64(1.90821492927058770002e-10);
+    const fx_vf64 s = (fx_vf64)(((fx_vu64)t + 1023u) << 52);
+    fx_vf64 p = fx_splat_f64(1.0 / 6227020800.0); /* 1/13! */
+    p = p * r + fx_splat_f64(1.0 / 479001600.0);
+    p = p * r + fx_splat_f64(1.0 / 39916800.0);
+    p = p * r + fx_splat_f64(1.0 / 3628800.0);
+    p = p * r + fx_splat_f64(1.0 / 362880.0);
+    p = p * r + fx_splat_f64(1.0 / 40320.0);
+    p = p * r + fx_splat_f64(1.0 / 5040.0);
+    p = p * r + fx_splat_f64(1.0 / 720.0);
+    p = p * r + fx_splat_f64(1.0 / 120.0);
+    p = p * r + fx_splat_f64(1.0 / 24.0);
+    p = p * r + fx_splat_f64(1.0 / 6.0);
+    p = p * r + fx_splat_f64(0.5);
+    p = p * r + fx_splat_f64(1.0);
+    const fx_vf64 e = s + (s * r) * p;
+    return fx_sel_f64(small, fx_splat_f64(0.0), e);
+}
+
+#endif

@@ -1,0 +1,93 @@
+/*
+ * fastxent.h - the C API behind the Python binding.
+ *
+ * The Python layer (src/fastxent/_api.py) turns every input into a 2-D
+ * problem: n_rows rows of n_cols contiguous elements, consecutive rows
+ * `*_ld` elements apart, in the compute dtype (float or double). It checks
+ * every label, shape and stride before calling here, so nothing in C
+ * validates input: a job describes memory that is known to be in bounds.
+ *
+ * One job = one operation over all rows. fx_run splits the rows over
+ * threads (parallel.c) and calls the row kernels of the active instruction
+ * set (dispatch.c; kernels compiled once per ISA from kernels_impl.h).
+ * Every per-row value is computed by one thread with the same code whatever
+ * the thread count, so results never depend on it; batch reductions are
+ * left to the caller, which sums the per-row values in a fixed order.
+ */
+#ifndef FASTXENT_H
+#define FASTXENT_H
+
+#include <stdint.h>
+
+enum fx_op {
+    FX_CE_HARD = 0,    /* logits, integer labels               -> loss, grad */
+    FX_CE_SOFT,        /* logits, probability targets          -> loss, grad */
+    FX_CE_PROBS_HARD,  /* probabilities, integer labels        -> loss, grad */
+    FX_CE_PROBS_SOFT,  /* probabilities, probability targets   -> loss, grad */
+    FX_LOGSUMEXP,      /* logits -> row_out                                  */
+    FX_LOG_SOFTMAX,    /* logits -> out                                      */
+    FX_SOFTMAX,        /* logits -> out                                      */
+    FX_ENTROPY,        /* logits -> row_out                                  */
+    FX_ENTROPY_PROBS,  /* probabilities -> row_out                           */
+    FX_NUM_OPS
+};
+
+enum fx_dtype { FX_F32 = 0, FX_F64 = 1, FX_NUM_DTYPES };
+
+typedef struct fx_job {
+    int64_t n_rows, n_cols;
+    const void *x;           /* n_rows x n_cols inputs, row r at x + r*x_ld   */
+    int64_t x_ld;
+    const void *t;           /* soft targets, same geometry, or NULL          */
+    int64_t t_ld;
+    const int64_t *labels;   /* n_rows labels, each in [0, n_cols) or equal   */
+    int64_t ignore_index;    /*   to ignore_index                             */
+    const void *w;           /* n_cols class weights, or NULL (all 1)         */
+    double w_sum;            /* sum of the weights (n_cols when w is NULL)    */
+    double smoothing;        /* label smoothing epsilon in [0, 1]             */
+    void *out;               /* n_rows x n_cols output (gradient, softmax,    */
+    int64_t out_ld;          /*   log-softmax) or NULL; may equal x           */
+    double *row_out;         /* n_rows per-row values (loss, lse, entropy)    */
+    const double *gscale;    /* per-row gradient scale, row r at             */
+    int64_t gscale_step;     /*   gscale[r * gscale_step] (step 0: a scalar)  */
+} fx_job;
+
+/* Rows [r0, r1) of one operation. */
+typedef void (*fx_rows_fn)(const fx_job *job, int64_t r0, int64_t r1);
+
+typedef struct fx_isa {
+    const char *name;
+    fx_rows_fn fn[FX_NUM_OPS][FX_NUM_DTYPES];
+    void (*expm_f32)(const float *x, float *y, int64_t n);
+    void (*expm_f64)(const double *x, double *y, int64_t n);
+} fx_isa;
+
+/* Dispatch (dispatch.c). fx_init picks the best ISA this CPU runs, or the
+   one named by FASTXENT_ISA; it returns 0, or -1 when FASTXENT_ISA named an
+   ISA that is unknown or unsupported (the best one is used instead). */
+int fx_init(void);
+int fx_num_isas(void);                /* ISAs compiled in and runnable here */
+const char *fx_isa_name(int i);
+int fx_set_isa(const char *name);     /* 0, or -1 if not available */
+const char *fx_get_isa(void);
+
+/* Threads (parallel.c). */
+int fx_openmp_enabled(void);
+int fx_max_threads(void);             /* omp_get_max_threads(), 1 without OpenMP */
+void fx_set_omp_threads(int n);
+void fx_run(int op, int dtype, const fx_job *job, int num_threads);
+
+/* The per-ISA tables (kernels_<isa>.c). */
+extern const fx_isa fx_isa_baseline;
+#if defined(FX_HAVE_AVX2)
+extern const fx_isa fx_isa_avx2;
+#endif
+#if defined(FX_HAVE_AVX512)
+extern const fx_isa fx_isa_avx512;
+#endif
+
+/* The active ISA's exp kernel (expm.h) over n values, for its accuracy tests. */
+void fx_expm_f32_array(const float *x, float *y, int64_t n);
+void fx_expm_f64_array(const double *x, double *y, int64_t n);
+
+#endif

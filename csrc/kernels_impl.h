@@ -1,0 +1,451 @@
+/*
+ * kernels_impl.h - the row kernels, written once.
+ *
+ * Included by kernels_isa.h once per dtype, with
+ *   T          float or double (the compute dtype)
+ *   V, VI, VL  its 64-byte vector type, mask type and lane count
+ *   SFX(f)     f##_f32 or f##_f64 (vec.h helpers, expm.h)
+ *   KFN(f)     the kernel's name for this ISA and dtype
+ * and compiled once per instruction set.
+ *
+ * Each row kernel reads one row of n contiguous elements; a row is visited
+ * at most three times (max, sum of exponentials, write) and stays in cache
+ * between visits. Nothing is allocated and no N x C temporary exists:
+ * losses come from the row statistics
+ *     m = max_c x_c,   s = sum_c exp(x_c - m)
+ * as  -log p_y = log(s) - (x_y - m)      (never lse - x_y, which loses all
+ * the digits of the loss when every logit shares a large offset), and
+ * log-softmax as (x_c - m) - log(s), in that order.
+ *
+ * Sums run in T within chunks of CHUNK elements (each lane then adds at
+ * most CHUNK / (2*VL) terms) and the chunk totals are added in double, so a
+ * float32 row of 10^5 classes sums as accurately as a short one.
+ */
+
+#define LOAD SFX(fx_load)
+#define LOAD_TAIL SFX(fx_load_tail)
+#define STORE SFX(fx_store)
+#define STORE_TAIL SFX(fx_store_tail)
+#define SPLAT SFX(fx_splat)
+#define SEL SFX(fx_sel)
+#define VMAX SFX(fx_vmax)
+#define HSUM SFX(fx_hsum)
+#define HMAX SFX(fx_hmax)
+#define EXPM SFX(fx_expm)
+
+#define CHUNK 1024
+
+static inline int64_t SFX(chunk_end)(int64_t c0, int64_t n)
+{
+    return c0 + CHUNK < n ? c0 + CHUNK : n;
+}
+
+/* max_c x_c, skipping NaN; -inf for an empty or all-NaN row. */
+static inline T SFX(row_max)(const T *x, int64_t n)
+{
+    V a0 = SPLAT(-INFINITY), a1 = a0;
+    int64_t i = 0;
+    for (; i + 2 * VL <= n; i += 2 * VL) {
+        a0 = VMAX(a0, LOAD(x + i));
+        a1 = VMAX(a1, LOAD(x + i + VL));
+    }
+    for (; i + VL <= n; i += VL) a0 = VMAX(a0, LOAD(x + i));
+    if (i < n) a1 = VMAX(a1, LOAD_TAIL(x + i, n - i, -INFINITY));
+    return HMAX(VMAX(a0, a1));
+}
+
+/* Weights of lanes [i, i+k), k <= VL: all 1 when w is NULL; padding 0. */
+static inline V SFX(wload)(const T *w, int64_t i, int64_t k)
+{
+    if (w) return k == VL ? LOAD(w + i) : LOAD_TAIL(w + i, k, 0);
+    V v = SPLAT(0);
+    for (int64_t j = 0; j < k; j++) v[j] = 1;
+    return v;
+}
+
+/* Lanes [i, i+k) of x minus m, padding lanes -inf (their exp is 0). */
+static inline V SFX(zload_exp)(const T *x, int64_t i, int64_t k, V vm)
+{
+    return (k == VL ? LOAD(x + i) : LOAD_TAIL(x + i, k, -INFINITY)) - vm;
+}
+
+/* Lanes [i, i+k) of x minus m, padding lanes 0 (they add nothing). */
+static inline V SFX(zload_lin)(const T *x, int64_t i, int64_t k, V vm, T m)
+{
+    return (k == VL ? LOAD(x + i) : LOAD_TAIL(x + i, k, m)) - vm;
+}
+
+/* Row statistics for a finite m:
+     return  s = sum_c exp(x_c - m)
+     *d      = sum_c w_c (x_c - m)          when d is not NULL (smoothing) */
+static inline double SFX(row_sumexp)(const T *x, const T *w, int64_t n, T m, double *d)
+{
+    const V vm = SPLAT(m), zero = SPLAT(0);
+    double s = 0.0, dd = 0.0;
+    for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
+        const int64_t c1 = SFX(chunk_end)(c0, n);
+        V a0 = zero, a1 = zero;
+        int64_t i = c0;
+        if (!d) {
+            for (; i + 2 * VL <= c1; i += 2 * VL) {
+                a0 += EXPM(LOAD(x + i) - vm);
+                a1 += EXPM(LOAD(x + i + VL) - vm);
+            }
+            for (; i < c1; i += VL) {
+                const int64_t k = c1 - i < VL ? c1 - i : VL;
+                a0 += EXPM(SFX(zload_exp)(x, i, k, vm));
+            }
+        } else {
+            V b0 = zero;
+            for (; i < c1; i += VL) {
+                const int64_t k = c1 - i < VL ? c1 - i : VL;
+                a0 += EXPM(SFX(zload_exp)(x, i, k, vm));
+                b0 += SFX(wload)(w, i, k) * SFX(zload_lin)(x, i, k, vm, m);
+            }
+            dd += HSUM(b0);
+        }
+        s += HSUM(a0 + a1);
+    }
+    if (d) *d = dd;
+    return s;
+}
+
+/* Soft-target statistics for a finite m:
+     return  s = sum_c exp(x_c - m)
+     *a = sum_c w_c t_c (x_c - m)   (terms with t_c == 0 count 0, even when
+                                     x_c = -inf: a class of probability 0
+                                     that the target never names costs 0)
+     *b = sum_c w_c t_c
+     *d = sum_c w_c (x_c - m)       (only needed with label smoothing) */
+static inline double SFX(row_soft)(const T *x, const T *t, const T *w, int64_t n, T m,
+                                   double *a, double *b, double *d)
+{
+    const V vm = SPLAT(m), zero = SPLAT(0);
+    double s = 0.0, aa = 0.0, bb = 0.0, dd = 0.0;
+    for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
+        const int64_t c1 = SFX(chunk_end)(c0, n);
+        V vs = zero, va = zero, vb = zero, vd = zero;
+        for (int64_t i = c0; i < c1; i += VL) {
+            const int64_t k = c1 - i < VL ? c1 - i : VL;
+            const V z = SFX(zload_lin)(x, i, k, vm, m);
+            const V tv = k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, 0);
+            const V wv = SFX(wload)(w, i, k);
+            const V wt = wv * tv;
+            vs += EXPM(SFX(zload_exp)(x, i, k, vm));
+            va += SEL(tv == zero, zero, wt * z);
+            vb += wt;
+            vd += wv * z;
+        }
+        s += HSUM(vs);
+        aa += HSUM(va);
+        bb += HSUM(vb);
+        dd += HSUM(vd);
+    }
+    *a = aa;
+    *b = bb;
+    *d = dd;
+    return s;
+}
+
+/* Entropy statistics for a finite m:
+     return  s = sum_c exp(x_c - m),  *q = sum_c exp(x_c - m) (x_c - m)
+   with 0 * log 0 = 0: a class of probability 0 adds nothing. */
+static inline double SFX(row_entropy)(const T *x, int64_t n, T m, double *q)
+{
+    const V vm = SPLAT(m), zero = SPLAT(0);
+    double s = 0.0, qq = 0.0;
+    for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
+        const int64_t c1 = SFX(chunk_end)(c0, n);
+        V vs = zero, vq = zero;
+        for (int64_t i = c0; i < c1; i += VL) {
+            const int64_t k = c1 - i < VL ? c1 - i : VL;
+            const V z = SFX(zload_exp)(x, i, k, vm);
+            const V e = EXPM(z);
+            vs += e;
+            vq += SEL(e == zero, zero, e * z);
+        }
+        s += HSUM(vs);
+        qq += HSUM(vq);
+    }
+    *q = qq;
+    return s;
+}
+
+/* (m, s) for any row. A finite max takes the vector path. An infinite max
+   follows IEEE rules through lse = m + log(s): s = 1 gives lse = m (a row
+   holding +inf has lse +inf; a row of -inf has lse -inf), s = NaN when the
+   row holds a NaN. */
+static inline double SFX(row_stats)(const T *x, int64_t n, T *m)
+{
+    *m = SFX(row_max)(x, n);
+    if (isfinite(*m)) return SFX(row_sumexp)(x, NULL, n, *m, NULL);
+    for (int64_t c = 0; c < n; c++)
+        if (isnan(x[c])) return NAN;
+    return 1.0;
+}
+
+/* out_c = exp(x_c - m) * k1 - k2 * w_c (w NULL: - k2). out may equal x:
+   each element is read before it is written. */
+static inline void SFX(row_write_grad)(const T *x, T *out, const T *w, int64_t n, T m, T k1, T k2)
+{
+    const V vm = SPLAT(m), v1 = SPLAT(k1), v2 = SPLAT(k2);
+    int64_t i = 0;
+    for (; i + VL <= n; i += VL) {
+        const V e = EXPM(LOAD(x + i) - vm);
+        STORE(out + i, w ? e * v1 - v2 * LOAD(w + i) : e * v1 - v2);
+    }
+    if (i < n) {
+        const V e = EXPM(LOAD_TAIL(x + i, n - i, -INFINITY) - vm);
+        STORE_TAIL(out + i, w ? e * v1 - v2 * LOAD_TAIL(w + i, n - i, 0) : e * v1 - v2, n - i);
+    }
+}
+
+static inline void SFX(row_zero)(T *out, int64_t n)
+{
+    memset(out, 0, (size_t)n * sizeof(T));
+}
+
+/* ------------------------------------------------------------------------
+ * Cross entropy from logits with integer labels.
+ *   loss_r = (1-eps) w_y (-log p_y) + eps/C sum_c w_c (-log p_c)
+ *          = (1-eps) w_y (log s - (x_y - m)) + eps/C (W log s - d)
+ *   grad_c = gs [ p_c ((1-eps) w_y + eps/C W) - (1-eps) w_y [c == y] - eps/C w_c ]
+ * Ignored rows: loss 0, gradient 0.
+ * ---------------------------------------------------------------------- */
+static void KFN(ce_hard)(const fx_job *job, int64_t r0, int64_t r1)
+{
+    const int64_t n = job->n_cols;
+    const T *w = (const T *)job->w;
+    const double eps = job->smoothing, ec = eps / (double)n, W = job->w_sum;
+    for (int64_t r = r0; r < r1; r++) {
+        const T *x = (const T *)job->x + r * job->x_ld;
+        T *out = job->out ? (T *)job->out + r * job->out_ld : NULL;
+        const int64_t y = job->labels[r];
+        if (y == job->ignore_index) {
+            job->row_out[r] = 0.0;
+            if (out) SFX(row_zero)(out, n);
+            continue;
+        }
+        const double xy = (double)x[y];
+        const double wy = w ? (double)w[y] : 1.0;
+        T m = SFX(row_max)(x, n);
+        double s, d = 0.0;
+        if (isfinite(m)) {
+            s = SFX(row_sumexp)(x, w, n, m, eps > 0 ? &d : NULL);
+        } else {
+            s = SFX(row_stats)(x, n, &m);
+            for (int64_t c = 0; c < n; c++) d += (w ? (double)w[c] : 1.0) * ((double)x[c] - m);
+        }
+        const double logs = log(s);
+        double loss = (1.0 - eps) * wy * (logs - (xy - (double)m));
+        if (eps > 0) loss += ec * (W * logs - d);
+        job->row_out[r] = loss;
+        if (out) {
+            const double gs = job->gscale[r * job->gscale_step];
+            const double A = (1.0 - eps) * wy + ec * W;
+            SFX(row_write_grad)(x, out, w, n, m, (T)(gs * A / s), (T)(gs * ec));
+            /* p_y - 1 formed in double from the saved x_y (out may be x). */
+            const double py = exp(xy - (double)m) / s;
+            out[y] = (T)(gs * (py * A - (1.0 - eps) * wy - ec * wy));
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------
+ * Cross entropy from logits with probability targets t (used as given),
+ * smoothed to t' = (1-eps) t + eps/C:
+ *   loss_r = sum_c w_c t'_c (log s - (x_c - m)) = B' log s - A'
+ *            with B' = (1-eps) b + eps/C W,  A' = (1-eps) a + eps/C d
+ *   grad_c = gs [ p_c B' - w_c t'_c ]
+ * ---------------------------------------------------------------------- */
+static void KFN(ce_soft)(const fx_job *job, int64_t r0, int64_t r1)
+{
+    const int64_t n = job->n_cols;
+    const T *w = (const T *)job->w;
+    const double eps = job->smoothing, ec = eps / (double)n, W = job->w_sum;
+    for (int64_t r = r0; r < r1; r++) {
+        const T *x = (const T *)job->x + r * job->x_ld;
+        const T *t = (const T *)job->t + r * job->t_ld;
+        T *out = job->out ? (T *)job->out + r * job->out_ld : NULL;
+        T m = SFX(row_max)(x, n);
+        double s, a = 0.0, b = 0.0, d = 0.0;
+        if (isfinite(m)) {
+            s = SFX(row_soft)(x, t, w, n, m, &a, &b, &d);
+        } else {
+            s = SFX(row_stats)(x, n, &m);
+            for (int64_t c = 0; c < n; c++) {
+                const double wc = w ? (double)w[c] : 1.0, z = (double)x[c] - m;
+                a += t[c] == 0 ? 0.0 : wc * t[c] * z;
+                b += wc * t[c];
+                d += wc * z;
+            }
+        }
+        const double Bp = (1.0 - eps) * b + ec * W;
+        double Ap = (1.0 - eps) * a;
+        if (eps > 0) Ap += ec * d;
+        job->row_out[r] = Bp * log(s) - Ap;
+        if (out) {
+            const double gs = job->gscale[r * job->gscale_step];
+            const V vm = SPLAT(m), k1 = SPLAT((T)(gs * Bp / s));
+            const V k2 = SPLAT((T)(gs * (1.0 - eps))), k3 = SPLAT((T)(gs * ec));
+            for (int64_t i = 0; i < n; i += VL) {
+                const int64_t k = n - i < VL ? n - i : VL;
+                const V e = EXPM(SFX(zload_exp)(x, i, k, vm));
+                const V tv = k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, 0);
+                const V g = e * k1 - SFX(wload)(w, i, k) * (tv * k2 + k3);
+                if (k == VL) STORE(out + i, g);
+                else STORE_TAIL(out + i, g, k);
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------
+ * Cross entropy from probabilities p (from_logits=False): no softmax, no
+ * renormalisation, no clipping.
+ *   loss_r = -sum_c w_c t'_c log p_c   (t'_c == 0 terms count 0)
+ *   grad_c = -gs w_c t'_c / p_c        (0 where t'_c == 0)
+ * Integer labels give t' = (1-eps) onehot(y) + eps/C. Not a hot path:
+ * plain loops in double with the C library's log.
+ * ---------------------------------------------------------------------- */
+static void KFN(ce_probs)(const fx_job *job, int64_t r0, int64_t r1)
+{
+    const int64_t n = job->n_cols;
+    const T *w = (const T *)job->w;
+    const double eps = job->smoothing, ec = eps / (double)n;
+    const int hard = job->labels != NULL;
+    for (int64_t r = r0; r < r1; r++) {
+        const T *p = (const T *)job->x + r * job->x_ld;
+        const T *t = hard ? NULL : (const T *)job->t + r * job->t_ld;
+        T *out = job->out ? (T *)job->out + r * job->out_ld : NULL;
+        const int64_t y = hard ? job->labels[r] : -1;
+        if (hard && y == job->ignore_index) {
+            job->row_out[r] = 0.0;
+            if (out) SFX(row_zero)(out, n);
+            continue;
+        }
+        double loss = 0.0;
+        if (hard) {
+            loss = -(1.0 - eps) * (w ? (double)w[y] : 1.0) * log((double)p[y]);
+            if (eps > 0) {
+                double acc = 0.0;
+                for (int64_t c = 0; c < n; c++) acc += (w ? (double)w[c] : 1.0) * log((double)p[c]);
+                loss -= ec * acc;
+            }
+        } else {
+            for (int64_t c = 0; c < n; c++) {
+                const double tc = (1.0 - eps) * (double)t[c] + ec;
+                if (tc != 0) loss -= (w ? (double)w[c] : 1.0) * tc * log((double)p[c]);
+            }
+        }
+        job->row_out[r] = loss;
+        if (out) {
+            const double gs = job->gscale[r * job->gscale_step];
+            const double py = hard ? (double)p[y] : 0.0;
+            for (int64_t c = 0; c < n; c++) {
+                const double tc = hard ? ec : (1.0 - eps) * (double)t[c] + ec;
+                const double wc = w ? (double)w[c] : 1.0;
+                out[c] = tc == 0 ? (T)0 : (T)(-gs * wc * tc / (double)p[c]);
+            }
+            if (hard) {
+                const double wy = w ? (double)w[y] : 1.0;
+                out[y] = (T)(-gs * wy * ((1.0 - eps) + ec) / py);
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------
+ * Building blocks.
+ * ---------------------------------------------------------------------- */
+static void KFN(logsumexp)(const fx_job *job, int64_t r0, int64_t r1)
+{
+    for (int64_t r = r0; r < r1; r++) {
+        const T *x = (const T *)job->x + r * job->x_ld;
+        T m;
+        const double s = SFX(row_stats)(x, job->n_cols, &m);
+        job->row_out[r] = (double)m + log(s);
+    }
+}
+
+/* out_c = (x_c - m) - log(s): subtracting the max first keeps x_c - m exact
+   for the largest logits, where the log-probabilities matter most. */
+static void KFN(log_softmax)(const fx_job *job, int64_t r0, int64_t r1)
+{
+    const int64_t n = job->n_cols;
+    for (int64_t r = r0; r < r1; r++) {
+        const T *x = (const T *)job->x + r * job->x_ld;
+        T *out = (T *)job->out + r * job->out_ld;
+        T m;
+        const double s = SFX(row_stats)(x, n, &m);
+        const V vm = SPLAT(m), vl = SPLAT((T)log(s));
+        int64_t i = 0;
+        for (; i + VL <= n; i += VL) STORE(out + i, (LOAD(x + i) - vm) - vl);
+        if (i < n) STORE_TAIL(out + i, (LOAD_TAIL(x + i, n - i, 0) - vm) - vl, n - i);
+    }
+}
+
+static void KFN(softmax)(const fx_job *job, int64_t r0, int64_t r1)
+{
+    const int64_t n = job->n_cols;
+    for (int64_t r = r0; r < r1; r++) {
+        const T *x = (const T *)job->x + r * job->x_ld;
+        T *out = (T *)job->out + r * job->out_ld;
+        T m;
+        const double s = SFX(row_stats)(x, n, &m);
+        SFX(row_write_grad)(x, out, NULL, n, m, (T)(1.0 / s), 0);
+    }
+}
+
+/* H = log s - (1/s) sum_c e_c (x_c - m), with e_c = exp(x_c - m). */
+static void KFN(entropy)(const fx_job *job, int64_t r0, int64_t r1)
+{
+    const int64_t n = job->n_cols;
+    for (int64_t r = r0; r < r1; r++) {
+        const T *x = (const T *)job->x + r * job->x_ld;
+        T m = SFX(row_max)(x, n);
+        if (!isfinite(m)) {
+            /* A row holding +inf has all its mass there: entropy 0 unless
+               two classes tie at +inf or a NaN is present. */
+            const double s = SFX(row_stats)(x, n, &m);
+            double k = 0;
+            for (int64_t c = 0; c < n; c++) k += x[c] == m;
+            job->row_out[r] = (m > 0 && k == 1) ? 0.0 * s : NAN;
+            continue;
+        }
+        double q;
+        const double s = SFX(row_entropy)(x, n, m, &q);
+        job->row_out[r] = log(s) - q / s;
+    }
+}
+
+static void KFN(entropy_probs)(const fx_job *job, int64_t r0, int64_t r1)
+{
+    const int64_t n = job->n_cols;
+    for (int64_t r = r0; r < r1; r++) {
+        const T *p = (const T *)job->x + r * job->x_ld;
+        double h = 0.0;
+        for (int64_t c = 0; c < n; c++)
+            if (p[c] != 0) h -= (double)p[c] * log((double)p[c]);
+        job->row_out[r] = h;
+    }
+}
+
+static void KFN(expm_array)(const T *x, T *y, int64_t n)
+{
+    int64_t i = 0;
+    for (; i + VL <= n; i += VL) STORE(y + i, EXPM(LOAD(x + i)));
+    if (i < n) STORE_TAIL(y + i, EXPM(LOAD_TAIL(x + i, n - i, 0)), n - i);
+}
+
+#undef LOAD
+#undef LOAD_TAIL
+#undef STORE
+#undef STORE_TAIL
+#undef SPLAT
+#undef SEL
+#undef VMAX
+#undef HSUM
+#undef HMAX
+#undef EXPM
+#undef CHUNK

@@ -1,0 +1,62 @@
+/*
+ * kernels_isa.h - one instruction set's copy of the row kernels.
+ *
+ * kernels_<isa>.c defines FX_ISA (the table's suffix) and includes this
+ * file; setup.py compiles each with its own -m flags. The kernels are the
+ * same source every time, and every function is static, so the copies never
+ * merge at link time; only the table fx_isa_<isa> is exported.
+ */
+#include <math.h>
+#include <string.h>
+
+#include "fastxent.h"
+#include "vec.h"
+#include "expm.h"
+
+#define FX_CAT3_(a, b, c) a##_##b##_##c
+#define FX_CAT3(a, b, c) FX_CAT3_(a, b, c)
+#define FX_CAT2_(a, b) a##_##b
+#define FX_CAT2(a, b) FX_CAT2_(a, b)
+
+#define T float
+#define V fx_vf32
+#define VL 16
+#define SFX(f) f##_f32
+#define KFN(f) FX_CAT3(f, f32, FX_ISA)
+#include "kernels_impl.h"
+#undef T
+#undef V
+#undef VL
+#undef SFX
+#undef KFN
+
+#define T double
+#define V fx_vf64
+#define VL 8
+#define SFX(f) f##_f64
+#define KFN(f) FX_CAT3(f, f64, FX_ISA)
+#include "kernels_impl.h"
+#undef T
+#undef V
+#undef VL
+#undef SFX
+#undef KFN
+
+#define FX_BOTH(op) {FX_CAT3(op, f32, FX_ISA), FX_CAT3(op, f64, FX_ISA)}
+
+const fx_isa FX_CAT2(fx_isa, FX_ISA) = {
+    .name = FX_ISA_NAME,
+    .fn = {
+        [FX_CE_HARD] = FX_BOTH(ce_hard),
+        [FX_CE_SOFT] = FX_BOTH(ce_soft),
+        [FX_CE_PROBS_HARD] = FX_BOTH(ce_probs),
+        [FX_CE_PROBS_SOFT] = FX_BOTH(ce_probs),
+        [FX_LOGSUMEXP] = FX_BOTH(logsumexp),
+        [FX_LOG_SOFTMAX] = FX_BOTH(log_softmax),
+        [FX_SOFTMAX] = FX_BOTH(softmax),
+        [FX_ENTROPY] = FX_BOTH(entropy),
+        [FX_ENTROPY_PROBS] = FX_BOTH(entropy_probs),
+    },
+    .expm_f32 = FX_CAT3(expm_array, f32, FX_ISA),
+    .expm_f64 = FX_CAT3(expm_array, f64, FX_ISA),
+};

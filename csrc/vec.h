@@ -1,0 +1,80 @@
+/*
+ * vec.h - fixed-width vectors for the row kernels.
+ *
+ * Every kernel works on 64-byte vectors (16 floats or 8 doubles) written
+ * with GCC/Clang vector extensions. The compiler lowers one such vector to
+ * one zmm register (AVX-512), two ymm (AVX2) or four xmm (SSE2), but the
+ * arithmetic of every lane is the same, and so is the order in which lanes
+ * are combined. That is what makes every ISA build give bitwise-identical
+ * results: the width of the hardware never changes the summation order.
+ * (The build also turns off floating-point contraction for the same reason.)
+ *
+ * Loads and stores go through memcpy so that no alignment is assumed.
+ */
+#ifndef FASTXENT_VEC_H
+#define FASTXENT_VEC_H
+
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+#define FX_VBYTES 64
+
+typedef float fx_vf32 __attribute__((vector_size(FX_VBYTES)));
+typedef int32_t fx_vi32 __attribute__((vector_size(FX_VBYTES)));
+typedef uint32_t fx_vu32 __attribute__((vector_size(FX_VBYTES)));
+typedef double fx_vf64 __attribute__((vector_size(FX_VBYTES)));
+typedef int64_t fx_vi64 __attribute__((vector_size(FX_VBYTES)));
+typedef uint64_t fx_vu64 __attribute__((vector_size(FX_VBYTES)));
+
+#define FX_DEFINE_VEC_HELPERS(SFX, T, V, VI, VU, VL)                           \
+    static inline V fx_splat_##SFX(T s)                                        \
+    {                                                                          \
+        V v;                                                                   \
+        for (int j = 0; j < VL; j++) v[j] = s;                                 \
+        return v;                                                              \
+    }                                                                          \
+    static inline V fx_load_##SFX(const T *p)                                  \
+    {                                                                          \
+        V v;                                                                   \
+        memcpy(&v, p, sizeof v);                                               \
+        return v;                                                              \
+    }                                                                          \
+    /* The first n (< VL) elements of p; the other lanes hold fill. */         \
+    static inline V fx_load_tail_##SFX(const T *p, int64_t n, T fill)          \
+    {                                                                          \
+        V v = fx_splat_##SFX(fill);                                            \
+        for (int64_t j = 0; j < n; j++) v[j] = p[j];                           \
+        return v;                                                              \
+    }                                                                          \
+    static inline void fx_store_##SFX(T *p, V v) { memcpy(p, &v, sizeof v); }  \
+    static inline void fx_store_tail_##SFX(T *p, V v, int64_t n)               \
+    {                                                                          \
+        for (int64_t j = 0; j < n; j++) p[j] = v[j];                           \
+    }                                                                          \
+    /* Lanewise m ? a : b, for a mask m from a vector comparison. */          \
+    static inline V fx_sel_##SFX(VI m, V a, V b)                               \
+    {                                                                          \
+        return (V)(((VU)a & (VU)m) | ((VU)b & ~(VU)m));                        \
+    }                                                                          \
+    /* Lanewise maximum that skips NaN in b; NaN rows are caught by the    */ \
+    /* sum of exponentials, which NaN poisons.                              */ \
+    static inline V fx_vmax_##SFX(V a, V b) { return fx_sel_##SFX(b > a, b, a); } \
+    /* Lanes combined in a fixed order, in double. */                          \
+    static inline double fx_hsum_##SFX(V v)                                    \
+    {                                                                          \
+        double s = 0.0;                                                        \
+        for (int j = 0; j < VL; j++) s += (double)v[j];                        \
+        return s;                                                              \
+    }                                                                          \
+    static inline T fx_hmax_##SFX(V v)                                         \
+    {                                                                          \
+        T m = v[0];                                                            \
+        for (int j = 1; j < VL; j++) m = v[j] > m ? v[j] : m;                  \
+        return m;                                                              \
+    }
+
+FX_DEFINE_VEC_HELPERS(f32, float, fx_vf32, fx_vi32, fx_vu32, 16)
+FX_DEFINE_VEC_HELPERS(f64, double, fx_vf64, fx_vi64, fx_vu64, 8)
+
+#endif

@@ -1,0 +1,116 @@
+"""Build of the fastxent extension.
+
+One extension module, fastxent._core: the Cython binding, the dispatcher and
+the threading layer, plus the row kernels compiled once per instruction set
+(csrc/kernels_<isa>.c, each with its own -m flags). The build never uses
+-march=native: a wheel carries every ISA and picks one at run time.
+
+OpenMP: probed with a test compile. Without it the build is serial and says
+so loudly; with FASTXENT_REQUIRE_OPENMP=1 a missing OpenMP is an error.
+"""
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = "csrc"
+
+# No contraction: an FMA in one ISA build and not in another would change
+# the bits of the results. No fast-math: the kernels rely on IEEE inf/NaN.
+BASE_FLAGS = ["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno", "-Wno-psabi"]
+
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386", "x86")
+ISA_FLAGS = {
+    "avx2": ["-mavx2", "-mfma"],
+    # GCC's tuning for some AVX-512 CPUs prefers 256-bit vectors; the kernels
+    # want the full width.
+    "avx512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512dq",
+               "-mavx512vl", "-mprefer-vector-width=512"],
+} if X86 else {}
+
+OPENMP_PROBE = r"""
+#include <omp.h>
+int main(void) {
+    int n = 0;
+    #pragma omp parallel reduction(+:n)
+    n += 1;
+    return n > 0 ? 0 : 1;
+}
+"""
+
+
+def _truthy(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+class BuildExt(build_ext):
+    def _compiles(self, source, flags):
+        tmp = tempfile.mkdtemp(prefix="fastxent-probe-")
+        try:
+            path = os.path.join(tmp, "probe.c")
+            with open(path, "w") as f:
+                f.write(source)
+            objs = self.compiler.compile([path], output_dir=tmp, extra_postargs=flags)
+            self.compiler.link_executable(objs, "probe", output_dir=tmp, extra_postargs=flags)
+            return subprocess.call([os.path.join(tmp, "probe")]) == 0
+        except Exception:
+            return False
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def build_extension(self, ext):
+        openmp = self._compiles(OPENMP_PROBE, ["-fopenmp"])
+        if openmp:
+            ext.extra_compile_args += ["-fopenmp"]
+            ext.extra_link_args += ["-fopenmp"]
+        elif _truthy("FASTXENT_REQUIRE_OPENMP"):
+            raise RuntimeError("FASTXENT_REQUIRE_OPENMP=1 but the compiler cannot build "
+                               "OpenMP code (-fopenmp failed)")
+        else:
+            banner = "*" * 72
+            sys.stderr.write(f"\n{banner}\nWARNING: OpenMP is not available: fastxent is "
+                             f"being built SERIAL (one thread).\n{banner}\n\n")
+
+        for isa, flags in ISA_FLAGS.items():
+            objs = self.compiler.compile(
+                [os.path.join(CSRC, f"kernels_{isa}.c")],
+                output_dir=self.build_temp,
+                include_dirs=[CSRC],
+                extra_postargs=BASE_FLAGS + flags,
+            )
+            ext.extra_objects += objs
+            ext.define_macros.append((f"FX_HAVE_{isa.upper()}", "1"))
+        super().build_extension(ext)
+
+
+ext = Extension(
+    "fastxent._core",
+    sources=[
+        "src/fastxent/_core.pyx",
+        os.path.join(CSRC, "dispatch.c"),
+        os.path.join(CSRC, "parallel.c"),
+        os.path.join(CSRC, "kernels_baseline.c"),
+    ],
+    include_dirs=[CSRC, np.get_include()],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    extra_compile_args=list(BASE_FLAGS),
+    extra_link_args=[],
+    depends=[os.path.join(CSRC, f) for f in os.listdir(os.path.join(HERE, CSRC))],
+)
+
+setup(
+    ext_modules=cythonize(
+        [ext],
+        compiler_directives={"language_level": 3, "boundscheck": False,
+                             "wraparound": False, "initializedcheck": False},
+    ),
+    cmdclass={"build_ext": BuildExt},
+)

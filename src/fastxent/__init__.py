@@ -1,0 +1,63 @@
+"""fastxent: fast, exact CPU cross entropy and its relatives.
+
+The public contract is the API of this module: cross_entropy,
+cross_entropy_with_grad, logsumexp, log_softmax, softmax, entropy, the
+thread controls and show_config. ``fastxent.reference`` holds the plain
+NumPy (float64) twin of every function.
+"""
+import warnings as _warnings
+
+from . import _core
+from ._api import (
+    cross_entropy,
+    cross_entropy_with_grad,
+    entropy,
+    get_num_threads,
+    log_softmax,
+    logsumexp,
+    set_num_threads,
+    softmax,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "cross_entropy",
+    "cross_entropy_with_grad",
+    "logsumexp",
+    "log_softmax",
+    "softmax",
+    "entropy",
+    "set_num_threads",
+    "get_num_threads",
+    "show_config",
+    "__version__",
+]
+
+if _core.init_status() != 0:
+    import os as _os
+
+    _warnings.warn(
+        f"FASTXENT_ISA={_os.environ.get('FASTXENT_ISA')!r} is not available on this machine "
+        f"(available: {', '.join(_core.available_isas())}); using {_core.get_isa()!r}",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def show_config(print_=True):
+    """Print and return the build and run-time configuration."""
+    config = {
+        "version": __version__,
+        "isa": _core.get_isa(),
+        "isas_available": _core.available_isas(),
+        "openmp": _core.openmp_enabled(),
+        "num_threads": get_num_threads(),
+    }
+    if print_:
+        print(f"fastxent {config['version']}")
+        print(f"  instruction set : {config['isa']} (available: {', '.join(config['isas_available'])}; "
+              "override with FASTXENT_ISA)")
+        print(f"  OpenMP          : {'on' if config['openmp'] else 'OFF (serial build)'}")
+        print(f"  threads         : {config['num_threads']}")
+    return config

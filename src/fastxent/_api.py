@@ -1,0 +1,471 @@
+"""The public functions: validation, layout and dtype handling around the C kernels.
+
+Everything the C layer indexes by is decided and checked here:
+
+* the class axis is moved last and the input viewed as ``(N, C)`` rows with
+  contiguous, aligned, native-endian elements (copied only when no such
+  view exists);
+* labels are checked to lie in ``[0, C)`` or equal ``ignore_index`` and
+  handed over as contiguous int64;
+* weights, targets and ``out=`` are checked for shape, dtype and overlap.
+
+The kernels return one float64 value per row; batch reductions sum those
+in NumPy, in a fixed order that does not depend on the thread count.
+
+dtypes: float32 and float64 are computed natively. float16 and bfloat16
+(ml_dtypes) are upcast to float32 here (computed in float32; results
+float32, gradients and (log-)softmax outputs rounded back to the input
+dtype). Integer and bool inputs are computed in float64.
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import numpy as np
+
+from . import _core
+
+__all__ = [
+    "cross_entropy",
+    "cross_entropy_with_grad",
+    "logsumexp",
+    "log_softmax",
+    "softmax",
+    "entropy",
+    "set_num_threads",
+    "get_num_threads",
+]
+
+_REDUCTIONS = ("mean", "sum", "none")
+_MAX_THREADS = 1024
+_thread_override = None  # set by set_num_threads; None: follow OpenMP
+
+
+# --------------------------------------------------------------------------
+# Threads
+# --------------------------------------------------------------------------
+
+def _check_threads(n, name="num_threads"):
+    try:
+        n = operator.index(n)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer or None, got {n!r}") from None
+    if not 1 <= n <= _MAX_THREADS:
+        raise ValueError(f"{name} must be between 1 and {_MAX_THREADS}, got {n}")
+    return n
+
+
+def set_num_threads(n):
+    """Set the default thread count of every later call (``None``: follow OpenMP).
+
+    ``None`` restores the default, which reads ``omp_get_max_threads()`` at
+    each call and so honours ``OMP_NUM_THREADS`` and ``threadpoolctl``. An
+    explicit count takes precedence over both.
+    """
+    global _thread_override
+    _thread_override = None if n is None else _check_threads(n, "n")
+
+
+def get_num_threads():
+    """The thread count a call with ``num_threads=None`` uses now."""
+    if _thread_override is not None:
+        return _thread_override
+    return max(1, _core.max_threads())
+
+
+def _threads(num_threads):
+    if num_threads is None:
+        return get_num_threads()
+    return _check_threads(num_threads)
+
+
+# --------------------------------------------------------------------------
+# dtypes and layout
+# --------------------------------------------------------------------------
+
+_UPCAST_16 = {np.dtype(np.float16)}
+try:  # bfloat16 is optional
+    import ml_dtypes as _ml_dtypes
+
+    _UPCAST_16.add(np.dtype(_ml_dtypes.bfloat16))
+except ImportError:  # pragma: no cover - depends on the environment
+    _ml_dtypes = None
+
+
+def _compute_dtype(dt, name):
+    """(compute dtype, result dtype for arrays shaped like the input)."""
+    if dt in _UPCAST_16:
+        return np.dtype(np.float32), dt
+    if dt.kind == "f":
+        if dt.itemsize == 2:
+            return np.dtype(np.float32), np.dtype(np.float16)
+        if dt.itemsize == 4:
+            return np.dtype(np.float32), np.dtype(np.float32)
+        return np.dtype(np.float64), np.dtype(np.float64)
+    if dt.kind in "iub":
+        return np.dtype(np.float64), np.dtype(np.float64)
+    raise TypeError(f"{name} must have a real numeric dtype, got {dt}")
+
+
+def _normalize_axis(axis, ndim, name):
+    try:
+        axis = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an integer, got {axis!r}") from None
+    if not -ndim <= axis < ndim:
+        raise np.exceptions.AxisError(axis, ndim, f"{name} has {ndim} dimension(s)")
+    return axis % ndim
+
+
+def _as_rows(a, n, c, dtype):
+    """``a`` (class axis last) as an (n, c) array of ``dtype`` whose rows are
+    contiguous, aligned and native-endian: a view when one exists."""
+    if a.dtype != dtype:
+        return np.ascontiguousarray(a, dtype=dtype).reshape(n, c)
+    if a.flags.aligned and (c <= 1 or a.strides[-1] == a.itemsize):
+        try:
+            return np.reshape(a, (n, c), copy=False)
+        except (ValueError, TypeError):
+            pass
+    return np.ascontiguousarray(a).reshape(n, c)
+
+
+class _Input:
+    """An input with a class axis, seen as ``(N, C)`` rows."""
+
+    __slots__ = ("array", "moved", "rows", "batch_shape", "n", "c", "dtype", "out_dtype", "axis")
+
+    def __init__(self, data, axis, name):
+        a = np.asarray(data)
+        if a.ndim == 0:
+            raise ValueError(f"{name} must have at least one dimension (the class axis)")
+        self.dtype, self.out_dtype = _compute_dtype(a.dtype, name)
+        self.axis = _normalize_axis(axis, a.ndim, name)
+        self.array = a
+        self.moved = a if self.axis == a.ndim - 1 else np.moveaxis(a, self.axis, -1)
+        self.batch_shape = self.moved.shape[:-1]
+        self.c = self.moved.shape[-1]
+        if self.c == 0:
+            raise ValueError(f"{name} has no classes: axis {axis} has length 0 (C == 0)")
+        self.n = math.prod(self.batch_shape)
+        self.rows = _as_rows(self.moved, self.n, self.c, self.dtype)
+
+    def same_layout(self, other, name):
+        """``other`` (shaped like the input) as rows of the compute dtype."""
+        b = np.asarray(other)
+        if b.shape != self.array.shape:
+            raise ValueError(f"{name} must have the shape of logits {self.array.shape}, got {b.shape}")
+        _compute_dtype(b.dtype, name)
+        if self.axis != b.ndim - 1:
+            b = np.moveaxis(b, self.axis, -1)
+        return _as_rows(b, self.n, self.c, self.dtype)
+
+    def batch_result(self, row_values, dtype=None):
+        """Per-row float64 values as an array of the batch shape (a scalar for one row)."""
+        res = row_values.astype(dtype or self.dtype, copy=False).reshape(self.batch_shape)
+        return res[()] if res.ndim == 0 else res
+
+
+def _check_out(out, inp, dtype, name="out"):
+    """Validate ``out=`` (shaped like the input, of ``dtype``); returns the rows
+    the kernel may write directly, or None when a temporary is needed."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
+    if out.shape != inp.array.shape:
+        raise ValueError(f"{name} must have shape {inp.array.shape}, got {out.shape}")
+    if out.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {dtype}, got {out.dtype}")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    moved = out if inp.axis == out.ndim - 1 else np.moveaxis(out, inp.axis, -1)
+    if out.dtype != inp.dtype or not out.dtype.isnative or not out.flags.aligned:
+        return None
+    if inp.c > 1 and moved.strides[-1] != out.itemsize:
+        return None
+    try:
+        return np.reshape(moved, (inp.n, inp.c), copy=False)
+    except (ValueError, TypeError):
+        return None
+
+
+def _same_memory(a, b):
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.strides == b.strides and a.shape == b.shape and a.dtype == b.dtype)
+
+
+def _check_overlap(out, inputs, logits):
+    """out may be logits itself (in place); any other overlap is an error."""
+    for name, arr in inputs:
+        if arr is None or not isinstance(arr, np.ndarray):
+            continue
+        if name == "logits" and _same_memory(out, arr):
+            continue
+        if np.may_share_memory(out, arr):
+            raise ValueError(f"out overlaps {name}; only out=logits (the very same array) "
+                             "may share memory with an input")
+
+
+def _write_out(out, rows_tmp, inp):
+    """Copy an (N, C) result into out (shaped like the input)."""
+    moved = out if inp.axis == out.ndim - 1 else np.moveaxis(out, inp.axis, -1)
+    np.copyto(moved, rows_tmp.reshape(moved.shape), casting="unsafe")
+    return out
+
+
+def _fresh_like(rows, inp, dtype):
+    """An (N, C) result as an array shaped like the input, of ``dtype``."""
+    res = rows.reshape(inp.moved.shape)
+    if inp.axis != inp.array.ndim - 1:
+        res = np.moveaxis(res, -1, inp.axis)
+    return res.astype(dtype, copy=False)
+
+
+# --------------------------------------------------------------------------
+# Scalar options
+# --------------------------------------------------------------------------
+
+def _check_reduction(reduction, allowed=_REDUCTIONS):
+    if not isinstance(reduction, str) or reduction not in allowed:
+        raise ValueError(f"reduction must be one of {', '.join(map(repr, allowed))}; got {reduction!r}")
+    return reduction
+
+
+def _log_base_scale(base):
+    """1 / ln(base); 1 for base=None (nats)."""
+    if base is None:
+        return 1.0
+    try:
+        b = float(base)
+    except (TypeError, ValueError):
+        raise TypeError(f"base must be a positive number or None, got {base!r}") from None
+    if not (b > 0 and math.isfinite(b)) or b == 1:
+        raise ValueError(f"base must be a positive finite number other than 1, got {base!r}")
+    return 1.0 / math.log(b)
+
+
+def _check_smoothing(label_smoothing):
+    try:
+        eps = float(label_smoothing)
+    except (TypeError, ValueError):
+        raise TypeError(f"label_smoothing must be a number, got {label_smoothing!r}") from None
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    return eps
+
+
+def _check_weight(weight, inp):
+    if weight is None:
+        return None, float(inp.c)
+    w = np.asarray(weight)
+    _compute_dtype(w.dtype, "weight")
+    if w.shape != (inp.c,):
+        raise ValueError(f"weight must have shape ({inp.c},) (one per class), got {w.shape}")
+    w = np.ascontiguousarray(w, dtype=inp.dtype)
+    bad = ~((w >= 0) & np.isfinite(w))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"weight must be finite and non-negative; weight[{i}] = {w[i]}")
+    return w, float(np.sum(w, dtype=np.float64))
+
+
+def _check_labels(labels, inp, ignore_index):
+    """Integer labels as contiguous int64 of length N, every value checked."""
+    lab = np.asarray(labels)
+    if lab.shape != inp.batch_shape:
+        raise ValueError(f"integer labels must have the batch shape {inp.batch_shape} "
+                         f"(logits' shape without axis {inp.axis}), got {lab.shape}")
+    flat = lab.reshape(-1)
+    bad = (flat < 0) | (flat >= inp.c)
+    if ignore_index is not None:
+        bad &= flat != ignore_index
+    if bad.any():
+        i = int(np.argmax(bad))
+        pos = np.unravel_index(i, inp.batch_shape) if inp.batch_shape else ()
+        pos = tuple(int(p) for p in pos)
+        raise ValueError(f"label {flat[i]} at position {pos} is out of range [0, {inp.c})"
+                         + (f" and is not ignore_index ({ignore_index})" if ignore_index is not None else ""))
+    return np.ascontiguousarray(flat, dtype=np.int64)
+
+
+def _check_ignore_index(ignore_index):
+    try:
+        ii = operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}") from None
+    if not -(2**63) <= ii < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ii}")
+    return ii
+
+
+def _gscale(grad_output, reduction, inp, factor):
+    """grad_output times the reduction's factor, as contiguous float64 (1 or N)."""
+    g = np.asarray(grad_output, dtype=np.float64) if not isinstance(grad_output, float) else None
+    if g is None or g.ndim == 0:
+        val = float(grad_output) * factor
+        return np.array([val], dtype=np.float64)
+    if reduction != "none":
+        raise ValueError(f"grad_output must be a scalar for reduction={reduction!r}, got shape {g.shape}")
+    if g.shape != inp.batch_shape:
+        raise ValueError(f"grad_output must be a scalar or have the batch shape {inp.batch_shape}, got {g.shape}")
+    return np.ascontiguousarray(g.reshape(-1) * factor)
+
+
+# --------------------------------------------------------------------------
+# Cross entropy
+# --------------------------------------------------------------------------
+
+def _cross_entropy(logits, labels, axis, weight, ignore_index, reduction, label_smoothing,
+                   from_logits, base, num_threads, want_grad, grad_output, out):
+    inp = _Input(logits, axis, "logits")
+    reduction = _check_reduction(reduction)
+    eps = _check_smoothing(label_smoothing)
+    scale = _log_base_scale(base)
+    ignore_index = _check_ignore_index(ignore_index)
+    nt = _threads(num_threads)
+    w, w_sum = _check_weight(weight, inp)
+
+    lab = np.asarray(labels)
+    if lab.dtype.kind in "iu":
+        soft = False
+        labels64 = _check_labels(lab, inp, ignore_index)
+        target = None
+        if reduction == "mean":
+            counted = labels64 != ignore_index
+            if w is None:
+                denom = float(np.count_nonzero(counted))
+            else:
+                denom = float(np.sum(w[labels64[counted]], dtype=np.float64))
+    elif lab.dtype.kind == "f" or lab.dtype in _UPCAST_16:
+        soft = True
+        if lab.shape != inp.array.shape:
+            raise ValueError(f"floating labels are class probabilities and must have the shape "
+                             f"of logits {inp.array.shape}, got {lab.shape}; pass integer class "
+                             "indices for hard labels")
+        target = inp.same_layout(lab, "labels")
+        labels64 = None
+        denom = float(inp.n)
+    else:
+        raise TypeError(f"labels must be integer class indices or floating probabilities, got dtype {lab.dtype}")
+
+    if from_logits:
+        op = _core.CE_SOFT if soft else _core.CE_HARD
+    else:
+        op = _core.CE_PROBS_SOFT if soft else _core.CE_PROBS_HARD
+
+    factor = scale
+    if reduction == "mean":
+        factor = scale / denom if denom != 0 else 0.0
+
+    rows_out = None
+    grad_rows = None
+    gscale = None
+    if want_grad:
+        gscale = _gscale(grad_output, reduction, inp, factor)
+        if out is not None:
+            _check_overlap(out, [("logits", inp.array), ("labels", lab), ("weight", weight)], inp.array)
+            rows_out = _check_out(out, inp, inp.out_dtype)
+        grad_rows = rows_out if rows_out is not None else np.empty((inp.n, inp.c), inp.dtype)
+
+    row_loss = np.empty(inp.n, np.float64)
+    _core.run(op, inp.rows, labels64, target, w, w_sum, ignore_index, eps,
+              grad_rows, row_loss, gscale, nt)
+
+    if reduction == "none":
+        if scale != 1.0:
+            row_loss *= scale
+        loss = inp.batch_result(row_loss)
+    else:
+        total = row_loss.sum()
+        if reduction == "mean":
+            with np.errstate(divide="ignore", invalid="ignore"):
+                total = np.float64(total) / np.float64(denom)
+        loss = inp.dtype.type(total * scale)
+
+    if not want_grad:
+        return loss
+    if out is not None:
+        if rows_out is None:
+            _write_out(out, grad_rows, inp)
+        return loss, out
+    return loss, _fresh_like(grad_rows, inp, inp.out_dtype)
+
+
+def cross_entropy(logits, labels, *, axis=-1, weight=None, ignore_index=-100,
+                  reduction="mean", label_smoothing=0.0, from_logits=True,
+                  base=None, num_threads=None):
+    """Cross entropy between ``softmax(logits)`` along ``axis`` and ``labels``.
+
+    ``labels`` are integer class indices (the logits' shape without ``axis``)
+    or floating class probabilities (the logits' shape). Semantics follow
+    ``torch.nn.functional.cross_entropy`` (pass ``axis=1`` for its layout).
+    """
+    return _cross_entropy(logits, labels, axis, weight, ignore_index, reduction,
+                          label_smoothing, from_logits, base, num_threads, False, None, None)
+
+
+def cross_entropy_with_grad(logits, labels, *, axis=-1, weight=None, ignore_index=-100,
+                            reduction="mean", label_smoothing=0.0, from_logits=True,
+                            base=None, num_threads=None, grad_output=1.0, out=None):
+    """``(loss, d(loss)/d(logits) * grad_output)`` from one fused pass.
+
+    ``out=`` takes an array shaped like ``logits`` (of its dtype) for the
+    gradient; ``out=logits`` overwrites the logits in place.
+    """
+    return _cross_entropy(logits, labels, axis, weight, ignore_index, reduction,
+                          label_smoothing, from_logits, base, num_threads, True, grad_output, out)
+
+
+# --------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------
+
+def _row_values(op, x, axis, num_threads, name="x"):
+    inp = _Input(x, axis, name)
+    nt = _threads(num_threads)
+    row = np.empty(inp.n, np.float64)
+    _core.run(op, inp.rows, None, None, None, 0.0, 0, 0.0, None, row, None, nt)
+    return inp, row
+
+
+def logsumexp(x, *, axis=-1, num_threads=None):
+    """``log(sum(exp(x)))`` along ``axis``: an array of the batch shape."""
+    inp, row = _row_values(_core.LOGSUMEXP, x, axis, num_threads)
+    return inp.batch_result(row)
+
+
+def entropy(logits, *, axis=-1, from_logits=True, base=None, num_threads=None):
+    """Entropy of ``softmax(logits)`` (or of the probabilities themselves with
+    ``from_logits=False``) along ``axis``: an array of the batch shape."""
+    scale = _log_base_scale(base)
+    op = _core.ENTROPY if from_logits else _core.ENTROPY_PROBS
+    inp, row = _row_values(op, logits, axis, num_threads, "logits")
+    if scale != 1.0:
+        row *= scale
+    return inp.batch_result(row)
+
+
+def _normalise(op, x, axis, out, num_threads):
+    inp = _Input(x, axis, "x")
+    nt = _threads(num_threads)
+    rows_out = None
+    if out is not None:
+        _check_overlap(out, [("logits", inp.array)], inp.array)
+        rows_out = _check_out(out, inp, inp.out_dtype)
+    res = rows_out if rows_out is not None else np.empty((inp.n, inp.c), inp.dtype)
+    _core.run(op, inp.rows, None, None, None, 0.0, 0, 0.0, res, None, None, nt)
+    if out is not None:
+        if rows_out is None:
+            _write_out(out, res, inp)
+        return out
+    return _fresh_like(res, inp, inp.out_dtype)
+
+
+def log_softmax(x, *, axis=-1, out=None, num_threads=None):
+    """``x - max - log(sum(exp(x - max)))`` along ``axis``, in x's dtype."""
+    return _normalise(_core.LOG_SOFTMAX, x, axis, out, num_threads)
+
+
+def softmax(x, *, axis=-1, out=None, num_threads=None):
+    """``exp(x - logsumexp(x))`` along ``axis``, in x's dtype."""
+    return _normalise(_core.SOFTMAX, x, axis, out, num_threads)

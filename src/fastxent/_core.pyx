@@ -1,0 +1,205 @@
+# The thin binding: array geometry in, C job out, GIL released.
+#
+# fastxent._api has already validated the values (label range, dtypes,
+# shapes); this module re-checks only the cheap geometric facts the C
+# kernels index by (2-D, contiguous rows, matching shapes, dtype), so that
+# no call through it can read or write out of bounds.
+
+from libc.stdint cimport int64_t
+cimport numpy as cnp
+
+cnp.import_array()
+
+cdef extern from "fastxent.h" nogil:
+    ctypedef struct fx_job:
+        int64_t n_rows, n_cols
+        const void *x
+        int64_t x_ld
+        const void *t
+        int64_t t_ld
+        const int64_t *labels
+        int64_t ignore_index
+        const void *w
+        double w_sum
+        double smoothing
+        void *out
+        int64_t out_ld
+        double *row_out
+        const double *gscale
+        int64_t gscale_step
+
+    int FX_CE_HARD, FX_CE_SOFT, FX_CE_PROBS_HARD, FX_CE_PROBS_SOFT
+    int FX_LOGSUMEXP, FX_LOG_SOFTMAX, FX_SOFTMAX, FX_ENTROPY, FX_ENTROPY_PROBS
+    int FX_F32, FX_F64
+
+    int fx_init()
+    int fx_num_isas()
+    const char *fx_isa_name(int i)
+    int fx_set_isa(const char *name)
+    const char *fx_get_isa()
+    int fx_openmp_enabled()
+    int fx_max_threads()
+    void fx_set_omp_threads(int n)
+    void fx_run(int op, int dtype, const fx_job *job, int num_threads)
+    void fx_expm_f32_array(const float *x, float *y, int64_t n)
+    void fx_expm_f64_array(const double *x, double *y, int64_t n)
+
+CE_HARD = FX_CE_HARD
+CE_SOFT = FX_CE_SOFT
+CE_PROBS_HARD = FX_CE_PROBS_HARD
+CE_PROBS_SOFT = FX_CE_PROBS_SOFT
+LOGSUMEXP = FX_LOGSUMEXP
+LOG_SOFTMAX = FX_LOG_SOFTMAX
+SOFTMAX = FX_SOFTMAX
+ENTROPY = FX_ENTROPY
+ENTROPY_PROBS = FX_ENTROPY_PROBS
+
+_init_status = fx_init()
+
+
+def init_status():
+    """0, or -1 when FASTXENT_ISA named an ISA that is not available here."""
+    return _init_status
+
+
+def available_isas():
+    """The instruction sets compiled in and runnable on this CPU, best last."""
+    return [fx_isa_name(i).decode() for i in range(fx_num_isas())]
+
+
+def get_isa():
+    return fx_get_isa().decode()
+
+
+def set_isa(name):
+    """Switch the kernels of the whole process (for tests and benchmarks)."""
+    if fx_set_isa(str(name).encode()) != 0:
+        raise ValueError(f"ISA {name!r} is not available here; available: {available_isas()}")
+
+
+def openmp_enabled():
+    return bool(fx_openmp_enabled())
+
+
+def max_threads():
+    return fx_max_threads()
+
+
+def set_omp_threads(int n):
+    fx_set_omp_threads(n)
+
+
+cdef int _dtype_code(cnp.ndarray a) except -1:
+    cdef int num = cnp.PyArray_TYPE(a)
+    if num == cnp.NPY_FLOAT32:
+        return FX_F32
+    if num == cnp.NPY_FLOAT64:
+        return FX_F64
+    raise TypeError("internal: kernels take float32 or float64")
+
+
+cdef int64_t _rows(cnp.ndarray a, int64_t n, int64_t c, int num, str name) except -1:
+    """Row stride in elements of a (n, c) array with contiguous rows."""
+    if cnp.PyArray_NDIM(a) != 2 or a.shape[0] != n or a.shape[1] != c:
+        raise ValueError(f"internal: {name} must have shape ({n}, {c})")
+    if cnp.PyArray_TYPE(a) != num:
+        raise ValueError(f"internal: {name} has the wrong dtype")
+    cdef int64_t item = cnp.PyArray_ITEMSIZE(a)
+    if n == 0 or c == 0:
+        return 0
+    if c > 1 and a.strides[1] != item:
+        raise ValueError(f"internal: {name} rows must be contiguous")
+    if n == 1:
+        return 0
+    if a.strides[0] % item != 0:
+        raise ValueError(f"internal: {name} rows must be aligned to its items")
+    return a.strides[0] // item
+
+
+def run(int op, cnp.ndarray x, cnp.ndarray labels, cnp.ndarray target,
+        cnp.ndarray weight, double w_sum, int64_t ignore_index, double smoothing,
+        cnp.ndarray out, cnp.ndarray row_out, cnp.ndarray gscale, int num_threads):
+    """Run one operation over the rows of the 2-D array x (see fastxent.h)."""
+    cdef fx_job job
+    cdef int dt = _dtype_code(x)
+    cdef int num = cnp.PyArray_TYPE(x)
+    cdef int64_t n, c
+    if cnp.PyArray_NDIM(x) != 2:
+        raise ValueError("internal: x must be 2-D")
+    n = x.shape[0]
+    c = x.shape[1]
+    job.n_rows = n
+    job.n_cols = c
+    job.x = cnp.PyArray_DATA(x)
+    job.x_ld = _rows(x, n, c, num, "x")
+    job.t = NULL
+    job.t_ld = 0
+    if target is not None:
+        job.t_ld = _rows(target, n, c, num, "target")
+        job.t = cnp.PyArray_DATA(target)
+    job.labels = NULL
+    if labels is not None:
+        if (cnp.PyArray_NDIM(labels) != 1 or labels.shape[0] != n
+                or cnp.PyArray_TYPE(labels) != cnp.NPY_INT64
+                or not cnp.PyArray_IS_C_CONTIGUOUS(labels)):
+            raise ValueError("internal: labels must be contiguous int64 of length n")
+        job.labels = <const int64_t *>cnp.PyArray_DATA(labels)
+    job.ignore_index = ignore_index
+    job.w = NULL
+    if weight is not None:
+        if (cnp.PyArray_NDIM(weight) != 1 or weight.shape[0] != c
+                or cnp.PyArray_TYPE(weight) != num or not cnp.PyArray_IS_C_CONTIGUOUS(weight)):
+            raise ValueError("internal: weight must be contiguous, of length C, in x's dtype")
+        job.w = cnp.PyArray_DATA(weight)
+    job.w_sum = w_sum
+    job.smoothing = smoothing
+    job.out = NULL
+    job.out_ld = 0
+    if out is not None:
+        if not cnp.PyArray_ISWRITEABLE(out):
+            raise ValueError("internal: out is read-only")
+        job.out_ld = _rows(out, n, c, num, "out")
+        job.out = cnp.PyArray_DATA(out)
+    elif op == FX_LOG_SOFTMAX or op == FX_SOFTMAX:
+        raise ValueError("internal: out is required")
+    job.row_out = NULL
+    if op != FX_LOG_SOFTMAX and op != FX_SOFTMAX:
+        if (row_out is None or cnp.PyArray_NDIM(row_out) != 1 or row_out.shape[0] != n
+                or cnp.PyArray_TYPE(row_out) != cnp.NPY_FLOAT64
+                or not cnp.PyArray_IS_C_CONTIGUOUS(row_out) or not cnp.PyArray_ISWRITEABLE(row_out)):
+            raise ValueError("internal: row_out must be writable contiguous float64 of length n")
+        job.row_out = <double *>cnp.PyArray_DATA(row_out)
+    if (op == FX_CE_HARD or op == FX_CE_PROBS_HARD) and labels is None:
+        raise ValueError("internal: labels are required")
+    if (op == FX_CE_SOFT or op == FX_CE_PROBS_SOFT) and target is None:
+        raise ValueError("internal: target is required")
+    job.gscale = NULL
+    job.gscale_step = 0
+    if job.out != NULL and op <= FX_CE_PROBS_SOFT:
+        if (gscale is None or cnp.PyArray_NDIM(gscale) != 1
+                or cnp.PyArray_TYPE(gscale) != cnp.NPY_FLOAT64
+                or not cnp.PyArray_IS_C_CONTIGUOUS(gscale)
+                or (gscale.shape[0] != n and gscale.shape[0] != 1)):
+            raise ValueError("internal: gscale must be contiguous float64 of length 1 or n")
+        job.gscale = <const double *>cnp.PyArray_DATA(gscale)
+        job.gscale_step = 1 if gscale.shape[0] == n and n != 1 else 0
+    if num_threads < 1:
+        raise ValueError("internal: num_threads must be >= 1")
+    with nogil:
+        fx_run(op, dt, &job, num_threads)
+
+
+def expm(cnp.ndarray x):
+    """The active ISA's exp kernel for x <= 0 (expm.h), for accuracy tests."""
+    x = cnp.PyArray_GETCONTIGUOUS(x)
+    cdef cnp.ndarray y = cnp.PyArray_EMPTY(1, [x.size], cnp.PyArray_TYPE(x), 0)
+    cdef int64_t n = x.size
+    if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
+        with nogil:
+            fx_expm_f32_array(<const float *>cnp.PyArray_DATA(x), <float *>cnp.PyArray_DATA(y), n)
+    elif cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT64:
+        with nogil:
+            fx_expm_f64_array(<const double *>cnp.PyArray_DATA(x), <double *>cnp.PyArray_DATA(y), n)
+    else:
+        raise TypeError("expm takes float32 or float64")
+    return y.reshape((<object>x).shape)
