@@ -7,7 +7,7 @@ NumPy (float64) twin of every function.
 """
 import warnings as _warnings
 
-from . import _core
+from . import _core, reference
 from ._api import (
     cross_entropy,
     cross_entropy_with_grad,

@@ -1,0 +1,57 @@
+from typing import Any, Literal, Optional, Tuple, Union
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+_Reduction = Literal["mean", "sum", "none"]
+_Array = npt.ArrayLike
+_Result = Union[np.floating[Any], npt.NDArray[np.floating[Any]]]
+
+def cross_entropy(
+    logits: _Array,
+    labels: _Array,
+    *,
+    axis: int = ...,
+    weight: Optional[_Array] = ...,
+    ignore_index: int = ...,
+    reduction: _Reduction = ...,
+    label_smoothing: float = ...,
+    from_logits: bool = ...,
+    base: Optional[float] = ...,
+    num_threads: Optional[int] = ...,
+) -> _Result: ...
+def cross_entropy_with_grad(
+    logits: _Array,
+    labels: _Array,
+    *,
+    axis: int = ...,
+    weight: Optional[_Array] = ...,
+    ignore_index: int = ...,
+    reduction: _Reduction = ...,
+    label_smoothing: float = ...,
+    from_logits: bool = ...,
+    base: Optional[float] = ...,
+    num_threads: Optional[int] = ...,
+    grad_output: Union[float, _Array] = ...,
+    out: Optional[np.ndarray] = ...,
+) -> Tuple[_Result, np.ndarray]: ...
+def logsumexp(x: _Array, *, axis: int = ..., num_threads: Optional[int] = ...) -> _Result: ...
+def log_softmax(
+    x: _Array, *, axis: int = ..., out: Optional[np.ndarray] = ..., num_threads: Optional[int] = ...
+) -> np.ndarray: ...
+def softmax(
+    x: _Array, *, axis: int = ..., out: Optional[np.ndarray] = ..., num_threads: Optional[int] = ...
+) -> np.ndarray: ...
+def entropy(
+    logits: _Array,
+    *,
+    axis: int = ...,
+    from_logits: bool = ...,
+    base: Optional[float] = ...,
+    num_threads: Optional[int] = ...,
+) -> _Result: ...
+def set_num_threads(n: Optional[int]) -> None: ...
+def get_num_threads() -> int: ...
+def show_config(print_: bool = ...) -> dict[str, Any]: ...
