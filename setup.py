@@ -97,6 +97,7 @@ ext = Extension(
         "src/fastxent/_core.pyx",
         os.path.join(CSRC, "dispatch.c"),
         os.path.join(CSRC, "parallel.c"),
+        os.path.join(CSRC, "selftest.c"),
         os.path.join(CSRC, "kernels_baseline.c"),
     ],
     include_dirs=[CSRC, np.get_include()],

@@ -90,4 +90,8 @@ extern const fx_isa fx_isa_avx512;
 void fx_expm_f32_array(const float *x, float *y, int64_t n);
 void fx_expm_f64_array(const double *x, double *y, int64_t n);
 
+/* Largest error, in float32 ulp, of the active exp kernel over every float32
+   in [lo, hi] <= 0, and where it occurs (selftest.c). */
+double fx_expm_f32_max_ulp(float lo, float hi, float *worst_x);
+
 #endif

@@ -43,6 +43,7 @@ cdef extern from "fastxent.h" nogil:
     void fx_run(int op, int dtype, const fx_job *job, int num_threads)
     void fx_expm_f32_array(const float *x, float *y, int64_t n)
     void fx_expm_f64_array(const double *x, double *y, int64_t n)
+    double fx_expm_f32_max_ulp(float lo, float hi, float *worst_x)
 
 CE_HARD = FX_CE_HARD
 CE_SOFT = FX_CE_SOFT
@@ -203,3 +204,15 @@ def expm(cnp.ndarray x):
     else:
         raise TypeError("expm takes float32 or float64")
     return y.reshape((<object>x).shape)
+
+
+def expm_f32_max_ulp(float lo, float hi):
+    """(max error in ulp, argument where it occurs) of the active float32 exp
+    kernel over every float32 in [lo, hi], lo <= hi <= 0."""
+    if not (lo <= hi <= 0):
+        raise ValueError("need lo <= hi <= 0")
+    cdef float wx = 0
+    cdef double worst
+    with nogil:
+        worst = fx_expm_f32_max_ulp(lo, hi, &wx)
+    return worst, wx
