@@ -7,6 +7,10 @@ the threading layer, plus the row kernels compiled once per instruction set
 
 OpenMP: probed with a test compile. Without it the build is serial and says
 so loudly; with FASTXENT_REQUIRE_OPENMP=1 a missing OpenMP is an error.
+
+FASTXENT_SANITIZE=1 builds with AddressSanitizer and UndefinedBehaviorSanitizer
+(-O1 -g, every object including the ISA kernels); run Python with the ASan
+runtime preloaded (scripts/sanitize.sh does this).
 """
 import os
 import platform
@@ -26,6 +30,11 @@ CSRC = "csrc"
 # No contraction: an FMA in one ISA build and not in another would change
 # the bits of the results. No fast-math: the kernels rely on IEEE inf/NaN.
 BASE_FLAGS = ["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno", "-Wno-psabi"]
+SANITIZE = os.environ.get("FASTXENT_SANITIZE", "").strip().lower() in ("1", "true", "yes", "on")
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                  "-fno-omit-frame-pointer", "-g", "-O1"]
+if SANITIZE:
+    BASE_FLAGS = [f for f in BASE_FLAGS if f != "-O3"] + SANITIZE_FLAGS
 
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386", "x86")
 ISA_FLAGS = {
@@ -103,7 +112,7 @@ ext = Extension(
     include_dirs=[CSRC, np.get_include()],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     extra_compile_args=list(BASE_FLAGS),
-    extra_link_args=[],
+    extra_link_args=list(SANITIZE_FLAGS) if SANITIZE else [],
     depends=[os.path.join(CSRC, f) for f in os.listdir(os.path.join(HERE, CSRC))],
 )
 
