@@ -1,0 +1,334 @@
+"""Shared machinery of the fastxent benchmarks (pytest-benchmark).
+
+Not part of the default test run (pytest's ``testpaths`` is ``tests/``). Run::
+
+    python -m pytest benchmarks/ --benchmark-only --benchmark-group-by=group \
+        --benchmark-columns=median,iqr,ops
+
+Layout of a benchmark
+---------------------
+Each test function is one operation (``cross_entropy`` forward, ...). It is
+marked ``@pytest.mark.contenders("fastxent", "reference", "torch", ...)`` and
+takes the ``bench_case`` fixture; ``pytest_generate_tests`` below expands it
+into every (shape, dtype, threads, contender) and drops what cannot or should
+not run:
+
+- ``torch`` / ``scipy`` contenders are absent when the package is not installed
+  (nothing is ever installed for you);
+- the single-threaded NumPy baselines (``reference``, ``scipy``) are absent on
+  inputs above ``BASELINE_MAX_ELEMENTS`` elements, where one float64 call
+  takes seconds and gigabytes (override with ``FASTXENT_BENCH_BASELINE_MAX``).
+
+All contenders of one (function, shape, dtype, threads) share one
+pytest-benchmark group, so ``--benchmark-group-by=group`` puts them side by
+side. Test ids read ``<N>x<C>-<dtype>-<T>thread-<contender>`` and are what
+``-k`` filters on.
+
+Timing mode: inputs of at least ``PEDANTIC_MIN_ELEMENTS`` elements are timed
+with ``benchmark.pedantic`` (``PEDANTIC_ROUNDS`` rounds after one warm-up
+round), so a slow contender cannot eat minutes; smaller inputs use the
+calibrated mode with a per-test budget of ``DEFAULT_MAX_TIME`` seconds unless
+``--benchmark-max-time`` is given on the command line.
+
+``extra_info`` of every benchmark: function, contender, shape, dtype,
+threads, the fastxent ISA in use, ``bytes`` (bytes of logits read by one
+call), ``bytes_moved`` (logits read plus the N x C result written, if any) and
+``gbps`` (``bytes`` / median seconds / 1e9, filled in after the run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+import fastxent
+
+try:
+    import torch
+except ImportError:  # torch contenders are simply absent
+    torch = None
+
+try:
+    import scipy
+    import scipy.special
+except ImportError:  # scipy contenders are simply absent
+    scipy = None
+
+
+# --------------------------------------------------------------------------
+# The matrix
+# --------------------------------------------------------------------------
+
+THREADS = (1, 2)
+
+# (shape, dtype). float64 only on a couple of shapes: it is the same kernel
+# shape at twice the bytes, and doubles the run time of the suite.
+CASES = (
+    ((8, 10), "float32"),  # call overhead
+    ((65536, 10), "float32"),  # many tiny rows: per-row overhead
+    ((65536, 10), "float64"),
+    ((32768, 128), "float32"),
+    ((8192, 1000), "float32"),  # ImageNet-like
+    ((8192, 1000), "float64"),
+    ((1, 256000), "float32"),  # one huge row: split within the row
+    ((4096, 32000), "float32"),  # LLaMA-2 vocabulary
+    ((512, 128256), "float32"),  # LLaMA-3 vocabulary
+)
+
+# Above this many elements the float64 NumPy baselines (reference, scipy)
+# are left out: on (4096, 32000) one reference call takes several seconds and
+# a few GiB of temporaries.
+BASELINE_MAX_ELEMENTS = int(float(os.environ.get("FASTXENT_BENCH_BASELINE_MAX", 2e7)))
+
+# From this many elements on, use benchmark.pedantic with a fixed round count.
+PEDANTIC_MIN_ELEMENTS = 1 << 24
+PEDANTIC_ROUNDS = 7
+PEDANTIC_WARMUP_ROUNDS = 1
+
+# Calibrated mode: seconds per benchmark (pytest-benchmark's default is 1.0;
+# 0.5 keeps the whole suite within ~10 minutes on 2 cores).
+DEFAULT_MAX_TIME = 0.5
+
+CONTENDERS_NEEDING = {"torch": lambda: torch is not None, "scipy": lambda: scipy is not None}
+BASELINES = ("reference", "scipy")
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """One parametrisation: what to run, on what, with how many threads."""
+
+    shape: tuple
+    dtype: str
+    threads: int
+    contender: str
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def shape_id(self) -> str:
+        return "x".join(str(d) for d in self.shape)
+
+    @property
+    def id(self) -> str:
+        return f"{self.shape_id}-{self.dtype}-{self.threads}thread-{self.contender}"
+
+    @property
+    def pedantic(self) -> bool:
+        return self.size >= PEDANTIC_MIN_ELEMENTS
+
+
+def _contender_available(contender: str, shape, dtype) -> bool:
+    base = contender.split("-")[0]
+    needs = CONTENDERS_NEEDING.get(base)
+    if needs is not None and not needs():
+        return False
+    if base in BASELINES and int(np.prod(shape)) > BASELINE_MAX_ELEMENTS:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------
+# pytest hooks
+# --------------------------------------------------------------------------
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "contenders(*names): contenders of a fastxent benchmark; "
+        "expanded with the shape/dtype/threads matrix by benchmarks/conftest.py",
+    )
+
+
+def pytest_generate_tests(metafunc):
+    if "bench_case" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("contenders")
+    if marker is None or not marker.args:
+        raise pytest.UsageError(f"{metafunc.function.__name__} needs @pytest.mark.contenders(...)")
+    params = []
+    for shape, dtype in CASES:
+        for threads in THREADS:
+            for contender in marker.args:
+                if not _contender_available(contender, shape, dtype):
+                    continue
+                case = BenchCase(shape, dtype, threads, contender)
+                params.append(pytest.param(case, id=case.id))
+    metafunc.parametrize("bench_case", params)
+
+
+def _user_set(config, option: str) -> bool:
+    return any(arg == option or arg.startswith(option + "=") for arg in config.invocation_params.args)
+
+
+def pytest_collection_modifyitems(config, items):
+    # A shorter calibrated budget than pytest-benchmark's 1 s, unless the user
+    # chose one. (A benchmark marker overrides the command line, hence the check.)
+    if _user_set(config, "--benchmark-max-time"):
+        return
+    for item in items:
+        if "bench_case" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.benchmark(max_time=DEFAULT_MAX_TIME))
+
+
+def pytest_report_header(config):
+    cfg = fastxent_config()
+    torch_line = f"torch {torch.__version__}" if torch is not None else "torch not installed (contenders absent)"
+    scipy_line = f"scipy {scipy.__version__}" if scipy is not None else "scipy not installed (contenders absent)"
+    return [
+        f"fastxent {cfg.get('version')}: isa={cfg.get('isa')} openmp={cfg.get('openmp')} "
+        f"default threads={cfg.get('num_threads')}",
+        f"contenders: {torch_line}; {scipy_line}; numpy {np.__version__}; "
+        f"NumPy baselines only up to {BASELINE_MAX_ELEMENTS:.3g} elements",
+        f"timing: pedantic ({PEDANTIC_ROUNDS} rounds + {PEDANTIC_WARMUP_ROUNDS} warm-up) from "
+        f"{PEDANTIC_MIN_ELEMENTS} elements; calibrated below, max_time="
+        + (f"{config.getoption('benchmark_max_time')} s" if _user_set(config, "--benchmark-max-time")
+           else f"{DEFAULT_MAX_TIME} s (this suite's default)"),
+    ]
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["fastxent"] = fastxent_config()
+    machine_info["numpy"] = np.__version__
+    machine_info["scipy"] = getattr(scipy, "__version__", None)
+    machine_info["torch"] = getattr(torch, "__version__", None)
+    if torch is not None:
+        machine_info["torch_parallel_info"] = torch.__config__.parallel_info()
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    # gbps is already set by the fixture; this only fills it in for runs whose
+    # stats were produced some other way (and is a no-op otherwise).
+    for bench in output_json.get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        median = bench.get("stats", {}).get("median")
+        if "bytes" in info and median and "gbps" not in info:
+            info["gbps"] = info["bytes"] / median / 1e9
+
+
+# --------------------------------------------------------------------------
+# Data and helpers
+# --------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def fastxent_config() -> dict:
+    """``fastxent.show_config()`` as a dict, with whatever it prints swallowed."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            cfg = fastxent.show_config()
+        except Exception:  # noqa: BLE001 - benchmarks still run without it
+            cfg = None
+    if not isinstance(cfg, dict):
+        cfg = {"version": getattr(fastxent, "__version__", None)}
+        try:
+            cfg["isa"] = fastxent._core.get_isa()
+        except Exception:  # noqa: BLE001
+            cfg["isa"] = None
+    return cfg
+
+
+def make_inputs(shape: tuple, dtype: str):
+    """Logits (standard normal, times 3) and int64 labels in [0, C), seeded.
+
+    Made once per (shape, dtype) and shared by every contender; the small
+    inputs (~130 MB together) stay cached for the session, only the last large
+    one (up to 0.5 GB) is kept.
+    """
+    if int(np.prod(shape)) >= PEDANTIC_MIN_ELEMENTS:
+        return _make_large_inputs(shape, dtype)
+    return _make_small_inputs(shape, dtype)
+
+
+def _make_inputs(shape: tuple, dtype: str):
+    rng = np.random.default_rng(20240601 + sum(shape))
+    logits = rng.standard_normal(shape, dtype=np.float32)
+    logits *= 3.0
+    logits = logits.astype(dtype, copy=False)
+    labels = rng.integers(0, shape[-1], size=shape[:-1], dtype=np.int64)
+    return logits, labels
+
+
+_make_small_inputs = functools.lru_cache(maxsize=None)(_make_inputs)
+_make_large_inputs = functools.lru_cache(maxsize=1)(_make_inputs)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    if torch is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class Bench:
+    """What a benchmark test gets: the case, its inputs, and ``run(fn)``."""
+
+    def __init__(self, benchmark, case: BenchCase, function: str):
+        self.benchmark = benchmark
+        self.case = case
+        self.function = function
+        self.logits, self.labels = make_inputs(case.shape, case.dtype)
+        self.threads = case.threads
+
+    @property
+    def contender(self) -> str:
+        return self.case.contender
+
+    def torch_tensors(self, requires_grad: bool = False):
+        """The same data as torch tensors (``torch.from_numpy``: no copy)."""
+        x = torch.from_numpy(self.logits)
+        if requires_grad:
+            x.requires_grad_(True)
+        return x, torch.from_numpy(self.labels)
+
+    def run(self, fn, *, writes_result: bool = False):
+        """Time ``fn()`` and record everything a reader needs to compare.
+
+        ``writes_result``: the call writes an N x C array (gradient,
+        probabilities), counted in ``bytes_moved``.
+        """
+        case, benchmark = self.case, self.benchmark
+        nbytes = self.logits.nbytes
+        benchmark.group = f"{self.function} {case.shape_id} {case.dtype} {case.threads}thread"
+        benchmark.extra_info.update(
+            function=self.function,
+            contender=case.contender,
+            shape=list(case.shape),
+            dtype=case.dtype,
+            threads=case.threads,
+            isa=fastxent_config().get("isa"),
+            bytes=nbytes,
+            bytes_moved=nbytes * (2 if writes_result else 1),
+        )
+        with torch_threads(case.threads):
+            if case.pedantic:
+                result = benchmark.pedantic(
+                    fn, rounds=PEDANTIC_ROUNDS, warmup_rounds=PEDANTIC_WARMUP_ROUNDS, iterations=1
+                )
+            else:
+                result = benchmark(fn)
+        stats = getattr(benchmark, "stats", None)  # None under --benchmark-disable
+        if stats is not None and stats.stats.median > 0:
+            benchmark.extra_info["gbps"] = nbytes / stats.stats.median / 1e9
+        return result
+
+
+@pytest.fixture
+def bench(request, benchmark, bench_case):
+    """A ``Bench`` for this case; the function benchmarked is the test's name
+    without ``test_`` (``test_softmax`` -> ``softmax``)."""
+    return Bench(benchmark, bench_case, request.function.__name__.removeprefix("test_"))
