@@ -29,6 +29,11 @@ enum fx_op {
     FX_SOFTMAX,        /* logits -> out                                      */
     FX_ENTROPY,        /* logits -> row_out                                  */
     FX_ENTROPY_PROBS,  /* probabilities -> row_out                           */
+    FX_KL_PROBS,       /* logits, target probabilities         -> loss, grad */
+    FX_KL_LOG_PROBS,   /* logits, target log-probabilities     -> loss, grad */
+    FX_KL_LOGITS,      /* logits, target logits (distillation) -> loss, grad */
+    FX_BCE_LOGITS,     /* elementwise: logits, targets   -> loss(es), grad   */
+    FX_BCE_PROBS,      /* elementwise: probabilities, targets                */
     FX_NUM_OPS
 };
 
@@ -50,6 +55,17 @@ typedef struct fx_job {
     double *row_out;         /* n_rows per-row values (loss, lse, entropy)    */
     const double *gscale;    /* per-row gradient scale, row r at             */
     int64_t gscale_step;     /*   gscale[r * gscale_step] (step 0: a scalar)  */
+    double temperature;      /* KL: both distributions are softmax(./T)      */
+    /* Elementwise (BCE) only: w and pw are n_rows x n_cols too, rows w_ld and
+       pw_ld apart (0: one row broadcast to all); loss_out receives the
+       elementwise losses (reduction "none") or is NULL. */
+    int64_t w_ld;
+    const void *pw;
+    int64_t pw_ld;
+    void *loss_out;
+    int64_t loss_ld;
+    const void *gout;        /* elementwise grad_output (n_rows x n_cols, in */
+    int64_t gout_ld;         /*   the compute dtype) times gscale, or NULL    */
 } fx_job;
 
 /* Rows [r0, r1) of one operation. */

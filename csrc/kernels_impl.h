@@ -431,6 +431,234 @@ static void KFN(entropy_probs)(const fx_job *job, int64_t r0, int64_t r1)
     }
 }
 
+/* ------------------------------------------------------------------------
+ * KL divergence KL(P || Q), Q = softmax(z / T), times T^2.
+ *   loss_r = T^2 [ sum_c P_c (log P_c - za_c) + (sum_c P_c) log sa ]
+ *            with za_c = z_c / T - max(z / T), sa = sum_c exp(za_c)
+ *   grad_c = gs T [ Q_c sum_k P_k - P_c ]
+ * Terms with P_c == 0 count 0 (0 log 0 = 0, also for a -inf log-target).
+ * ---------------------------------------------------------------------- */
+
+/* Any row whose maxima are not finite: the formulas above, element by
+   element in double, with IEEE rules. Rare, so plain and exact. */
+static void SFX(kl_row_scalar)(const fx_job *job, int kind, const T *z, const T *t, T *out,
+                               double gs, double *loss)
+{
+    const int64_t n = job->n_cols;
+    const double Tt = job->temperature;
+    double ma = -INFINITY, mb = -INFINITY, sa = 0.0, sb = 0.0;
+    for (int64_t c = 0; c < n; c++) {
+        ma = fmax(ma, (double)z[c] / Tt);
+        mb = fmax(mb, (double)t[c] / Tt);
+    }
+    for (int64_t c = 0; c < n; c++) {
+        sa += exp((double)z[c] / Tt - ma);
+        sb += exp((double)t[c] / Tt - mb);
+    }
+    const double lsa = log(sa), lsb = log(sb);
+    double acc = 0.0, psum = 0.0;
+    for (int64_t c = 0; c < n; c++) {
+        const double lq = (double)z[c] / Tt - ma - lsa;
+        double p, lp;
+        if (kind == FX_KL_PROBS) { p = t[c]; lp = log(p); }
+        else if (kind == FX_KL_LOG_PROBS) { lp = t[c]; p = exp(lp); }
+        else { lp = (double)t[c] / Tt - mb - lsb; p = exp(lp); }
+        psum += p;
+        if (p != 0) acc += p * (lp - lq);
+    }
+    *loss = Tt * Tt * acc;
+    if (!out) return;
+    for (int64_t c = 0; c < n; c++) {
+        const double q = exp((double)z[c] / Tt - ma - lsa);
+        double p;
+        if (kind == FX_KL_PROBS) p = t[c];
+        else if (kind == FX_KL_LOG_PROBS) p = exp((double)t[c]);
+        else p = exp((double)t[c] / Tt - mb - lsb);
+        out[c] = (T)(gs * Tt * (q * psum - p));
+    }
+}
+
+static inline void SFX(kl_rows)(const fx_job *job, int kind, int64_t r0, int64_t r1)
+{
+    const int64_t n = job->n_cols;
+    const double Tt = job->temperature;
+    const T inv_t = (T)(1.0 / Tt);
+    const V vinv = SPLAT(inv_t), zero = SPLAT(0);
+    for (int64_t r = r0; r < r1; r++) {
+        const T *z = (const T *)job->x + r * job->x_ld;
+        const T *t = (const T *)job->t + r * job->t_ld;
+        T *out = job->out ? (T *)job->out + r * job->out_ld : NULL;
+        const double gs = out ? job->gscale[r * job->gscale_step] : 0.0;
+        /* max(z / T) = max(z) / T: rounding is monotone. */
+        const T ma = SFX(row_max)(z, n) * inv_t;
+        const T mb = kind == FX_KL_LOGITS ? SFX(row_max)(t, n) * inv_t : 0;
+        if (!isfinite(ma) || !isfinite(mb)) {
+            SFX(kl_row_scalar)(job, kind, z, t, out, gs, &job->row_out[r]);
+            continue;
+        }
+        const V vma = SPLAT(ma), vmb = SPLAT(mb);
+        double sa = 0.0, sb = 0.0, u = 0.0, psum = 0.0;
+        for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
+            const int64_t c1 = SFX(chunk_end)(c0, n);
+            V va = zero, vb = zero, vu = zero;
+            for (int64_t i = c0; i < c1; i += VL) {
+                const int64_t k = c1 - i < VL ? c1 - i : VL;
+                const V za = (k == VL ? LOAD(z + i) : LOAD_TAIL(z + i, k, -INFINITY)) * vinv - vma;
+                va += EXPM(za);
+                if (kind == FX_KL_LOGITS) {
+                    const V zb = (k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, -INFINITY)) * vinv - vmb;
+                    const V eb = EXPM(zb);
+                    vb += eb;
+                    vu += SEL(eb == zero, zero, eb * (zb - za));
+                }
+            }
+            sa += HSUM(va);
+            sb += HSUM(vb);
+            u += HSUM(vu);
+        }
+        double loss;
+        if (kind == FX_KL_LOGITS) {
+            psum = 1.0;
+            loss = u / sb - log(sb) + log(sa);
+        } else {
+            /* The target's logs (or exps) in double with the C library:
+               exact for any target, at scalar speed. */
+            double acc = 0.0;
+            for (int64_t c = 0; c < n; c++) {
+                const double za = (double)(z[c] * inv_t - ma);
+                double p, lp;
+                if (kind == FX_KL_PROBS) { p = t[c]; lp = log(p); }
+                else { lp = t[c]; p = exp(lp); }
+                psum += p;
+                if (p != 0) acc += p * (lp - za);
+            }
+            loss = acc + psum * log(sa);
+        }
+        job->row_out[r] = Tt * Tt * loss;
+        if (!out) continue;
+        const V k1 = SPLAT((T)(gs * Tt * psum / sa));
+        const V k2 = SPLAT((T)(gs * Tt / (kind == FX_KL_LOGITS ? sb : 1.0)));
+        for (int64_t i = 0; i < n; i += VL) {
+            const int64_t k = n - i < VL ? n - i : VL;
+            const V ea = EXPM((k == VL ? LOAD(z + i) : LOAD_TAIL(z + i, k, -INFINITY)) * vinv - vma);
+            V p;
+            if (kind == FX_KL_LOGITS) {
+                p = EXPM((k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, -INFINITY)) * vinv - vmb);
+            } else {
+                p = k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, 0);
+                if (kind == FX_KL_LOG_PROBS)
+                    for (int64_t j = 0; j < k; j++) p[j] = (T)exp((double)p[j]);
+            }
+            const V g = ea * k1 - p * k2;
+            if (k == VL) STORE(out + i, g);
+            else STORE_TAIL(out + i, g, k);
+        }
+    }
+}
+
+static void KFN(kl_probs)(const fx_job *job, int64_t r0, int64_t r1)
+{
+    SFX(kl_rows)(job, FX_KL_PROBS, r0, r1);
+}
+static void KFN(kl_log_probs)(const fx_job *job, int64_t r0, int64_t r1)
+{
+    SFX(kl_rows)(job, FX_KL_LOG_PROBS, r0, r1);
+}
+static void KFN(kl_logits)(const fx_job *job, int64_t r0, int64_t r1)
+{
+    SFX(kl_rows)(job, FX_KL_LOGITS, r0, r1);
+}
+
+/* ------------------------------------------------------------------------
+ * Binary cross entropy from logits, elementwise (torch's
+ * binary_cross_entropy_with_logits), with lw = 1 + (pw - 1) t:
+ *   loss = w [ (1 - t) x + lw (log1p(exp(-|x|)) + max(-x, 0)) ]
+ *   grad = gs gout w [ lw sigmoid(x) - pw t ]
+ * exp(-|x|) <= 1 never overflows; log1p keeps tiny losses exact.
+ * row_out gets each row's sum, loss_out (if any) the elements.
+ * ---------------------------------------------------------------------- */
+static void KFN(bce_logits)(const fx_job *job, int64_t r0, int64_t r1)
+{
+    const int64_t n = job->n_cols;
+    const V zero = SPLAT(0), one = SPLAT(1);
+    for (int64_t r = r0; r < r1; r++) {
+        const T *x = (const T *)job->x + r * job->x_ld;
+        const T *t = (const T *)job->t + r * job->t_ld;
+        const T *w = job->w ? (const T *)job->w + r * job->w_ld : NULL;
+        const T *pw = job->pw ? (const T *)job->pw + r * job->pw_ld : NULL;
+        const T *go = job->gout ? (const T *)job->gout + r * job->gout_ld : NULL;
+        T *lo = job->loss_out ? (T *)job->loss_out + r * job->loss_ld : NULL;
+        T *out = job->out ? (T *)job->out + r * job->out_ld : NULL;
+        const V gs = SPLAT(out ? (T)job->gscale[r * job->gscale_step] : 0);
+        double total = 0.0;
+        for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
+            const int64_t c1 = SFX(chunk_end)(c0, n);
+            V acc = zero;
+            for (int64_t i = c0; i < c1; i += VL) {
+                const int64_t k = c1 - i < VL ? c1 - i : VL;
+                const V xv = k == VL ? LOAD(x + i) : LOAD_TAIL(x + i, k, 0);
+                const V tv = k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, 0);
+                const V wv = w ? (k == VL ? LOAD(w + i) : LOAD_TAIL(w + i, k, 0)) : SFX(wload)(NULL, 0, k);
+                const V pv = pw ? (k == VL ? LOAD(pw + i) : LOAD_TAIL(pw + i, k, 1)) : one;
+                const VI neg = xv < zero;
+                const V e = EXPM(SEL(neg, xv, -xv));
+                const V lw = one + (pv - one) * tv;
+                const V sp = SFX(fx_log1p_unit)(e) + SEL(neg, -xv, zero);
+                const V l = wv * ((one - tv) * xv + lw * sp);
+                acc += l;
+                if (lo) {
+                    if (k == VL) STORE(lo + i, l);
+                    else STORE_TAIL(lo + i, l, k);
+                }
+                if (out) {
+                    const V sig = SEL(neg, e, one) / (one + e);
+                    V g = gs * wv * (lw * sig - pv * tv);
+                    if (go) g = g * (k == VL ? LOAD(go + i) : LOAD_TAIL(go + i, k, 0));
+                    if (k == VL) STORE(out + i, g);
+                    else STORE_TAIL(out + i, g, k);
+                }
+            }
+            total += HSUM(acc);
+        }
+        job->row_out[r] = total;
+    }
+}
+
+/* Binary cross entropy from probabilities (torch's binary_cross_entropy),
+ * logs clamped at -100; the gradient is torch's backward formula
+ *   grad = gs gout w (lw p - pw t) / max(p (1 - p), 1e-12).
+ * Plain double loops with the C library's log and log1p. */
+static void KFN(bce_probs)(const fx_job *job, int64_t r0, int64_t r1)
+{
+    const int64_t n = job->n_cols;
+    const double eps = (double)1e-12f;
+    for (int64_t r = r0; r < r1; r++) {
+        const T *p = (const T *)job->x + r * job->x_ld;
+        const T *t = (const T *)job->t + r * job->t_ld;
+        const T *w = job->w ? (const T *)job->w + r * job->w_ld : NULL;
+        const T *pw = job->pw ? (const T *)job->pw + r * job->pw_ld : NULL;
+        const T *go = job->gout ? (const T *)job->gout + r * job->gout_ld : NULL;
+        T *lo = job->loss_out ? (T *)job->loss_out + r * job->loss_ld : NULL;
+        T *out = job->out ? (T *)job->out + r * job->out_ld : NULL;
+        const double gs = out ? job->gscale[r * job->gscale_step] : 0.0;
+        double total = 0.0;
+        for (int64_t c = 0; c < n; c++) {
+            const double pc = p[c], tc = t[c];
+            const double wc = w ? (double)w[c] : 1.0, pwc = pw ? (double)pw[c] : 1.0;
+            const double lp = fmax(log(pc), -100.0), l1p = fmax(log1p(-pc), -100.0);
+            const double l = -wc * (pwc * tc * lp + (1.0 - tc) * l1p);
+            total += l;
+            if (lo) lo[c] = (T)l;
+            if (out) {
+                const double lw = 1.0 + (pwc - 1.0) * tc;
+                const double g = gs * wc * (lw * pc - pwc * tc) / fmax(pc * (1.0 - pc), eps);
+                out[c] = (T)(go ? g * (double)go[c] : g);
+            }
+        }
+        job->row_out[r] = total;
+    }
+}
+
 static void KFN(expm_array)(const T *x, T *y, int64_t n)
 {
     int64_t i = 0;

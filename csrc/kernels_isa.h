@@ -12,6 +12,7 @@
 #include "fastxent.h"
 #include "vec.h"
 #include "expm.h"
+#include "logm.h"
 
 #define FX_CAT3_(a, b, c) a##_##b##_##c
 #define FX_CAT3(a, b, c) FX_CAT3_(a, b, c)
@@ -20,24 +21,28 @@
 
 #define T float
 #define V fx_vf32
+#define VI fx_vi32
 #define VL 16
 #define SFX(f) f##_f32
 #define KFN(f) FX_CAT3(f, f32, FX_ISA)
 #include "kernels_impl.h"
 #undef T
 #undef V
+#undef VI
 #undef VL
 #undef SFX
 #undef KFN
 
 #define T double
 #define V fx_vf64
+#define VI fx_vi64
 #define VL 8
 #define SFX(f) f##_f64
 #define KFN(f) FX_CAT3(f, f64, FX_ISA)
 #include "kernels_impl.h"
 #undef T
 #undef V
+#undef VI
 #undef VL
 #undef SFX
 #undef KFN
@@ -56,6 +61,11 @@ const fx_isa FX_CAT2(fx_isa, FX_ISA) = {
         [FX_SOFTMAX] = FX_BOTH(softmax),
         [FX_ENTROPY] = FX_BOTH(entropy),
         [FX_ENTROPY_PROBS] = FX_BOTH(entropy_probs),
+        [FX_KL_PROBS] = FX_BOTH(kl_probs),
+        [FX_KL_LOG_PROBS] = FX_BOTH(kl_log_probs),
+        [FX_KL_LOGITS] = FX_BOTH(kl_logits),
+        [FX_BCE_LOGITS] = FX_BOTH(bce_logits),
+        [FX_BCE_PROBS] = FX_BOTH(bce_probs),
     },
     .expm_f32 = FX_CAT3(expm_array, f32, FX_ISA),
     .expm_f64 = FX_CAT3(expm_array, f64, FX_ISA),

@@ -9,10 +9,14 @@ import warnings as _warnings
 
 from . import _core, reference
 from ._api import (
+    binary_cross_entropy,
+    binary_cross_entropy_with_grad,
     cross_entropy,
     cross_entropy_with_grad,
     entropy,
     get_num_threads,
+    kl_div,
+    kl_div_with_grad,
     log_softmax,
     logsumexp,
     set_num_threads,
@@ -28,6 +32,10 @@ __all__ = [
     "log_softmax",
     "softmax",
     "entropy",
+    "kl_div",
+    "kl_div_with_grad",
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_grad",
     "set_num_threads",
     "get_num_threads",
     "show_config",

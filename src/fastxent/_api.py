@@ -33,6 +33,10 @@ __all__ = [
     "log_softmax",
     "softmax",
     "entropy",
+    "kl_div",
+    "kl_div_with_grad",
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_grad",
     "set_num_threads",
     "get_num_threads",
 ]
@@ -469,3 +473,217 @@ def log_softmax(x, *, axis=-1, out=None, num_threads=None):
 def softmax(x, *, axis=-1, out=None, num_threads=None):
     """``exp(x - logsumexp(x))`` along ``axis``, in x's dtype."""
     return _normalise(_core.SOFTMAX, x, axis, out, num_threads)
+
+
+# --------------------------------------------------------------------------
+# KL divergence
+# --------------------------------------------------------------------------
+
+_KL_OPS = {"probs": "KL_PROBS", "log_probs": "KL_LOG_PROBS", "logits": "KL_LOGITS"}
+_KL_REDUCTIONS = ("batchmean", "mean", "sum", "none")
+
+
+def _check_temperature(temperature):
+    try:
+        T = float(temperature)
+    except (TypeError, ValueError):
+        raise TypeError(f"temperature must be a number, got {temperature!r}") from None
+    if not (T > 0 and math.isfinite(T)):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    return T
+
+
+def _kl_div(logits, target, axis, target_kind, reduction, temperature, base, num_threads,
+            want_grad, grad_output, out):
+    inp = _Input(logits, axis, "logits")
+    reduction = _check_reduction(reduction, _KL_REDUCTIONS)
+    if not isinstance(target_kind, str) or target_kind not in _KL_OPS:
+        raise ValueError(f"target_kind must be one of 'probs', 'log_probs', 'logits'; got {target_kind!r}")
+    T = _check_temperature(temperature)
+    scale = _log_base_scale(base)
+    nt = _threads(num_threads)
+    tgt = np.asarray(target)
+    if tgt.dtype.kind not in "f" and tgt.dtype not in _UPCAST_16:
+        if tgt.dtype.kind in "iub":
+            tgt = tgt.astype(inp.dtype)
+        else:
+            raise TypeError(f"target must have a real floating dtype, got {tgt.dtype}")
+    target_rows = inp.same_layout(tgt, "target")
+    op = getattr(_core, _KL_OPS[target_kind])
+    mean = reduction in ("batchmean", "mean")
+    factor = scale / inp.n if (mean and inp.n) else scale
+
+    grad_rows = rows_out = gscale = None
+    if want_grad:
+        gscale = _gscale(grad_output, reduction, inp, factor)
+        if out is not None:
+            _check_overlap(out, [("logits", inp.array), ("target", tgt)], inp.array)
+            rows_out = _check_out(out, inp, inp.out_dtype)
+        grad_rows = rows_out if rows_out is not None else np.empty((inp.n, inp.c), inp.dtype)
+
+    row_loss = np.empty(inp.n, np.float64)
+    _core.run(op, inp.rows, None, target_rows, None, 0.0, 0, 0.0, grad_rows, row_loss,
+              gscale, nt, T)
+
+    if reduction == "none":
+        if scale != 1.0:
+            row_loss *= scale
+        loss = inp.batch_result(row_loss)
+    else:
+        total = row_loss.sum()
+        if mean:
+            total = total / inp.n if inp.n else np.float64(np.nan)
+        loss = inp.dtype.type(total * scale)
+    if not want_grad:
+        return loss
+    if out is not None:
+        if rows_out is None:
+            _write_out(out, grad_rows, inp)
+        return loss, out
+    return loss, _fresh_like(grad_rows, inp, inp.out_dtype)
+
+
+def kl_div(logits, target, *, axis=-1, target_kind="probs", reduction="batchmean",
+           temperature=1.0, base=None, num_threads=None):
+    """KL(P || Q) with ``Q = softmax(logits / T)`` along ``axis`` and P the target
+    (``target_kind``: "probs", "log_probs", or "logits", softened by T too),
+    times ``T**2``. "batchmean" and "mean" divide the sum by the number of rows;
+    "none" gives one value per row. ``0 * log 0`` counts as 0."""
+    return _kl_div(logits, target, axis, target_kind, reduction, temperature, base,
+                   num_threads, False, None, None)
+
+
+def kl_div_with_grad(logits, target, *, axis=-1, target_kind="probs", reduction="batchmean",
+                     temperature=1.0, base=None, num_threads=None, grad_output=1.0, out=None):
+    """``(loss, d(loss)/d(logits) * grad_output)`` of ``kl_div``."""
+    return _kl_div(logits, target, axis, target_kind, reduction, temperature, base,
+                   num_threads, True, grad_output, out)
+
+
+# --------------------------------------------------------------------------
+# Binary cross entropy
+# --------------------------------------------------------------------------
+
+class _Elementwise:
+    """An elementwise input seen as (N, D) rows, D its last axis."""
+
+    __slots__ = ("array", "rows", "n", "d", "dtype", "out_dtype", "shape")
+
+    def __init__(self, data, name):
+        a = np.asarray(data)
+        self.dtype, self.out_dtype = _compute_dtype(a.dtype, name)
+        self.array = a
+        self.shape = a.shape
+        self.d = a.shape[-1] if a.ndim else 1
+        self.n = a.size // self.d if self.d else 0
+        self.rows = self.as_rows(a)
+
+    def as_rows(self, b):
+        moved = b.reshape(1) if b.ndim == 0 else b
+        return _as_rows(moved, self.n, self.d, self.dtype)
+
+    def broadcast_rows(self, b, name):
+        b = np.asarray(b)
+        _compute_dtype(b.dtype, name)
+        try:
+            b = np.broadcast_to(b.astype(self.dtype, copy=False), self.shape)
+        except ValueError:
+            raise ValueError(f"{name} of shape {b.shape} does not broadcast to the input shape "
+                             f"{self.shape}") from None
+        return self.as_rows(b)
+
+
+def _binary_cross_entropy(logits, target, weight, pos_weight, reduction, from_logits, base,
+                          num_threads, want_grad, grad_output, out):
+    inp = _Elementwise(logits, "logits")
+    reduction = _check_reduction(reduction)
+    scale = _log_base_scale(base)
+    nt = _threads(num_threads)
+    tgt = np.asarray(target)
+    if tgt.shape != inp.shape:
+        raise ValueError(f"target must have the shape of logits {inp.shape}, got {tgt.shape}")
+    _compute_dtype(tgt.dtype, "target")
+    t_rows = inp.as_rows(tgt)
+    w_rows = None if weight is None else inp.broadcast_rows(weight, "weight")
+    pw_rows = None if pos_weight is None else inp.broadcast_rows(pos_weight, "pos_weight")
+    if not from_logits:
+        for name, arr in (("logits", inp.rows), ("target", t_rows)):
+            bad = (arr < 0) | (arr > 1)
+            if bad.any():
+                i = int(np.argmax(bad.reshape(-1)))
+                raise ValueError(f"with from_logits=False, {name} must hold probabilities in "
+                                 f"[0, 1]; found {arr.reshape(-1)[i]} at flat index {i}")
+    op = _core.BCE_LOGITS if from_logits else _core.BCE_PROBS
+    size = inp.n * inp.d
+    factor = scale / size if (reduction == "mean" and size) else scale
+
+    grad_rows = rows_out = gscale = gout = None
+    if want_grad:
+        g = np.asarray(grad_output, dtype=np.float64)
+        if g.ndim == 0:
+            gscale = np.array([float(g) * factor])
+        elif reduction != "none":
+            raise ValueError(f"grad_output must be a scalar for reduction={reduction!r}, got shape {g.shape}")
+        elif g.shape != inp.shape:
+            raise ValueError(f"grad_output must be a scalar or have the input shape {inp.shape}, got {g.shape}")
+        else:
+            gscale = np.array([factor])
+            gout = inp.as_rows(g.astype(inp.dtype))
+        if out is not None:
+            if not isinstance(out, np.ndarray):
+                raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
+            if out.shape != inp.shape:
+                raise ValueError(f"out must have shape {inp.shape}, got {out.shape}")
+            if out.dtype != inp.out_dtype:
+                raise ValueError(f"out must have dtype {inp.out_dtype}, got {out.dtype}")
+            if not out.flags.writeable:
+                raise ValueError("out is read-only")
+            _check_overlap(out, [("logits", inp.array), ("target", tgt), ("weight", weight),
+                                 ("pos_weight", pos_weight)], inp.array)
+            if out.dtype == inp.dtype and out.dtype.isnative and out.flags.aligned and \
+                    (inp.d <= 1 or out.strides[-1] == out.itemsize) and out.ndim:
+                try:
+                    rows_out = np.reshape(out, (inp.n, inp.d), copy=False)
+                except (ValueError, TypeError):
+                    rows_out = None
+        grad_rows = rows_out if rows_out is not None else np.empty((inp.n, inp.d), inp.dtype)
+
+    loss_rows = np.empty((inp.n, inp.d), inp.dtype) if reduction == "none" else None
+    row_loss = np.empty(inp.n, np.float64)
+    _core.run_elementwise(op, inp.rows, t_rows, w_rows, pw_rows, loss_rows, grad_rows,
+                          row_loss, gscale, gout, nt)
+
+    if reduction == "none":
+        if scale != 1.0:
+            loss_rows *= inp.dtype.type(scale)
+        loss = loss_rows.reshape(inp.shape)
+        loss = loss[()] if loss.ndim == 0 else loss
+    else:
+        total = row_loss.sum()
+        if reduction == "mean":
+            total = total / size if size else np.float64(np.nan)
+        loss = inp.dtype.type(total * scale)
+    if not want_grad:
+        return loss
+    grad = grad_rows.reshape(inp.shape).astype(inp.out_dtype, copy=False)
+    if out is not None:
+        if rows_out is None:
+            np.copyto(out, grad, casting="unsafe")
+        return loss, out
+    return loss, grad
+
+
+def binary_cross_entropy(logits, target, *, weight=None, pos_weight=None, reduction="mean",
+                         from_logits=True, base=None, num_threads=None):
+    """Elementwise binary cross entropy: torch's ``binary_cross_entropy_with_logits``
+    (or ``binary_cross_entropy`` on probabilities with ``from_logits=False``)."""
+    return _binary_cross_entropy(logits, target, weight, pos_weight, reduction, from_logits,
+                                 base, num_threads, False, None, None)
+
+
+def binary_cross_entropy_with_grad(logits, target, *, weight=None, pos_weight=None,
+                                   reduction="mean", from_logits=True, base=None,
+                                   num_threads=None, grad_output=1.0, out=None):
+    """``(loss, d(loss)/d(logits) * grad_output)`` of ``binary_cross_entropy``."""
+    return _binary_cross_entropy(logits, target, weight, pos_weight, reduction, from_logits,
+                                 base, num_threads, True, grad_output, out)

@@ -6,6 +6,7 @@
 # no call through it can read or write out of bounds.
 
 from libc.stdint cimport int64_t
+from libc.string cimport memset
 cimport numpy as cnp
 
 cnp.import_array()
@@ -27,9 +28,18 @@ cdef extern from "fastxent.h" nogil:
         double *row_out
         const double *gscale
         int64_t gscale_step
+        double temperature
+        int64_t w_ld
+        const void *pw
+        int64_t pw_ld
+        void *loss_out
+        int64_t loss_ld
+        const void *gout
+        int64_t gout_ld
 
     int FX_CE_HARD, FX_CE_SOFT, FX_CE_PROBS_HARD, FX_CE_PROBS_SOFT
     int FX_LOGSUMEXP, FX_LOG_SOFTMAX, FX_SOFTMAX, FX_ENTROPY, FX_ENTROPY_PROBS
+    int FX_KL_PROBS, FX_KL_LOG_PROBS, FX_KL_LOGITS, FX_BCE_LOGITS, FX_BCE_PROBS
     int FX_F32, FX_F64
 
     int fx_init()
@@ -54,6 +64,11 @@ LOG_SOFTMAX = FX_LOG_SOFTMAX
 SOFTMAX = FX_SOFTMAX
 ENTROPY = FX_ENTROPY
 ENTROPY_PROBS = FX_ENTROPY_PROBS
+KL_PROBS = FX_KL_PROBS
+KL_LOG_PROBS = FX_KL_LOG_PROBS
+KL_LOGITS = FX_KL_LOGITS
+BCE_LOGITS = FX_BCE_LOGITS
+BCE_PROBS = FX_BCE_PROBS
 
 _init_status = fx_init()
 
@@ -119,9 +134,23 @@ cdef int64_t _rows(cnp.ndarray a, int64_t n, int64_t c, int num, str name) excep
 
 def run(int op, cnp.ndarray x, cnp.ndarray labels, cnp.ndarray target,
         cnp.ndarray weight, double w_sum, int64_t ignore_index, double smoothing,
-        cnp.ndarray out, cnp.ndarray row_out, cnp.ndarray gscale, int num_threads):
+        cnp.ndarray out, cnp.ndarray row_out, cnp.ndarray gscale, int num_threads,
+        double temperature=1.0):
     """Run one operation over the rows of the 2-D array x (see fastxent.h)."""
     cdef fx_job job
+    memset(&job, 0, sizeof(job))
+    if op == FX_BCE_LOGITS or op == FX_BCE_PROBS:
+        raise ValueError("internal: elementwise ops go through run_elementwise")
+    if temperature <= 0:
+        raise ValueError("internal: temperature must be positive")
+    job.temperature = temperature
+    job.w_ld = 0
+    job.pw = NULL
+    job.pw_ld = 0
+    job.loss_out = NULL
+    job.loss_ld = 0
+    job.gout = NULL
+    job.gout_ld = 0
     cdef int dt = _dtype_code(x)
     cdef int num = cnp.PyArray_TYPE(x)
     cdef int64_t n, c
@@ -172,11 +201,12 @@ def run(int op, cnp.ndarray x, cnp.ndarray labels, cnp.ndarray target,
         job.row_out = <double *>cnp.PyArray_DATA(row_out)
     if (op == FX_CE_HARD or op == FX_CE_PROBS_HARD) and labels is None:
         raise ValueError("internal: labels are required")
-    if (op == FX_CE_SOFT or op == FX_CE_PROBS_SOFT) and target is None:
+    if (op == FX_CE_SOFT or op == FX_CE_PROBS_SOFT or op == FX_KL_PROBS
+            or op == FX_KL_LOG_PROBS or op == FX_KL_LOGITS) and target is None:
         raise ValueError("internal: target is required")
     job.gscale = NULL
     job.gscale_step = 0
-    if job.out != NULL and op <= FX_CE_PROBS_SOFT:
+    if job.out != NULL and op != FX_LOG_SOFTMAX and op != FX_SOFTMAX:
         if (gscale is None or cnp.PyArray_NDIM(gscale) != 1
                 or cnp.PyArray_TYPE(gscale) != cnp.NPY_FLOAT64
                 or not cnp.PyArray_IS_C_CONTIGUOUS(gscale)
@@ -184,6 +214,62 @@ def run(int op, cnp.ndarray x, cnp.ndarray labels, cnp.ndarray target,
             raise ValueError("internal: gscale must be contiguous float64 of length 1 or n")
         job.gscale = <const double *>cnp.PyArray_DATA(gscale)
         job.gscale_step = 1 if gscale.shape[0] == n and n != 1 else 0
+    if num_threads < 1:
+        raise ValueError("internal: num_threads must be >= 1")
+    with nogil:
+        fx_run(op, dt, &job, num_threads)
+
+
+def run_elementwise(int op, cnp.ndarray x, cnp.ndarray target, cnp.ndarray weight,
+                    cnp.ndarray pos_weight, cnp.ndarray loss_out, cnp.ndarray out,
+                    cnp.ndarray row_out, cnp.ndarray gscale, cnp.ndarray gout,
+                    int num_threads):
+    """An elementwise loss (BCE) over the rows of x; weight and pos_weight
+    are arrays of x's shape whose rows may be broadcast (row stride 0)."""
+    cdef fx_job job
+    if op != FX_BCE_LOGITS and op != FX_BCE_PROBS:
+        raise ValueError("internal: not an elementwise op")
+    cdef int dt = _dtype_code(x)
+    cdef int num = cnp.PyArray_TYPE(x)
+    if cnp.PyArray_NDIM(x) != 2:
+        raise ValueError("internal: x must be 2-D")
+    cdef int64_t n = x.shape[0], c = x.shape[1]
+    memset(&job, 0, sizeof(job))
+    job.n_rows = n
+    job.n_cols = c
+    job.x = cnp.PyArray_DATA(x)
+    job.x_ld = _rows(x, n, c, num, "x")
+    job.t_ld = _rows(target, n, c, num, "target")
+    job.t = cnp.PyArray_DATA(target)
+    job.temperature = 1.0
+    if weight is not None:
+        job.w_ld = _rows(weight, n, c, num, "weight")
+        job.w = cnp.PyArray_DATA(weight)
+    if pos_weight is not None:
+        job.pw_ld = _rows(pos_weight, n, c, num, "pos_weight")
+        job.pw = cnp.PyArray_DATA(pos_weight)
+    if gout is not None:
+        job.gout_ld = _rows(gout, n, c, num, "grad_output")
+        job.gout = cnp.PyArray_DATA(gout)
+    if loss_out is not None:
+        if not cnp.PyArray_ISWRITEABLE(loss_out):
+            raise ValueError("internal: loss_out is read-only")
+        job.loss_ld = _rows(loss_out, n, c, num, "loss_out")
+        job.loss_out = cnp.PyArray_DATA(loss_out)
+    if out is not None:
+        if not cnp.PyArray_ISWRITEABLE(out):
+            raise ValueError("internal: out is read-only")
+        job.out_ld = _rows(out, n, c, num, "out")
+        job.out = cnp.PyArray_DATA(out)
+        if (gscale is None or cnp.PyArray_NDIM(gscale) != 1 or gscale.shape[0] != 1
+                or cnp.PyArray_TYPE(gscale) != cnp.NPY_FLOAT64):
+            raise ValueError("internal: gscale must be one float64")
+        job.gscale = <const double *>cnp.PyArray_DATA(gscale)
+    if (row_out is None or cnp.PyArray_NDIM(row_out) != 1 or row_out.shape[0] != n
+            or cnp.PyArray_TYPE(row_out) != cnp.NPY_FLOAT64
+            or not cnp.PyArray_IS_C_CONTIGUOUS(row_out) or not cnp.PyArray_ISWRITEABLE(row_out)):
+        raise ValueError("internal: row_out must be writable contiguous float64 of length n")
+    job.row_out = <double *>cnp.PyArray_DATA(row_out)
     if num_threads < 1:
         raise ValueError("internal: num_threads must be >= 1")
     with nogil:

@@ -1,0 +1,55 @@
+/*
+ * logm.h - log1p(y) for 0 <= y <= 1, the only range binary cross entropy
+ * from logits needs (y = exp(-|x|)).
+ *
+ * Branch-free and lanewise, like expm.h. With u = 1 + y:
+ *   u > sqrt(2):  log1p(y) = ln 2 + log1p(v),  v = (y - 1) / 2   (exact)
+ *   otherwise:    log1p(y) = log1p(v),         v = y
+ * so |v| <= sqrt(2) - 1, and with s = v / (2 + v), |s| <= 0.1716:
+ *   log1p(v) = 2 atanh(s) = 2s + 2s z (1/3 + z/5 + z^2/7 + ...),  z = s^2
+ * The series is cut where its remainder drops below the dtype's rounding
+ * (z^4 in float32, z^9 in float64). NaN passes through. Small y keep their
+ * relative accuracy (log1p(1e-30) is 1e-30), which is what keeps a tiny BCE
+ * loss exact.
+ */
+#ifndef FASTXENT_LOGM_H
+#define FASTXENT_LOGM_H
+
+#include "vec.h"
+
+static inline fx_vf32 fx_log1p_unit_f32(fx_vf32 y)
+{
+    const fx_vi32 big = (y + fx_splat_f32(1.0f)) > fx_splat_f32(1.41421356f);
+    const fx_vf32 v = fx_sel_f32(big, (y - fx_splat_f32(1.0f)) * fx_splat_f32(0.5f), y);
+    const fx_vf32 s = v / (fx_splat_f32(2.0f) + v);
+    const fx_vf32 z = s * s;
+    fx_vf32 p = fx_splat_f32(1.0f / 9.0f);
+    p = p * z + fx_splat_f32(1.0f / 7.0f);
+    p = p * z + fx_splat_f32(1.0f / 5.0f);
+    p = p * z + fx_splat_f32(1.0f / 3.0f);
+    const fx_vf32 s2 = s + s;
+    const fx_vf32 l = s2 + (s2 * z) * p;
+    return l + fx_sel_f32(big, fx_splat_f32(0.693147180559945309f), fx_splat_f32(0.0f));
+}
+
+static inline fx_vf64 fx_log1p_unit_f64(fx_vf64 y)
+{
+    const fx_vi64 big = (y + fx_splat_f64(1.0)) > fx_splat_f64(1.4142135623730951);
+    const fx_vf64 v = fx_sel_f64(big, (y - fx_splat_f64(1.0)) * fx_splat_f64(0.5), y);
+    const fx_vf64 s = v / (fx_splat_f64(2.0) + v);
+    const fx_vf64 z = s * s;
+    fx_vf64 p = fx_splat_f64(1.0 / 19.0);
+    p = p * z + fx_splat_f64(1.0 / 17.0);
+    p = p * z + fx_splat_f64(1.0 / 15.0);
+    p = p * z + fx_splat_f64(1.0 / 13.0);
+    p = p * z + fx_splat_f64(1.0 / 11.0);
+    p = p * z + fx_splat_f64(1.0 / 9.0);
+    p = p * z + fx_splat_f64(1.0 / 7.0);
+    p = p * z + fx_splat_f64(1.0 / 5.0);
+    p = p * z + fx_splat_f64(1.0 / 3.0);
+    const fx_vf64 s2 = s + s;
+    const fx_vf64 l = s2 + (s2 * z) * p;
+    return l + fx_sel_f64(big, fx_splat_f64(0.69314718055994530942), fx_splat_f64(0.0));
+}
+
+#endif
