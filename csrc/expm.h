@@ -35,7 +35,7 @@
 static inline fx_vf32 fx_expm_f32(fx_vf32 x)
 {
     const float cutoff = -87.33654475f; /* ln(FLT_MIN) */
-    const fx_vi32 small = x < fx_splat_f32(cutoff);
+    const fx_vi32 small = fx_lt_f32(x, fx_splat_f32(cutoff));
     /* Clamp first so n stays in [-126, 0] and the exponent bits are valid;
        NaN compares false and stays NaN. */
     const fx_vf32 xc = fx_sel_f32(small, fx_splat_f32(cutoff), x);
@@ -60,7 +60,7 @@ static inline fx_vf32 fx_expm_f32(fx_vf32 x)
 static inline fx_vf64 fx_expm_f64(fx_vf64 x)
 {
     const double cutoff = -708.39641853226408; /* ln(DBL_MIN) */
-    const fx_vi64 small = x < fx_splat_f64(cutoff);
+    const fx_vi64 small = fx_lt_f64(x, fx_splat_f64(cutoff));
     const fx_vf64 xc = fx_sel_f64(small, fx_splat_f64(cutoff), x);
     const fx_vf64 magic = fx_splat_f64(6755399441055744.0); /* 1.5 * 2^52 */
     const fx_vf64 t = xc * fx_splat_f64(1.4426950408889634) + magic;

@@ -100,7 +100,9 @@ static inline double SFX(row_sumexp)(const T *x, const T *w, int64_t n, T m, dou
             for (; i < c1; i += VL) {
                 const int64_t k = c1 - i < VL ? c1 - i : VL;
                 a0 += EXPM(SFX(zload_exp)(x, i, k, vm));
-                b0 += SFX(wload)(w, i, k) * SFX(zload_lin)(x, i, k, vm, m);
+                /* A class of weight 0 adds nothing, even at x_c = -inf. */
+                const V wv = SFX(wload)(w, i, k);
+                b0 += SEL(SFX(fx_eq)(wv, zero), zero, wv * SFX(zload_lin)(x, i, k, vm, m));
             }
             dd += HSUM(b0);
         }
@@ -112,9 +114,9 @@ static inline double SFX(row_sumexp)(const T *x, const T *w, int64_t n, T m, dou
 
 /* Soft-target statistics for a finite m:
      return  s = sum_c exp(x_c - m)
-     *a = sum_c w_c t_c (x_c - m)   (terms with t_c == 0 count 0, even when
-                                     x_c = -inf: a class of probability 0
-                                     that the target never names costs 0)
+     *a = sum_c w_c t_c (x_c - m)   (terms with w_c t_c == 0 count 0, even
+                                     when x_c = -inf: a class of probability
+                                     0 that the target never names costs 0)
      *b = sum_c w_c t_c
      *d = sum_c w_c (x_c - m)       (only needed with label smoothing) */
 static inline double SFX(row_soft)(const T *x, const T *t, const T *w, int64_t n, T m,
@@ -132,9 +134,9 @@ static inline double SFX(row_soft)(const T *x, const T *t, const T *w, int64_t n
             const V wv = SFX(wload)(w, i, k);
             const V wt = wv * tv;
             vs += EXPM(SFX(zload_exp)(x, i, k, vm));
-            va += SEL(tv == zero, zero, wt * z);
+            va += SEL(SFX(fx_eq)(wt, zero), zero, wt * z);
             vb += wt;
-            vd += wv * z;
+            vd += SEL(SFX(fx_eq)(wv, zero), zero, wv * z);
         }
         s += HSUM(vs);
         aa += HSUM(va);
@@ -162,7 +164,7 @@ static inline double SFX(row_entropy)(const T *x, int64_t n, T m, double *q)
             const V z = SFX(zload_exp)(x, i, k, vm);
             const V e = EXPM(z);
             vs += e;
-            vq += SEL(e == zero, zero, e * z);
+            vq += SEL(SFX(fx_eq)(e, zero), zero, e * z);
         }
         s += HSUM(vs);
         qq += HSUM(vq);
@@ -171,17 +173,15 @@ static inline double SFX(row_entropy)(const T *x, int64_t n, T m, double *q)
     return s;
 }
 
-/* (m, s) for any row. A finite max takes the vector path. An infinite max
-   follows IEEE rules through lse = m + log(s): s = 1 gives lse = m (a row
-   holding +inf has lse +inf; a row of -inf has lse -inf), s = NaN when the
-   row holds a NaN. */
+/* (m, s) for any row. A row whose max is +inf, or whose entries are all
+   -inf or NaN, has no softmax (inf - inf): s = NaN makes its log-softmax,
+   softmax, losses, gradients and entropy NaN, as in torch. logsumexp
+   handles that case itself. */
 static inline double SFX(row_stats)(const T *x, int64_t n, T *m)
 {
     *m = SFX(row_max)(x, n);
     if (isfinite(*m)) return SFX(row_sumexp)(x, NULL, n, *m, NULL);
-    for (int64_t c = 0; c < n; c++)
-        if (isnan(x[c])) return NAN;
-    return 1.0;
+    return NAN;
 }
 
 /* out_c = exp(x_c - m) * k1 - k2 * w_c (w NULL: - k2). out may equal x:
@@ -230,14 +230,13 @@ static void KFN(ce_hard)(const fx_job *job, int64_t r0, int64_t r1)
         const double wy = w ? (double)w[y] : 1.0;
         T m = SFX(row_max)(x, n);
         double s, d = 0.0;
-        if (isfinite(m)) {
-            s = SFX(row_sumexp)(x, w, n, m, eps > 0 ? &d : NULL);
-        } else {
-            s = SFX(row_stats)(x, n, &m);
-            for (int64_t c = 0; c < n; c++) d += (w ? (double)w[c] : 1.0) * ((double)x[c] - m);
-        }
+        if (isfinite(m)) s = SFX(row_sumexp)(x, w, n, m, eps > 0 ? &d : NULL);
+        else s = NAN;
         const double logs = log(s);
-        double loss = (1.0 - eps) * wy * (logs - (xy - (double)m));
+        /* A true class of coefficient 0 (eps == 1, or weight 0) costs 0
+           even at x_y = -inf (0 log 0 = 0); NaN (logs) still poisons. */
+        const double c1 = (1.0 - eps) * wy;
+        double loss = (c1 == 0 && xy == -INFINITY && !isnan(s)) ? 0.0 : c1 * (logs - (xy - (double)m));
         if (eps > 0) loss += ec * (W * logs - d);
         job->row_out[r] = loss;
         if (out) {
@@ -269,19 +268,10 @@ static void KFN(ce_soft)(const fx_job *job, int64_t r0, int64_t r1)
         T *out = job->out ? (T *)job->out + r * job->out_ld : NULL;
         T m = SFX(row_max)(x, n);
         double s, a = 0.0, b = 0.0, d = 0.0;
-        if (isfinite(m)) {
-            s = SFX(row_soft)(x, t, w, n, m, &a, &b, &d);
-        } else {
-            s = SFX(row_stats)(x, n, &m);
-            for (int64_t c = 0; c < n; c++) {
-                const double wc = w ? (double)w[c] : 1.0, z = (double)x[c] - m;
-                a += t[c] == 0 ? 0.0 : wc * t[c] * z;
-                b += wc * t[c];
-                d += wc * z;
-            }
-        }
+        if (isfinite(m)) s = SFX(row_soft)(x, t, w, n, m, &a, &b, &d);
+        else s = NAN;
         const double Bp = (1.0 - eps) * b + ec * W;
-        double Ap = (1.0 - eps) * a;
+        double Ap = eps < 1 ? (1.0 - eps) * a : 0.0;
         if (eps > 0) Ap += ec * d;
         job->row_out[r] = Bp * log(s) - Ap;
         if (out) {
@@ -303,8 +293,8 @@ static void KFN(ce_soft)(const fx_job *job, int64_t r0, int64_t r1)
 /* ------------------------------------------------------------------------
  * Cross entropy from probabilities p (from_logits=False): no softmax, no
  * renormalisation, no clipping.
- *   loss_r = -sum_c w_c t'_c log p_c   (t'_c == 0 terms count 0)
- *   grad_c = -gs w_c t'_c / p_c        (0 where t'_c == 0)
+ *   loss_r = -sum_c w_c t'_c log p_c   (terms of coefficient 0 count 0
+ *   grad_c = -gs w_c t'_c / p_c         unless p_c is NaN)
  * Integer labels give t' = (1-eps) onehot(y) + eps/C. Not a hot path:
  * plain loops in double with the C library's log.
  * ---------------------------------------------------------------------- */
@@ -326,16 +316,20 @@ static void KFN(ce_probs)(const fx_job *job, int64_t r0, int64_t r1)
         }
         double loss = 0.0;
         if (hard) {
-            loss = -(1.0 - eps) * (w ? (double)w[y] : 1.0) * log((double)p[y]);
+            const double coef = (1.0 - eps) * (w ? (double)w[y] : 1.0);
+            loss = coef != 0 || isnan(p[y]) ? -coef * log((double)p[y]) : 0.0;
             if (eps > 0) {
                 double acc = 0.0;
-                for (int64_t c = 0; c < n; c++) acc += (w ? (double)w[c] : 1.0) * log((double)p[c]);
+                for (int64_t c = 0; c < n; c++) {
+                    const double wc = w ? (double)w[c] : 1.0;
+                    if (wc != 0 || isnan(p[c])) acc += wc * log((double)p[c]);
+                }
                 loss -= ec * acc;
             }
         } else {
             for (int64_t c = 0; c < n; c++) {
-                const double tc = (1.0 - eps) * (double)t[c] + ec;
-                if (tc != 0) loss -= (w ? (double)w[c] : 1.0) * tc * log((double)p[c]);
+                const double coef = (w ? (double)w[c] : 1.0) * ((1.0 - eps) * (double)t[c] + ec);
+                if (coef != 0 || isnan(p[c])) loss -= coef * log((double)p[c]);
             }
         }
         job->row_out[r] = loss;
@@ -344,12 +338,12 @@ static void KFN(ce_probs)(const fx_job *job, int64_t r0, int64_t r1)
             const double py = hard ? (double)p[y] : 0.0;
             for (int64_t c = 0; c < n; c++) {
                 const double tc = hard ? ec : (1.0 - eps) * (double)t[c] + ec;
-                const double wc = w ? (double)w[c] : 1.0;
-                out[c] = tc == 0 ? (T)0 : (T)(-gs * wc * tc / (double)p[c]);
+                const double coef = (w ? (double)w[c] : 1.0) * tc;
+                out[c] = coef == 0 && !isnan(p[c]) ? (T)0 : (T)(-gs * coef / (double)p[c]);
             }
             if (hard) {
-                const double wy = w ? (double)w[y] : 1.0;
-                out[y] = (T)(-gs * wy * ((1.0 - eps) + ec) / py);
+                const double coef = (w ? (double)w[y] : 1.0) * ((1.0 - eps) + ec);
+                out[y] = coef == 0 && !isnan(py) ? (T)0 : (T)(-gs * coef / py);
             }
         }
     }
@@ -362,9 +356,16 @@ static void KFN(logsumexp)(const fx_job *job, int64_t r0, int64_t r1)
 {
     for (int64_t r = r0; r < r1; r++) {
         const T *x = (const T *)job->x + r * job->x_ld;
-        T m;
-        const double s = SFX(row_stats)(x, job->n_cols, &m);
-        job->row_out[r] = (double)m + log(s);
+        const T m = SFX(row_max)(x, job->n_cols);
+        if (isfinite(m)) {
+            job->row_out[r] = (double)m + log(SFX(row_sumexp)(x, NULL, job->n_cols, m, NULL));
+            continue;
+        }
+        /* +inf for a row holding +inf, -inf for a row of -inf; NaN poisons. */
+        double v = m;
+        for (int64_t c = 0; c < job->n_cols; c++)
+            if (isnan(x[c])) v = NAN;
+        job->row_out[r] = v;
     }
 }
 
@@ -405,12 +406,9 @@ static void KFN(entropy)(const fx_job *job, int64_t r0, int64_t r1)
         const T *x = (const T *)job->x + r * job->x_ld;
         T m = SFX(row_max)(x, n);
         if (!isfinite(m)) {
-            /* A row holding +inf has all its mass there: entropy 0 unless
-               two classes tie at +inf or a NaN is present. */
-            const double s = SFX(row_stats)(x, n, &m);
-            double k = 0;
-            for (int64_t c = 0; c < n; c++) k += x[c] == m;
-            job->row_out[r] = (m > 0 && k == 1) ? 0.0 * s : NAN;
+            /* softmax of a row whose max is +inf or whose entries are all
+               -inf (or NaN) is undefined (inf - inf): NaN, as in torch. */
+            job->row_out[r] = NAN;
             continue;
         }
         double q;
@@ -509,7 +507,7 @@ static inline void SFX(kl_rows)(const fx_job *job, int kind, int64_t r0, int64_t
                     const V zb = (k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, -INFINITY)) * vinv - vmb;
                     const V eb = EXPM(zb);
                     vb += eb;
-                    vu += SEL(eb == zero, zero, eb * (zb - za));
+                    vu += SEL(SFX(fx_eq)(eb, zero), zero, eb * (zb - za));
                 }
             }
             sa += HSUM(va);
@@ -573,6 +571,7 @@ static void KFN(kl_logits)(const fx_job *job, int64_t r0, int64_t r1)
  * Binary cross entropy from logits, elementwise (torch's
  * binary_cross_entropy_with_logits), with lw = 1 + (pw - 1) t:
  *   loss = w [ (1 - t) x + lw (log1p(exp(-|x|)) + max(-x, 0)) ]
+ *        = w [ (x >= 0 ? (1 - t) x : -pw t x) + lw log1p(exp(-|x|)) ]
  *   grad = gs gout w [ lw sigmoid(x) - pw t ]
  * exp(-|x|) <= 1 never overflows; log1p keeps tiny losses exact.
  * row_out gets each row's sum, loss_out (if any) the elements.
@@ -600,11 +599,13 @@ static void KFN(bce_logits)(const fx_job *job, int64_t r0, int64_t r1)
                 const V tv = k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, 0);
                 const V wv = w ? (k == VL ? LOAD(w + i) : LOAD_TAIL(w + i, k, 0)) : SFX(wload)(NULL, 0, k);
                 const V pv = pw ? (k == VL ? LOAD(pw + i) : LOAD_TAIL(pw + i, k, 1)) : one;
-                const VI neg = xv < zero;
+                const VI neg = SFX(fx_lt)(xv, zero);
                 const V e = EXPM(SEL(neg, xv, -xv));
                 const V lw = one + (pv - one) * tv;
-                const V sp = SFX(fx_log1p_unit)(e) + SEL(neg, -xv, zero);
-                const V l = wv * ((one - tv) * xv + lw * sp);
+                /* (1-t) x + lw max(-x, 0) folded per sign: x (1-t) for
+                   x >= 0, -pw t x for x < 0; no cancellation of huge terms. */
+                const V lin = SEL(neg, -(pv * tv) * xv, (one - tv) * xv);
+                const V l = wv * (lin + lw * SFX(fx_log1p_unit)(e));
                 acc += l;
                 if (lo) {
                     if (k == VL) STORE(lo + i, l);
@@ -645,7 +646,11 @@ static void KFN(bce_probs)(const fx_job *job, int64_t r0, int64_t r1)
         for (int64_t c = 0; c < n; c++) {
             const double pc = p[c], tc = t[c];
             const double wc = w ? (double)w[c] : 1.0, pwc = pw ? (double)pw[c] : 1.0;
-            const double lp = fmax(log(pc), -100.0), l1p = fmax(log1p(-pc), -100.0);
+            /* Clamped at -100 like torch; a NaN probability stays NaN (fmax
+               would drop it). */
+            double lp = log(pc), l1p = log1p(-pc);
+            if (lp < -100.0) lp = -100.0;
+            if (l1p < -100.0) l1p = -100.0;
             const double l = -wc * (pwc * tc * lp + (1.0 - tc) * l1p);
             total += l;
             if (lo) lo[c] = (T)l;

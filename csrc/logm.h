@@ -19,7 +19,7 @@
 
 static inline fx_vf32 fx_log1p_unit_f32(fx_vf32 y)
 {
-    const fx_vi32 big = (y + fx_splat_f32(1.0f)) > fx_splat_f32(1.41421356f);
+    const fx_vi32 big = fx_lt_f32(fx_splat_f32(1.41421356f), y + fx_splat_f32(1.0f));
     const fx_vf32 v = fx_sel_f32(big, (y - fx_splat_f32(1.0f)) * fx_splat_f32(0.5f), y);
     const fx_vf32 s = v / (fx_splat_f32(2.0f) + v);
     const fx_vf32 z = s * s;
@@ -34,7 +34,7 @@ static inline fx_vf32 fx_log1p_unit_f32(fx_vf32 y)
 
 static inline fx_vf64 fx_log1p_unit_f64(fx_vf64 y)
 {
-    const fx_vi64 big = (y + fx_splat_f64(1.0)) > fx_splat_f64(1.4142135623730951);
+    const fx_vi64 big = fx_lt_f64(fx_splat_f64(1.4142135623730951), y + fx_splat_f64(1.0));
     const fx_vf64 v = fx_sel_f64(big, (y - fx_splat_f64(1.0)) * fx_splat_f64(0.5), y);
     const fx_vf64 s = v / (fx_splat_f64(2.0) + v);
     const fx_vf64 z = s * s;

@@ -27,6 +27,37 @@ typedef double fx_vf64 __attribute__((vector_size(FX_VBYTES)));
 typedef int64_t fx_vi64 __attribute__((vector_size(FX_VBYTES)));
 typedef uint64_t fx_vu64 __attribute__((vector_size(FX_VBYTES)));
 
+/* The widest vector this build's ISA has. Floating comparisons of a wider
+   generic vector are scalarised by GCC (it splits arithmetic, not compares),
+   so comparisons go through fx_lt/fx_eq, which split by hand. */
+#if defined(__AVX512F__)
+#define FX_NBYTES 64
+#elif defined(__AVX__)
+#define FX_NBYTES 32
+#else
+#define FX_NBYTES 16
+#endif
+#define FX_NPARTS (FX_VBYTES / FX_NBYTES)
+
+typedef float fx_nf32 __attribute__((vector_size(FX_NBYTES)));
+typedef int32_t fx_ni32 __attribute__((vector_size(FX_NBYTES)));
+typedef double fx_nf64 __attribute__((vector_size(FX_NBYTES)));
+typedef int64_t fx_ni64 __attribute__((vector_size(FX_NBYTES)));
+
+#define FX_DEFINE_CMP(SFX, V, VI, NV, NVI, NAME, OP)                           \
+    static inline VI fx_##NAME##_##SFX(V a, V b)                               \
+    {                                                                          \
+        union { V v; NV n[FX_NPARTS]; } ua = {a}, ub = {b};                    \
+        union { VI v; NVI n[FX_NPARTS]; } r;                                   \
+        for (int k = 0; k < FX_NPARTS; k++) r.n[k] = ua.n[k] OP ub.n[k];       \
+        return r.v;                                                            \
+    }
+
+FX_DEFINE_CMP(f32, fx_vf32, fx_vi32, fx_nf32, fx_ni32, lt, <)
+FX_DEFINE_CMP(f32, fx_vf32, fx_vi32, fx_nf32, fx_ni32, eq, ==)
+FX_DEFINE_CMP(f64, fx_vf64, fx_vi64, fx_nf64, fx_ni64, lt, <)
+FX_DEFINE_CMP(f64, fx_vf64, fx_vi64, fx_nf64, fx_ni64, eq, ==)
+
 #define FX_DEFINE_VEC_HELPERS(SFX, T, V, VI, VU, VL)                           \
     static inline V fx_splat_##SFX(T s)                                        \
     {                                                                          \
@@ -59,7 +90,7 @@ typedef uint64_t fx_vu64 __attribute__((vector_size(FX_VBYTES)));
     }                                                                          \
     /* Lanewise maximum that skips NaN in b; NaN rows are caught by the    */ \
     /* sum of exponentials, which NaN poisons.                              */ \
-    static inline V fx_vmax_##SFX(V a, V b) { return fx_sel_##SFX(b > a, b, a); } \
+    static inline V fx_vmax_##SFX(V a, V b) { return fx_sel_##SFX(fx_lt_##SFX(a, b), b, a); } \
     /* Lanes combined in a fixed order, in double. */                          \
     static inline double fx_hsum_##SFX(V v)                                    \
     {                                                                          \

@@ -175,7 +175,7 @@ def _check_out(out, inp, dtype, name="out"):
     """Validate ``out=`` (shaped like the input, of ``dtype``); returns the rows
     the kernel may write directly, or None when a temporary is needed."""
     if not isinstance(out, np.ndarray):
-        raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
+        raise ValueError(f"{name} must be a writable NumPy array, got {type(out).__name__}")
     if out.shape != inp.array.shape:
         raise ValueError(f"{name} must have shape {inp.array.shape}, got {out.shape}")
     if out.dtype != dtype:
@@ -265,11 +265,15 @@ def _check_weight(weight, inp):
     _compute_dtype(w.dtype, "weight")
     if w.shape != (inp.c,):
         raise ValueError(f"weight must have shape ({inp.c},) (one per class), got {w.shape}")
-    w = np.ascontiguousarray(w, dtype=inp.dtype)
-    bad = ~((w >= 0) & np.isfinite(w))
+    w64 = w.astype(np.float64)
+    bad = ~((w64 >= 0) & np.isfinite(w64))
     if bad.any():
         i = int(np.argmax(bad))
-        raise ValueError(f"weight must be finite and non-negative; weight[{i}] = {w[i]}")
+        raise ValueError(f"weight must be finite and non-negative; weight[{i}] = {w64[i]!r}")
+    w = np.ascontiguousarray(w, dtype=inp.dtype)
+    if not np.isfinite(w).all():
+        i = int(np.argmax(~np.isfinite(w)))
+        raise ValueError(f"weight[{i}] = {w64[i]!r} overflows the compute dtype {inp.dtype}")
     return w, float(np.sum(w, dtype=np.float64))
 
 
@@ -367,8 +371,8 @@ def _cross_entropy(logits, labels, axis, weight, ignore_index, reduction, label_
     if want_grad:
         gscale = _gscale(grad_output, reduction, inp, factor)
         if out is not None:
-            _check_overlap(out, [("logits", inp.array), ("labels", lab), ("weight", weight)], inp.array)
             rows_out = _check_out(out, inp, inp.out_dtype)
+            _check_overlap(out, [("logits", inp.array), ("labels", lab), ("weight", weight)], inp.array)
         grad_rows = rows_out if rows_out is not None else np.empty((inp.n, inp.c), inp.dtype)
 
     row_loss = np.empty(inp.n, np.float64)
@@ -382,8 +386,8 @@ def _cross_entropy(logits, labels, axis, weight, ignore_index, reduction, label_
     else:
         total = row_loss.sum()
         if reduction == "mean":
-            with np.errstate(divide="ignore", invalid="ignore"):
-                total = np.float64(total) / np.float64(denom)
+            # No counted label (or counted weights summing to 0): NaN.
+            total = total / denom if denom != 0 else np.float64(np.nan)
         loss = inp.dtype.type(total * scale)
 
     if not want_grad:
@@ -454,8 +458,8 @@ def _normalise(op, x, axis, out, num_threads):
     nt = _threads(num_threads)
     rows_out = None
     if out is not None:
-        _check_overlap(out, [("logits", inp.array)], inp.array)
         rows_out = _check_out(out, inp, inp.out_dtype)
+        _check_overlap(out, [("logits", inp.array)], inp.array)
     res = rows_out if rows_out is not None else np.empty((inp.n, inp.c), inp.dtype)
     _core.run(op, inp.rows, None, None, None, 0.0, 0, 0.0, res, None, None, nt)
     if out is not None:
@@ -517,8 +521,8 @@ def _kl_div(logits, target, axis, target_kind, reduction, temperature, base, num
     if want_grad:
         gscale = _gscale(grad_output, reduction, inp, factor)
         if out is not None:
-            _check_overlap(out, [("logits", inp.array), ("target", tgt)], inp.array)
             rows_out = _check_out(out, inp, inp.out_dtype)
+            _check_overlap(out, [("logits", inp.array), ("target", tgt)], inp.array)
         grad_rows = rows_out if rows_out is not None else np.empty((inp.n, inp.c), inp.dtype)
 
     row_loss = np.empty(inp.n, np.float64)
@@ -631,7 +635,7 @@ def _binary_cross_entropy(logits, target, weight, pos_weight, reduction, from_lo
             gout = inp.as_rows(g.astype(inp.dtype))
         if out is not None:
             if not isinstance(out, np.ndarray):
-                raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
+                raise ValueError(f"out must be a writable NumPy array, got {type(out).__name__}")
             if out.shape != inp.shape:
                 raise ValueError(f"out must have shape {inp.shape}, got {out.shape}")
             if out.dtype != inp.out_dtype:

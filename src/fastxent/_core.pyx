@@ -114,7 +114,7 @@ cdef int _dtype_code(cnp.ndarray a) except -1:
     raise TypeError("internal: kernels take float32 or float64")
 
 
-cdef int64_t _rows(cnp.ndarray a, int64_t n, int64_t c, int num, str name) except -1:
+cdef int64_t _rows(cnp.ndarray a, int64_t n, int64_t c, int num, str name) except? -1:
     """Row stride in elements of a (n, c) array with contiguous rows."""
     if cnp.PyArray_NDIM(a) != 2 or a.shape[0] != n or a.shape[1] != c:
         raise ValueError(f"internal: {name} must have shape ({n}, {c})")

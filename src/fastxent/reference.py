@@ -275,10 +275,15 @@ def _cross_entropy(logits, labels, axis, weight, ignore_index, reduction,
             log_q = _log_softmax_last(x)
         else:
             log_q = np.log(x)  # probabilities as given: no renormalisation, no clipping
-        # Terms with coef == 0 are 0 (0 * log 0 = 0), unlike torch's soft-label
-        # path, where 0 * (-inf) gives NaN.
-        terms = np.where(coef != 0, coef * -log_q, 0.0)
+        # Terms with coef == 0 and log q == -inf are 0 (0 * log 0 = 0),
+        # unlike torch's soft-label path, where 0 * (-inf) gives NaN. A NaN
+        # log q (a row holding NaN, or whose max is not finite, so that its
+        # softmax is undefined) still poisons the row, whatever its weight,
+        # as in torch; ignored positions are 0.
+        terms = np.where((coef != 0) | np.isnan(log_q), coef * -log_q, 0.0)
         per_position = np.sum(terms, axis=-1)
+        if labels.dtype.kind in "iu":
+            per_position = np.where(counted, per_position, 0.0)
         loss = _reduce(per_position / log_base, reduction, denominator)
         if not want_grad:
             return loss, None
@@ -287,12 +292,13 @@ def _cross_entropy(logits, labels, axis, weight, ignore_index, reduction,
             # d/dz_j sum_c coef_c * (-log softmax(z)_c) = softmax(z)_j * sum_c coef_c - coef_j
             q = np.exp(log_q)
             grad = q * np.sum(coef, axis=-1, keepdims=True) - coef
-            # A position with no term (ignored) has a zero gradient, even
-            # when its logits hold NaN.
-            grad = np.where(np.any(coef != 0, axis=-1, keepdims=True), grad, 0.0)
         else:
             # d/dp_j sum_c coef_c * (-log p_c) = -coef_j / p_j
-            grad = np.where(coef != 0, -coef / x, 0.0)
+            grad = np.where((coef != 0) | np.isnan(x), -coef / x, 0.0)
+        if labels.dtype.kind in "iu":
+            # An ignored position has a zero gradient, even when its logits
+            # hold NaN.
+            grad = np.where(counted[..., None], grad, 0.0)
         scale = _gradient_scale(reduction, grad_output, batch_shape, denominator)
         grad = grad * scale[..., None] / log_base
     return loss, np.moveaxis(grad, -1, axis)
