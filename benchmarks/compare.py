@@ -10,7 +10,8 @@ For every group (function, shape, dtype, threads): each contender's median,
 IQR, GB/s of logits read, and its time relative to ``fastxent``
 (``torch/fastxent = 5.0x`` means fastxent is five times faster). A summary at
 the end gives, per function and thread count, the geometric mean of
-torch/fastxent and reference/fastxent over the shapes. With ``--baseline``,
+torch/fastxent, jax/fastxent, reference/fastxent and scipy/fastxent over the
+shapes. (For the table against the roofline bounds, see report.py.) With ``--baseline``,
 each row also shows old median / new median for the same benchmark
 (> 1: faster now).
 
@@ -26,8 +27,8 @@ import sys
 from collections import defaultdict
 
 BASE = "fastxent"
-RATIO_CONTENDERS = ("torch", "reference", "scipy")
-CONTENDER_ORDER = {"fastxent": 0, "torch": 1, "scipy": 2, "reference": 3}
+RATIO_CONTENDERS = ("torch", "jax", "reference", "scipy")
+CONTENDER_ORDER = {"fastxent": 0, "torch": 1, "jax": 2, "scipy": 3, "reference": 4}
 
 
 def format_seconds(s: float) -> str:
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
     fx = machine.get("fastxent") or {}
     print(
         f"fastxent {fx.get('version')} isa={fx.get('isa')} openmp={fx.get('openmp')} | "
-        f"torch {machine.get('torch')} | numpy {machine.get('numpy')} | "
+        f"torch {machine.get('torch')} | jax {machine.get('jax')} | numpy {machine.get('numpy')} | "
         f"cpu: {(machine.get('cpu') or {}).get('brand_raw', machine.get('processor', '?'))}"
     )
 

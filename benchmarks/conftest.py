@@ -13,8 +13,8 @@ takes the ``bench_case`` fixture; ``pytest_generate_tests`` below expands it
 into every (shape, dtype, threads, contender) and drops what cannot or should
 not run:
 
-- ``torch`` / ``scipy`` contenders are absent when the package is not installed
-  (nothing is ever installed for you);
+- ``torch`` / ``scipy`` / ``jax`` contenders are absent when the package is
+  not installed (nothing is ever installed for you);
 - the single-threaded NumPy baselines (``reference``, ``scipy``) are absent on
   inputs above ``BASELINE_MAX_ELEMENTS`` elements, where one float64 call
   takes seconds and gigabytes (override with ``FASTXENT_BENCH_BASELINE_MAX``).
@@ -33,7 +33,9 @@ calibrated mode with a per-test budget of ``DEFAULT_MAX_TIME`` seconds unless
 ``extra_info`` of every benchmark: function, contender, shape, dtype,
 threads, the fastxent ISA in use, ``bytes`` (bytes of logits read by one
 call), ``bytes_moved`` (logits read plus the N x C result written, if any) and
-``gbps`` (``bytes`` / median seconds / 1e9, filled in after the run).
+``gbps`` (``bytes`` / median seconds / 1e9, filled in after the run); for the
+``jax`` contenders also ``jax_threading``: JAX ignores the group's thread
+count and runs with XLA's default, process-wide threading (``JAX_THREADING``).
 """
 
 from __future__ import annotations
@@ -59,6 +61,23 @@ try:
     import scipy.special
 except ImportError:  # scipy contenders are simply absent
     scipy = None
+
+try:
+    import jax
+    import jax.numpy as jnp
+
+    # float64 inputs stay float64 (without this jnp.asarray silently makes
+    # them float32) and labels stay int64, as for every other contender.
+    # Process-wide, like JAX's threading (see JAX_THREADING).
+    jax.config.update("jax_enable_x64", True)
+except ImportError:  # jax contenders are simply absent
+    jax = jnp = None
+
+# JAX (XLA:CPU) runs with its default threading in every group: its thread
+# pool is sized once per process (XLA_FLAGS, e.g. "--xla_cpu_multi_thread_eigen=false
+# intra_op_parallelism_threads=1", must be set before jax is imported), so
+# it cannot follow the 1 / 2 threads of each group. Recorded in extra_info.
+JAX_THREADING = "xla default (process-wide; XLA_FLAGS=%r)" % os.environ.get("XLA_FLAGS", "")
 
 
 # --------------------------------------------------------------------------
@@ -95,7 +114,11 @@ PEDANTIC_WARMUP_ROUNDS = 1
 # 0.5 keeps the whole suite within ~10 minutes on 2 cores).
 DEFAULT_MAX_TIME = 0.5
 
-CONTENDERS_NEEDING = {"torch": lambda: torch is not None, "scipy": lambda: scipy is not None}
+CONTENDERS_NEEDING = {
+    "torch": lambda: torch is not None,
+    "scipy": lambda: scipy is not None,
+    "jax": lambda: jax is not None,
+}
 BASELINES = ("reference", "scipy")
 
 
@@ -183,10 +206,12 @@ def pytest_report_header(config):
     cfg = fastxent_config()
     torch_line = f"torch {torch.__version__}" if torch is not None else "torch not installed (contenders absent)"
     scipy_line = f"scipy {scipy.__version__}" if scipy is not None else "scipy not installed (contenders absent)"
+    jax_line = (f"jax {jax.__version__} ({JAX_THREADING})" if jax is not None
+                else "jax not installed (contenders absent)")
     return [
         f"fastxent {cfg.get('version')}: isa={cfg.get('isa')} openmp={cfg.get('openmp')} "
         f"default threads={cfg.get('num_threads')}",
-        f"contenders: {torch_line}; {scipy_line}; numpy {np.__version__}; "
+        f"contenders: {torch_line}; {scipy_line}; {jax_line}; numpy {np.__version__}; "
         f"NumPy baselines only up to {BASELINE_MAX_ELEMENTS:.3g} elements",
         f"timing: pedantic ({PEDANTIC_ROUNDS} rounds + {PEDANTIC_WARMUP_ROUNDS} warm-up) from "
         f"{PEDANTIC_MIN_ELEMENTS} elements; calibrated below, max_time="
@@ -200,6 +225,10 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["numpy"] = np.__version__
     machine_info["scipy"] = getattr(scipy, "__version__", None)
     machine_info["torch"] = getattr(torch, "__version__", None)
+    machine_info["jax"] = getattr(jax, "__version__", None)
+    if jax is not None:
+        machine_info["jaxlib"] = _jaxlib_version()
+        machine_info["jax_threading"] = JAX_THREADING
     if torch is not None:
         machine_info["torch_parallel_info"] = torch.__config__.parallel_info()
 
@@ -261,6 +290,15 @@ _make_small_inputs = functools.lru_cache(maxsize=None)(_make_inputs)
 _make_large_inputs = functools.lru_cache(maxsize=1)(_make_inputs)
 
 
+def _jaxlib_version():
+    try:
+        import jaxlib
+
+        return jaxlib.__version__
+    except Exception:  # noqa: BLE001
+        return None
+
+
 @contextlib.contextmanager
 def torch_threads(n: int):
     if torch is None:
@@ -295,6 +333,22 @@ class Bench:
             x.requires_grad_(True)
         return x, torch.from_numpy(self.labels)
 
+    def jax_arrays(self):
+        """The same data as JAX arrays, converted once (``jnp.asarray``)."""
+        x, y = jnp.asarray(self.logits), jnp.asarray(self.labels)
+        jax.block_until_ready((x, y))
+        return x, y
+
+    def jax_fn(self, jitted, *args):
+        """``fn()`` for ``run``: calls ``jitted(*args)`` and blocks until the
+        result is computed. Compiles it (one untimed call) first."""
+
+        def fn():
+            return jax.block_until_ready(jitted(*args))
+
+        fn()  # trace + compile, outside the timing
+        return fn
+
     def run(self, fn, *, writes_result: bool = False):
         """Time ``fn()`` and record everything a reader needs to compare.
 
@@ -314,6 +368,9 @@ class Bench:
             bytes=nbytes,
             bytes_moved=nbytes * (2 if writes_result else 1),
         )
+        if case.contender.split("-")[0] == "jax":
+            # JAX does not follow `threads` (see JAX_THREADING).
+            benchmark.extra_info["jax_threading"] = JAX_THREADING
         with torch_threads(case.threads):
             if case.pedantic:
                 result = benchmark.pedantic(

@@ -9,7 +9,13 @@ Groups: ``<function> <N>x<C> <dtype> <T>thread``. Contenders:
   ``entr(softmax(x)).sum(-1)`` for the entropy; small inputs only;
 - ``torch``: ``torch.logsumexp`` / ``F.log_softmax`` / ``F.softmax``, and
   ``-(p * logp).sum(-1)`` with ``logp = F.log_softmax(x)``, ``p = logp.exp()``
-  for the entropy (what one writes without torch.distributions).
+  for the entropy (what one writes without torch.distributions);
+- ``jax``: ``jax.jit`` of ``jax.nn.logsumexp`` / ``jax.nn.log_softmax`` /
+  ``jax.nn.softmax``, and of ``-(p * logp).sum(-1)`` with
+  ``logp = jax.nn.log_softmax(x)``, ``p = exp(logp)`` for the entropy, on an
+  array converted once with ``jnp.asarray``, compiled before timing, each call
+  ending in ``block_until_ready``; XLA's default threading whatever the
+  group's thread count (see conftest).
 """
 
 import numpy as np
@@ -29,6 +35,34 @@ try:
 except ImportError:  # scipy contenders are not generated (see conftest)
     sps = None
 
+try:
+    import jax
+    import jax.numpy as jnp
+except ImportError:  # jax contenders are not generated (see conftest)
+    jax = jnp = None
+
+
+def _jax_entropy(x):
+    logp = jax.nn.log_softmax(x, axis=-1)
+    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+
+_JAX_FUNCTIONS = {
+    "logsumexp": lambda: (lambda x: jax.nn.logsumexp(x, axis=-1)),
+    "log_softmax": lambda: (lambda x: jax.nn.log_softmax(x, axis=-1)),
+    "softmax": lambda: (lambda x: jax.nn.softmax(x, axis=-1)),
+    "entropy": lambda: _jax_entropy,
+}
+_jax_jitted = {}
+
+
+def _jax_fn(bench, name):
+    """The timed call of the jitted JAX version of `name` (compiled already)."""
+    if name not in _jax_jitted:
+        _jax_jitted[name] = jax.jit(_JAX_FUNCTIONS[name]())
+    x, _ = bench.jax_arrays()
+    return bench.jax_fn(_jax_jitted[name], x)
+
 
 def _torch_entropy(xt):
     logp = F.log_softmax(xt, dim=-1)
@@ -39,7 +73,7 @@ def _scipy_entropy(x):
     return sps.entr(sps.softmax(x, axis=-1)).sum(axis=-1)
 
 
-@pytest.mark.contenders("fastxent", "reference", "torch", "scipy")
+@pytest.mark.contenders("fastxent", "reference", "torch", "jax", "scipy")
 def test_logsumexp(bench):
     x, threads = bench.logits, bench.threads
     if bench.contender == "fastxent":
@@ -57,6 +91,9 @@ def test_logsumexp(bench):
 
         def fn():
             return torch.logsumexp(xt, dim=-1)
+
+    elif bench.contender == "jax":
+        fn = _jax_fn(bench, "logsumexp")
 
     elif bench.contender == "scipy":
 
@@ -98,6 +135,9 @@ def _normaliser_test(bench, name):
         def fn():
             return torch_fn(xt, dim=-1)
 
+    elif bench.contender == "jax":
+        fn = _jax_fn(bench, name)
+
     elif bench.contender == "scipy":
         scipy_fn = getattr(sps, name)
 
@@ -111,17 +151,17 @@ def _normaliser_test(bench, name):
     assert tuple(result.shape) == x.shape
 
 
-@pytest.mark.contenders("fastxent-out", "fastxent", "reference", "torch", "scipy")
+@pytest.mark.contenders("fastxent-out", "fastxent", "reference", "torch", "jax", "scipy")
 def test_log_softmax(bench):
     _normaliser_test(bench, "log_softmax")
 
 
-@pytest.mark.contenders("fastxent-out", "fastxent", "reference", "torch", "scipy")
+@pytest.mark.contenders("fastxent-out", "fastxent", "reference", "torch", "jax", "scipy")
 def test_softmax(bench):
     _normaliser_test(bench, "softmax")
 
 
-@pytest.mark.contenders("fastxent", "reference", "torch", "scipy")
+@pytest.mark.contenders("fastxent", "reference", "torch", "jax", "scipy")
 def test_entropy(bench):
     x, threads = bench.logits, bench.threads
     if bench.contender == "fastxent":
@@ -139,6 +179,9 @@ def test_entropy(bench):
 
         def fn():
             return _torch_entropy(xt)
+
+    elif bench.contender == "jax":
+        fn = _jax_fn(bench, "entropy")
 
     elif bench.contender == "scipy":
 

@@ -11,7 +11,12 @@ Groups: ``cross_entropy <N>x<C> <dtype> <T>thread`` and
 - ``torch``: ``F.cross_entropy`` on tensors made once with
   ``torch.from_numpy`` from the same data (no copy); for the gradient, forward
   plus ``loss.backward()`` with ``x.grad = None`` each round, so both sides
-  allocate one gradient per call.
+  allocate one gradient per call;
+- ``jax``: ``jax.jit`` of ``log_softmax`` + ``take_along_axis`` gather + mean
+  (``_jax_cross_entropy``), and ``jax.jit(jax.value_and_grad(...))`` of it for
+  the gradient, on arrays converted once with ``jnp.asarray``, compiled before
+  timing, each call ending in ``block_until_ready``. JAX runs with XLA's
+  default threading whatever the group's thread count (see conftest).
 
 Labels are int64, uniform in [0, C). reduction="mean", the default of both.
 """
@@ -27,8 +32,31 @@ try:
 except ImportError:  # torch contenders are not generated (see conftest)
     F = None
 
+try:
+    import jax
+    import jax.numpy as jnp
+except ImportError:  # jax contenders are not generated (see conftest)
+    jax = jnp = None
 
-@pytest.mark.contenders("fastxent", "reference", "torch")
+
+def _jax_cross_entropy(x, y):
+    """Mean cross entropy of integer labels, as one writes it in JAX."""
+    logp = jax.nn.log_softmax(x, axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=-1))
+
+
+_jax_ce = _jax_ce_value_and_grad = None
+
+
+def _jax_jitted():
+    global _jax_ce, _jax_ce_value_and_grad
+    if _jax_ce is None:
+        _jax_ce = jax.jit(_jax_cross_entropy)
+        _jax_ce_value_and_grad = jax.jit(jax.value_and_grad(_jax_cross_entropy))
+    return _jax_ce, _jax_ce_value_and_grad
+
+
+@pytest.mark.contenders("fastxent", "reference", "torch", "jax")
 def test_cross_entropy(bench):
     x, y, threads = bench.logits, bench.labels, bench.threads
     if bench.contender == "fastxent":
@@ -47,6 +75,9 @@ def test_cross_entropy(bench):
         def fn():
             return F.cross_entropy(xt, yt)
 
+    elif bench.contender == "jax":
+        fn = bench.jax_fn(_jax_jitted()[0], *bench.jax_arrays())
+
     else:
         raise AssertionError(bench.contender)
 
@@ -54,7 +85,7 @@ def test_cross_entropy(bench):
     assert np.isfinite(float(loss))
 
 
-@pytest.mark.contenders("fastxent-out", "fastxent", "reference", "torch")
+@pytest.mark.contenders("fastxent-out", "fastxent", "reference", "torch", "jax")
 def test_cross_entropy_with_grad(bench):
     x, y, threads = bench.logits, bench.labels, bench.threads
     if bench.contender == "fastxent-out":
@@ -81,6 +112,9 @@ def test_cross_entropy_with_grad(bench):
             loss = F.cross_entropy(xt, yt)
             loss.backward()
             return loss.detach(), xt.grad
+
+    elif bench.contender == "jax":
+        fn = bench.jax_fn(_jax_jitted()[1], *bench.jax_arrays())
 
     else:
         raise AssertionError(bench.contender)

@@ -1,0 +1,227 @@
+#!/usr/bin/env python
+"""fastxent against the roofline: the table for the README.
+
+    python benchmarks/roofline.py --json probe.json          # seconds
+    python -m pytest benchmarks/ --benchmark-only --benchmark-json=out.json
+    python benchmarks/report.py out.json --roofline probe.json
+    python benchmarks/report.py out.json -k "2thread"       # groups containing this text
+
+For every group (function, shape, dtype, threads) of a pytest-benchmark JSON
+of this suite, one row:
+
+- ``fastxent``: its median; ``out=``: the median of ``fastxent-out`` (the
+  result written into one reused buffer), where the function has one;
+- ``/bound``: median / bound, the lower bound of ``roofline.bounds`` for the
+  function's kind (1.00 = at the roofline; 2.00 = twice the bound);
+- ``bound``: max(memory, exp), the time at the roofline (loads and exp
+  overlapping perfectly); ``serial``: memory + exp (no overlap at all);
+  ``limit``: which of memory and exp sets the bound;
+- ``fastest other``: the fastest of torch, JAX and the NumPy reference in
+  that group, and its median / fastxent's (> 1: fastxent faster).
+
+A ``*`` after a ratio marks an input (plus output) that fits in the
+last-level cache: repeated calls then read it from cache, not from main
+memory, so it can beat the main-memory bound. A summary gives, per function
+and thread count, the geometric mean of fastxent / bound over the other
+(main-memory) groups.
+
+The bounds come from ``--roofline PATH`` (a probe's JSON) or else the cached
+probe of this machine (probing if there is none). The probe and the benchmark
+must come from the same machine; the report warns when the host name or
+CPU differ.
+Output is a Markdown table (``--format text`` for plain columns).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import roofline  # noqa: E402
+from compare import contender_of, format_seconds, group_sort_key, load  # noqa: E402
+
+OTHERS = ("torch", "jax", "reference")
+DTYPE_BYTES = {"float32": 4, "float64": 8}
+
+
+def _fmt_ratio(r, cached=False):
+    if r is None or not math.isfinite(r):
+        return "-"
+    return f"{r:.2f}" + ("*" if cached else "")
+
+
+def rows_of(report: dict, probe: dict, *, filter_text: str = "", others=OTHERS, stores: str = "regular"):
+    """One dict per group: the cells of the table, plus raw numbers."""
+    llc = (probe.get("machine") or {}).get("llc_bytes")
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for bench in report.get("benchmarks", []):
+        group = bench.get("group") or bench.get("name")
+        if filter_text in group:
+            groups[group].append(bench)
+    rows = []
+    for group, benches in sorted(groups.items(), key=lambda kv: group_sort_key(*kv)):
+        medians = {contender_of(b): b["stats"]["median"] for b in benches}
+        info = benches[0].get("extra_info") or {}
+        function = info.get("function", group.split()[0])
+        shape = info.get("shape") or []
+        dtype = info.get("dtype")
+        threads = info.get("threads")
+        kind = roofline.FUNCTION_KIND.get(function)
+        bound = None
+        if kind and len(shape) == 2 and dtype in DTYPE_BYTES and threads:
+            try:
+                bound = roofline.bounds(shape[0], shape[1], DTYPE_BYTES[dtype], threads, kind,
+                                        probe=probe, stores=stores)
+            except ValueError as exc:
+                print(f"report: {group}: {exc}", file=sys.stderr)
+        moved = max((b.get("extra_info") or {}).get("bytes_moved", 0) for b in benches)
+        cached = bool(llc and moved and moved <= llc)
+        fx, out = medians.get("fastxent"), medians.get("fastxent-out")
+        present = [(medians[c], c) for c in others if c in medians]
+        fastest = min(present) if present else None
+        rows.append({
+            "group": group,
+            "function": function,
+            "shape": "x".join(map(str, shape)) if shape else "?",
+            "dtype": dtype,
+            "threads": threads,
+            "kind": kind,
+            "fastxent": fx,
+            "out": out,
+            "bound": bound,
+            "cached": cached,
+            "fx_ratio": fx / bound.seconds if fx and bound else None,
+            "out_ratio": out / bound.seconds if out and bound else None,
+            "fastest_other": fastest[1] if fastest else None,
+            "other_ratio": fastest[0] / fx if fastest and fx else None,
+        })
+    return rows
+
+
+COLUMNS = ("function", "N x C", "dtype", "T", "fastxent", "/bound", "out=", "/bound",
+           "bound", "serial", "limit", "fastest other", "other/fastxent")
+RIGHT = {"fastxent", "/bound", "out=", "bound", "serial", "other/fastxent", "T"}
+
+
+def cells_of(row: dict) -> list[str]:
+    b = row["bound"]
+    return [
+        row["function"],
+        row["shape"],
+        row["dtype"] or "-",
+        str(row["threads"]),
+        format_seconds(row["fastxent"]) if row["fastxent"] else "-",
+        _fmt_ratio(row["fx_ratio"], row["cached"]),
+        format_seconds(row["out"]) if row["out"] else "-",
+        _fmt_ratio(row["out_ratio"], row["cached"]),
+        format_seconds(b.seconds) if b else "-",
+        format_seconds(b.serial) if b else "-",
+        b.limiter if b else "-",
+        row["fastest_other"] or "-",
+        _fmt_ratio(row["other_ratio"]),
+    ]
+
+
+def render(rows: list[dict], fmt: str = "markdown") -> str:
+    table = [list(COLUMNS)] + [cells_of(r) for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+
+    def line(cells):
+        padded = [c.rjust(w) if COLUMNS[i] in RIGHT else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        return "| " + " | ".join(padded) + " |" if fmt == "markdown" else "  ".join(padded).rstrip()
+
+    out = [line(table[0])]
+    if fmt == "markdown":
+        out.append("|" + "|".join(("-" * (w + 1) + ":") if COLUMNS[i] in RIGHT else ("-" * (w + 2))
+                                  for i, w in enumerate(widths)) + "|")
+    else:
+        out.append("  ".join("-" * w for w in widths))
+    out.extend(line(cells) for cells in table[1:])
+    return "\n".join(out)
+
+
+def summary(rows: list[dict]) -> str:
+    per: dict[tuple, list[float]] = defaultdict(list)
+    per_out: dict[tuple, list[float]] = defaultdict(list)
+    for r in rows:
+        if r["cached"]:
+            continue
+        key = (r["function"], r["threads"])
+        if r["fx_ratio"]:
+            per[key].append(r["fx_ratio"])
+        if r["out_ratio"]:
+            per_out[key].append(r["out_ratio"])
+    if not per:
+        return ""
+
+    def gm(values):
+        return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+    lines = ["Geometric mean of median / bound over the main-memory groups (1.00 = at the roofline):", ""]
+    lines.append(f"  {'function':<26}{'threads':>8}{'fastxent':>14}{'out=':>14}")
+    for key in sorted(per, key=lambda k: (k[0], k[1] or 0)):
+        a, b = per[key], per_out.get(key, [])
+        lines.append(f"  {key[0]:<26}{key[1]!s:>8}{f'{gm(a):.2f} ({len(a)})':>14}"
+                     f"{(f'{gm(b):.2f} ({len(b)})' if b else '-'):>14}")
+    return "\n".join(lines)
+
+
+def describe_probe(probe: dict) -> str:
+    parts = []
+    for t, per in sorted(probe["threads"].items(), key=lambda kv: int(kv[0])):
+        parts.append(
+            f"{t} thread{'s' if t != '1' else ''}: read {per['read']['gbps']:.1f} GB/s, "
+            f"read+write {per['rw']['gbps']:.1f} GB/s, write {per['write']['gbps']:.1f} GB/s, "
+            f"exp f32 {per['exp_f32']['ns_per_element']:.3f} ns/element, "
+            f"exp f64 {per['exp_f64']['ns_per_element']:.3f} ns/element"
+        )
+    m = probe.get("machine") or {}
+    return f"roofline probe ({m.get('cpu')}, {probe.get('created')}): " + "; ".join(parts)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("json", help="pytest-benchmark JSON of this suite (--benchmark-json=PATH)")
+    parser.add_argument("--roofline", metavar="PATH",
+                        help="the probe's JSON (roofline.py --json PATH); default: this machine's cached probe")
+    parser.add_argument("-k", dest="filter", default="", help="only groups whose name contains this text")
+    parser.add_argument("--format", choices=("markdown", "text"), default="markdown")
+    parser.add_argument("--stores", choices=("regular", "streaming"), default="regular",
+                        help="bound of the writing kinds with ordinary (default) or streaming stores")
+    parser.add_argument("--others", default=",".join(OTHERS),
+                        help="contenders to find the fastest other among (default %(default)s)")
+    args = parser.parse_args(argv)
+
+    report = load(args.json)
+    probe = roofline.load(args.roofline)
+    machine = report.get("machine_info") or {}
+    mismatch = roofline.machine_mismatch(probe, machine)
+    if mismatch:
+        print(f"report: warning: {mismatch}", file=sys.stderr)
+    rows = rows_of(report, probe, filter_text=args.filter, stores=args.stores,
+                   others=tuple(c.strip() for c in args.others.split(",") if c.strip()))
+    if not rows:
+        print("no benchmarks" + (f" matching {args.filter!r}" if args.filter else ""), file=sys.stderr)
+        return 1
+
+    fx = machine.get("fastxent") or {}
+    print(f"fastxent {fx.get('version')} isa={fx.get('isa')} | torch {machine.get('torch')} | "
+          f"jax {machine.get('jax')} | numpy {machine.get('numpy')}")
+    print(describe_probe(probe))
+    print(f"bounds: forward = max(read, exp); fused_out and write_op = max(read+write, exp) with "
+          f"{args.stores} stores; one exp per element. * = fits in the last-level cache.\n")
+    print(render(rows, args.format))
+    text = summary(rows)
+    if text:
+        print("\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
