@@ -107,6 +107,7 @@ ext = Extension(
         os.path.join(CSRC, "dispatch.c"),
         os.path.join(CSRC, "parallel.c"),
         os.path.join(CSRC, "selftest.c"),
+        os.path.join(CSRC, "reduce.c"),
         os.path.join(CSRC, "kernels_baseline.c"),
     ],
     include_dirs=[CSRC, np.get_include()],

@@ -93,6 +93,13 @@ int fx_max_threads(void);             /* omp_get_max_threads(), 1 without OpenMP
 void fx_set_omp_threads(int n);
 void fx_run(int op, int dtype, const fx_job *job, int num_threads);
 
+/* Batch reductions and label checks (reduce.c). */
+double fx_sum_f64(const double *v, int64_t n);
+/* Index of the first label outside [0, n_cols) that is not ignore_index, or
+   -1 with *counted = the number of labels that are not ignore_index. */
+int64_t fx_check_labels(const int64_t *labels, int64_t n, int64_t n_cols, int64_t ignore_index,
+                        int64_t *counted);
+
 /* The per-ISA tables (kernels_<isa>.c). */
 extern const fx_isa fx_isa_baseline;
 #if defined(FX_HAVE_AVX2)

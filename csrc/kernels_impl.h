@@ -206,6 +206,150 @@ static inline void SFX(row_zero)(T *out, int64_t n)
 }
 
 /* ------------------------------------------------------------------------
+ * Small rows (n <= SMALL_C): one row per lane. A row of 10 classes fills a
+ * vector badly and pays the per-row costs (horizontal sums, tails) for
+ * little work; instead VL rows are transposed into buf (column c of the
+ * group at buf + c*VL) and every step runs lanewise over rows, sums
+ * accumulating in double. Each lane's arithmetic is independent of the
+ * others, so a row's result does not depend on which rows share its group
+ * (and so not on the thread count).
+ * ---------------------------------------------------------------------- */
+#define SMALL_C 32
+
+/* Rows [0, nr) of x (nr <= VL, rows ld apart) into buf; other lanes 0. */
+static inline void SFX(small_load)(const T *x, int64_t ld, int64_t nr, int64_t n, T *buf)
+{
+    for (int64_t c = 0; c < n; c++)
+        for (int64_t j = 0; j < VL; j++) buf[c * VL + j] = j < nr ? x[j * ld + c] : 0;
+}
+
+static inline void SFX(small_store)(const T *buf, int64_t nr, int64_t n, T *out, int64_t ld)
+{
+    for (int64_t j = 0; j < nr; j++)
+        for (int64_t c = 0; c < n; c++) out[j * ld + c] = buf[c * VL + j];
+}
+
+/* Lanewise row max and sum of exp(x - max). */
+static inline V SFX(small_stats)(const T *buf, int64_t n, VW *s)
+{
+    V m = SPLAT(-INFINITY);
+    for (int64_t c = 0; c < n; c++) m = VMAX(m, LOAD(buf + c * VL));
+    VW acc = __builtin_convertvector(SPLAT(0), VW);
+    for (int64_t c = 0; c < n; c++) acc += __builtin_convertvector(EXPM(LOAD(buf + c * VL) - m), VW);
+    *s = acc;
+    return m;
+}
+
+/* log of the lanewise sums (>= 1 where the row is finite; other lanes are
+   screened by the caller). float32 rows: the sums are rounded to float
+   first, the log is then float32-accurate, enough for a float32 result. */
+static inline VW SFX(small_log)(VW s)
+{
+    V sf = __builtin_convertvector(s, V);
+    sf = SEL(SFX(fx_lt)(sf, SPLAT(1)), SPLAT(1), sf); /* padding and NaN lanes */
+    return __builtin_convertvector(SFX(fx_log_pos)(sf), VW);
+}
+
+static void SFX(ce_hard_small)(const fx_job *job, int64_t r0, int64_t r1)
+{
+    const int64_t n = job->n_cols;
+    const T *w = (const T *)job->w;
+    const double eps = job->smoothing, ec = eps / (double)n, W = job->w_sum;
+    T buf[SMALL_C * VL], k1[VL], k2[VL];
+    double gy[VL]; /* the true class's gradient, formed in double */
+    for (int64_t r = r0; r < r1; r += VL) {
+        const int64_t nr = r1 - r < VL ? r1 - r : VL;
+        const T *x = (const T *)job->x + r * job->x_ld;
+        T *out = job->out ? (T *)job->out + r * job->out_ld : NULL;
+        SFX(small_load)(x, job->x_ld, nr, n, buf);
+        VW sv;
+        const V m = SFX(small_stats)(buf, n, &sv);
+        VW dv = __builtin_convertvector(SPLAT(0), VW);
+        if (eps > 0) {
+            for (int64_t c = 0; c < n; c++) {
+                const T wc = w ? w[c] : 1;
+                if (wc != 0) dv += __builtin_convertvector(SPLAT(wc) * (LOAD(buf + c * VL) - m), VW);
+            }
+        }
+        const VW lv = SFX(small_log)(sv);
+        for (int64_t j = 0; j < VL; j++) {
+            k1[j] = 0;
+            k2[j] = 0;
+            if (j >= nr) continue;
+            const int64_t y = job->labels[r + j];
+            if (y == job->ignore_index) {
+                job->row_out[r + j] = 0.0;
+                continue;
+            }
+            const double mj = (double)m[j], s = isfinite(m[j]) ? (double)sv[j] : NAN;
+            const double xy = (double)buf[y * VL + j], wy = w ? (double)w[y] : 1.0;
+            const double logs = isnan(s) ? s : (double)lv[j], c1 = (1.0 - eps) * wy;
+            double loss = (c1 == 0 && xy == -INFINITY && !isnan(s)) ? 0.0 : c1 * (logs - (xy - mj));
+            if (eps > 0) loss += ec * (W * logs - (double)dv[j]);
+            job->row_out[r + j] = loss;
+            if (out) {
+                const double gs = job->gscale[(r + j) * job->gscale_step];
+                const double A = (1.0 - eps) * wy + ec * W;
+                k1[j] = (T)(gs * A / s);
+                k2[j] = (T)(gs * ec);
+                gy[j] = gs * (exp(xy - mj) / s * A - c1 - ec * wy);
+            }
+        }
+        if (!out) continue;
+        const V vk1 = LOAD(k1), vk2 = LOAD(k2);
+        for (int64_t c = 0; c < n; c++) {
+            const V e = EXPM(LOAD(buf + c * VL) - m);
+            STORE(buf + c * VL, w ? e * vk1 - vk2 * SPLAT(w[c]) : e * vk1 - vk2);
+        }
+        for (int64_t j = 0; j < nr; j++) {
+            const int64_t y = job->labels[r + j];
+            T *orow = out + j * job->out_ld;
+            if (y == job->ignore_index) {
+                SFX(row_zero)(orow, n);
+                continue;
+            }
+            for (int64_t c = 0; c < n; c++) orow[c] = buf[c * VL + j];
+            orow[y] = (T)gy[j];
+        }
+    }
+}
+
+/* logsumexp, log-softmax and softmax of small rows. */
+static void SFX(blocks_small)(const fx_job *job, int op, int64_t r0, int64_t r1)
+{
+    const int64_t n = job->n_cols;
+    T buf[SMALL_C * VL], k[VL];
+    for (int64_t r = r0; r < r1; r += VL) {
+        const int64_t nr = r1 - r < VL ? r1 - r : VL;
+        SFX(small_load)((const T *)job->x + r * job->x_ld, job->x_ld, nr, n, buf);
+        VW sv;
+        const V m = SFX(small_stats)(buf, n, &sv);
+        const VW lv = SFX(small_log)(sv);
+        for (int64_t j = 0; j < VL; j++) {
+            const double s = j < nr && isfinite(m[j]) ? (double)sv[j] : NAN;
+            const double logs = isnan(s) ? s : (double)lv[j];
+            if (op == FX_LOGSUMEXP && j < nr) {
+                double v = (double)m[j] + logs;
+                if (!isfinite(m[j])) { /* as the row kernel: inf, -inf or NaN */
+                    v = m[j];
+                    for (int64_t c = 0; c < n; c++)
+                        if (isnan(buf[c * VL + j])) v = NAN;
+                }
+                job->row_out[r + j] = v;
+            }
+            k[j] = op == FX_LOG_SOFTMAX ? (T)logs : (T)(1.0 / s);
+        }
+        if (op == FX_LOGSUMEXP) continue;
+        const V vk = LOAD(k);
+        for (int64_t c = 0; c < n; c++) {
+            const V z = LOAD(buf + c * VL) - m;
+            STORE(buf + c * VL, op == FX_LOG_SOFTMAX ? z - vk : EXPM(z) * vk);
+        }
+        SFX(small_store)(buf, nr, n, (T *)job->out + r * job->out_ld, job->out_ld);
+    }
+}
+
+/* ------------------------------------------------------------------------
  * Cross entropy from logits with integer labels.
  *   loss_r = (1-eps) w_y (-log p_y) + eps/C sum_c w_c (-log p_c)
  *          = (1-eps) w_y (log s - (x_y - m)) + eps/C (W log s - d)
@@ -215,6 +359,10 @@ static inline void SFX(row_zero)(T *out, int64_t n)
 static void KFN(ce_hard)(const fx_job *job, int64_t r0, int64_t r1)
 {
     const int64_t n = job->n_cols;
+    if (n <= SMALL_C) {
+        SFX(ce_hard_small)(job, r0, r1);
+        return;
+    }
     const T *w = (const T *)job->w;
     const double eps = job->smoothing, ec = eps / (double)n, W = job->w_sum;
     for (int64_t r = r0; r < r1; r++) {
@@ -354,6 +502,10 @@ static void KFN(ce_probs)(const fx_job *job, int64_t r0, int64_t r1)
  * ---------------------------------------------------------------------- */
 static void KFN(logsumexp)(const fx_job *job, int64_t r0, int64_t r1)
 {
+    if (job->n_cols <= SMALL_C) {
+        SFX(blocks_small)(job, FX_LOGSUMEXP, r0, r1);
+        return;
+    }
     for (int64_t r = r0; r < r1; r++) {
         const T *x = (const T *)job->x + r * job->x_ld;
         const T m = SFX(row_max)(x, job->n_cols);
@@ -374,6 +526,10 @@ static void KFN(logsumexp)(const fx_job *job, int64_t r0, int64_t r1)
 static void KFN(log_softmax)(const fx_job *job, int64_t r0, int64_t r1)
 {
     const int64_t n = job->n_cols;
+    if (n <= SMALL_C) {
+        SFX(blocks_small)(job, FX_LOG_SOFTMAX, r0, r1);
+        return;
+    }
     for (int64_t r = r0; r < r1; r++) {
         const T *x = (const T *)job->x + r * job->x_ld;
         T *out = (T *)job->out + r * job->out_ld;
@@ -389,6 +545,10 @@ static void KFN(log_softmax)(const fx_job *job, int64_t r0, int64_t r1)
 static void KFN(softmax)(const fx_job *job, int64_t r0, int64_t r1)
 {
     const int64_t n = job->n_cols;
+    if (n <= SMALL_C) {
+        SFX(blocks_small)(job, FX_SOFTMAX, r0, r1);
+        return;
+    }
     for (int64_t r = r0; r < r1; r++) {
         const T *x = (const T *)job->x + r * job->x_ld;
         T *out = (T *)job->out + r * job->out_ld;
@@ -682,3 +842,4 @@ static void KFN(expm_array)(const T *x, T *y, int64_t n)
 #undef HMAX
 #undef EXPM
 #undef CHUNK
+#undef SMALL_C

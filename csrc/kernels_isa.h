@@ -22,6 +22,7 @@
 #define T float
 #define V fx_vf32
 #define VI fx_vi32
+#define VW fx_vw32
 #define VL 16
 #define SFX(f) f##_f32
 #define KFN(f) FX_CAT3(f, f32, FX_ISA)
@@ -29,6 +30,7 @@
 #undef T
 #undef V
 #undef VI
+#undef VW
 #undef VL
 #undef SFX
 #undef KFN
@@ -36,6 +38,7 @@
 #define T double
 #define V fx_vf64
 #define VI fx_vi64
+#define VW fx_vf64
 #define VL 8
 #define SFX(f) f##_f64
 #define KFN(f) FX_CAT3(f, f64, FX_ISA)
@@ -43,6 +46,7 @@
 #undef T
 #undef V
 #undef VI
+#undef VW
 #undef VL
 #undef SFX
 #undef KFN

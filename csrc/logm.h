@@ -53,3 +53,57 @@ static inline fx_vf64 fx_log1p_unit_f64(fx_vf64 y)
 }
 
 #endif
+
+/*
+ * log(x) for positive, normal, finite x (the row sums of the small-row
+ * kernels, which are >= 1). x = 2^e m with m in [sqrt(2)/2, sqrt(2)), and
+ * log(m) = log1p(m - 1) by the series above. Callers screen NaN, zero and
+ * infinities themselves.
+ */
+static inline fx_vf32 fx_log_pos_f32(fx_vf32 x)
+{
+    const fx_vu32 bits = (fx_vu32)x;
+    fx_vf32 m = (fx_vf32)((bits & 0x007FFFFFu) | 0x3F800000u); /* [1, 2) */
+    fx_vi32 e = (fx_vi32)(bits >> 23) - 127;
+    const fx_vi32 big = fx_lt_f32(fx_splat_f32(1.41421356f), m);
+    m = fx_sel_f32(big, m * fx_splat_f32(0.5f), m);
+    e = e - big; /* big is -1 where true */
+    const fx_vf32 f = m - fx_splat_f32(1.0f);
+    const fx_vf32 s = f / (fx_splat_f32(2.0f) + f);
+    const fx_vf32 z = s * s;
+    fx_vf32 p = fx_splat_f32(1.0f / 9.0f);
+    p = p * z + fx_splat_f32(1.0f / 7.0f);
+    p = p * z + fx_splat_f32(1.0f / 5.0f);
+    p = p * z + fx_splat_f32(1.0f / 3.0f);
+    const fx_vf32 s2 = s + s;
+    const fx_vf32 ef = __builtin_convertvector(e, fx_vf32);
+    return ef * fx_splat_f32(0.693147180559945309f) + (s2 + (s2 * z) * p);
+}
+
+static inline fx_vf64 fx_log_pos_f64(fx_vf64 x)
+{
+    const fx_vu64 bits = (fx_vu64)x;
+    fx_vf64 m = (fx_vf64)((bits & 0x000FFFFFFFFFFFFFull) | 0x3FF0000000000000ull);
+    /* The biased exponent as a double without an int64 -> double convert
+       (which AVX2 lacks): 2^52 + k has k in its low mantissa bits. */
+    fx_vf64 e = (fx_vf64)((bits >> 52) | 0x4330000000000000ull) - fx_splat_f64(4503599627370496.0 + 1023.0);
+    const fx_vi64 big = fx_lt_f64(fx_splat_f64(1.4142135623730951), m);
+    m = fx_sel_f64(big, m * fx_splat_f64(0.5), m);
+    e = e + fx_sel_f64(big, fx_splat_f64(1.0), fx_splat_f64(0.0));
+    const fx_vf64 f = m - fx_splat_f64(1.0);
+    const fx_vf64 s = f / (fx_splat_f64(2.0) + f);
+    const fx_vf64 z = s * s;
+    fx_vf64 p = fx_splat_f64(1.0 / 19.0);
+    p = p * z + fx_splat_f64(1.0 / 17.0);
+    p = p * z + fx_splat_f64(1.0 / 15.0);
+    p = p * z + fx_splat_f64(1.0 / 13.0);
+    p = p * z + fx_splat_f64(1.0 / 11.0);
+    p = p * z + fx_splat_f64(1.0 / 9.0);
+    p = p * z + fx_splat_f64(1.0 / 7.0);
+    p = p * z + fx_splat_f64(1.0 / 5.0);
+    p = p * z + fx_splat_f64(1.0 / 3.0);
+    const fx_vf64 s2 = s + s;
+    /* ln 2 split so that e * ln2_hi is exact. */
+    return e * fx_splat_f64(6.93147180369123816490e-01) +
+           ((s2 + (s2 * z) * p) + e * fx_splat_f64(1.90821492927058770002e-10));
+}

@@ -26,6 +26,8 @@ typedef uint32_t fx_vu32 __attribute__((vector_size(FX_VBYTES)));
 typedef double fx_vf64 __attribute__((vector_size(FX_VBYTES)));
 typedef int64_t fx_vi64 __attribute__((vector_size(FX_VBYTES)));
 typedef uint64_t fx_vu64 __attribute__((vector_size(FX_VBYTES)));
+/* 16 doubles: float32 lanes widened for accumulation. */
+typedef double fx_vw32 __attribute__((vector_size(2 * FX_VBYTES)));
 
 /* The widest vector this build's ISA has. Floating comparisons of a wider
    generic vector are scalarised by GCC (it splits arithmetic, not compares),

@@ -20,6 +20,7 @@ dtype). Integer and bool inputs are computed in float64.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 
 import numpy as np
@@ -235,24 +236,28 @@ def _check_reduction(reduction, allowed=_REDUCTIONS):
     return reduction
 
 
+def _real(value, name, what="a real number"):
+    """A real scalar option as a float; TypeError for strings, complex,
+    sequences and anything else that is not a number."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {what}, got {value!r} of type {type(value).__name__}")
+    return float(value)
+
+
 def _log_base_scale(base):
     """1 / ln(base); 1 for base=None (nats)."""
     if base is None:
         return 1.0
-    try:
-        b = float(base)
-    except (TypeError, ValueError):
-        raise TypeError(f"base must be a positive number or None, got {base!r}") from None
+    b = _real(base, "base", "a positive number or None")
     if not (b > 0 and math.isfinite(b)) or b == 1:
         raise ValueError(f"base must be a positive finite number other than 1, got {base!r}")
     return 1.0 / math.log(b)
 
 
 def _check_smoothing(label_smoothing):
-    try:
-        eps = float(label_smoothing)
-    except (TypeError, ValueError):
-        raise TypeError(f"label_smoothing must be a number, got {label_smoothing!r}") from None
+    eps = _real(label_smoothing, "label_smoothing", "a number in [0, 1]")
     if not 0.0 <= eps <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
     return eps
@@ -306,10 +311,24 @@ def _check_ignore_index(ignore_index):
     return ii
 
 
+def _grad_output_array(grad_output):
+    """grad_output as float64; TypeError naming it for anything not real."""
+    if isinstance(grad_output, float):
+        return np.float64(grad_output)
+    try:
+        g = np.asarray(grad_output)
+    except Exception as exc:  # ragged sequences and the like
+        raise TypeError(f"grad_output must be a real number or array, got {grad_output!r}") from exc
+    if g.dtype.kind not in "biuf" and g.dtype not in _UPCAST_16:
+        raise TypeError(f"grad_output must be a real number or array, got dtype {g.dtype} "
+                        f"({'complex' if g.dtype.kind == 'c' else 'not numeric'})")
+    return g.astype(np.float64, copy=False)
+
+
 def _gscale(grad_output, reduction, inp, factor):
     """grad_output times the reduction's factor, as contiguous float64 (1 or N)."""
-    g = np.asarray(grad_output, dtype=np.float64) if not isinstance(grad_output, float) else None
-    if g is None or g.ndim == 0:
+    g = _grad_output_array(grad_output)
+    if g.ndim == 0:
         val = float(grad_output) * factor
         return np.array([val], dtype=np.float64)
     if reduction != "none":
@@ -384,7 +403,7 @@ def _cross_entropy(logits, labels, axis, weight, ignore_index, reduction, label_
             row_loss *= scale
         loss = inp.batch_result(row_loss)
     else:
-        total = row_loss.sum()
+        total = _core.sum_f64(row_loss)
         if reduction == "mean":
             # No counted label (or counted weights summing to 0): NaN.
             total = total / denom if denom != 0 else np.float64(np.nan)
@@ -408,6 +427,16 @@ def cross_entropy(logits, labels, *, axis=-1, weight=None, ignore_index=-100,
     or floating class probabilities (the logits' shape). Semantics follow
     ``torch.nn.functional.cross_entropy`` (pass ``axis=1`` for its layout).
     """
+    # The common call (2-D float logits, int64 labels, default options) skips
+    # the general checks; it gives the same bits as the general path.
+    if (type(reduction) is str and reduction == "mean" and weight is None
+            and type(axis) is int and axis == -1 and from_logits is True
+            and type(label_smoothing) in (int, float) and label_smoothing == 0
+            and base is None and num_threads is None
+            and type(ignore_index) is int and -2**63 <= ignore_index < 2**63):
+        res = _core.cross_entropy_fast(logits, labels, ignore_index, _thread_override or 0)
+        if res is not None:
+            return res
     return _cross_entropy(logits, labels, axis, weight, ignore_index, reduction,
                           label_smoothing, from_logits, base, num_threads, False, None, None)
 
@@ -488,10 +517,7 @@ _KL_REDUCTIONS = ("batchmean", "mean", "sum", "none")
 
 
 def _check_temperature(temperature):
-    try:
-        T = float(temperature)
-    except (TypeError, ValueError):
-        raise TypeError(f"temperature must be a number, got {temperature!r}") from None
+    T = _real(temperature, "temperature", "a positive number")
     if not (T > 0 and math.isfinite(T)):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
     return T
@@ -534,7 +560,7 @@ def _kl_div(logits, target, axis, target_kind, reduction, temperature, base, num
             row_loss *= scale
         loss = inp.batch_result(row_loss)
     else:
-        total = row_loss.sum()
+        total = _core.sum_f64(row_loss)
         if mean:
             total = total / inp.n if inp.n else np.float64(np.nan)
         loss = inp.dtype.type(total * scale)
@@ -589,6 +615,12 @@ class _Elementwise:
     def broadcast_rows(self, b, name):
         b = np.asarray(b)
         _compute_dtype(b.dtype, name)
+        b64 = b.astype(np.float64).reshape(-1)
+        bad = ~((b64 >= 0) & np.isfinite(b64))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"{name} must be finite and non-negative; {name} holds {b64[i]!r} "
+                             f"at flat index {i}")
         try:
             b = np.broadcast_to(b.astype(self.dtype, copy=False), self.shape)
         except ValueError:
@@ -623,7 +655,7 @@ def _binary_cross_entropy(logits, target, weight, pos_weight, reduction, from_lo
 
     grad_rows = rows_out = gscale = gout = None
     if want_grad:
-        g = np.asarray(grad_output, dtype=np.float64)
+        g = _grad_output_array(grad_output)
         if g.ndim == 0:
             gscale = np.array([float(g) * factor])
         elif reduction != "none":
@@ -663,7 +695,7 @@ def _binary_cross_entropy(logits, target, weight, pos_weight, reduction, from_lo
         loss = loss_rows.reshape(inp.shape)
         loss = loss[()] if loss.ndim == 0 else loss
     else:
-        total = row_loss.sum()
+        total = _core.sum_f64(row_loss)
         if reduction == "mean":
             total = total / size if size else np.float64(np.nan)
         loss = inp.dtype.type(total * scale)

@@ -7,7 +7,9 @@
 
 from libc.stdint cimport int64_t
 from libc.string cimport memset
+from libc.stdlib cimport malloc, free
 cimport numpy as cnp
+import numpy as np
 
 cnp.import_array()
 
@@ -54,6 +56,9 @@ cdef extern from "fastxent.h" nogil:
     void fx_expm_f32_array(const float *x, float *y, int64_t n)
     void fx_expm_f64_array(const double *x, double *y, int64_t n)
     double fx_expm_f32_max_ulp(float lo, float hi, float *worst_x)
+    double fx_sum_f64(const double *v, int64_t n)
+    int64_t fx_check_labels(const int64_t *labels, int64_t n, int64_t n_cols,
+                            int64_t ignore_index, int64_t *counted)
 
 CE_HARD = FX_CE_HARD
 CE_SOFT = FX_CE_SOFT
@@ -218,6 +223,81 @@ def run(int op, cnp.ndarray x, cnp.ndarray labels, cnp.ndarray target,
         raise ValueError("internal: num_threads must be >= 1")
     with nogil:
         fx_run(op, dt, &job, num_threads)
+
+
+def sum_f64(cnp.ndarray v):
+    """The fixed-order sum of a contiguous float64 vector (reduce.c)."""
+    if (cnp.PyArray_NDIM(v) != 1 or cnp.PyArray_TYPE(v) != cnp.NPY_FLOAT64
+            or not cnp.PyArray_IS_C_CONTIGUOUS(v)):
+        raise ValueError("internal: sum_f64 takes a contiguous float64 vector")
+    cdef double r
+    cdef int64_t n = v.shape[0]
+    with nogil:
+        r = fx_sum_f64(<const double *>cnp.PyArray_DATA(v), n)
+    return r
+
+
+_float32 = np.float32
+_float64 = np.float64
+_nan = float("nan")
+
+DEF _STACK_ROWS = 256
+
+
+def cross_entropy_fast(x, labels, int64_t ignore_index, int num_threads):
+    """Mean cross entropy for the common case, or None when the case is not
+    common: 2-D contiguous aligned native float32/float64 logits with C > 0,
+    at least one row, contiguous int64 labels all in range. Anything else
+    (and every error) goes through the general path in _api.py, which gives
+    the same bits: same kernel, same fixed-order sum."""
+    if type(x) is not np.ndarray or type(labels) is not np.ndarray:
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    cdef cnp.ndarray la = <cnp.ndarray>labels
+    if cnp.PyArray_NDIM(xa) != 2 or cnp.PyArray_NDIM(la) != 1:
+        return None
+    cdef int tnum = cnp.PyArray_TYPE(xa)
+    if tnum != cnp.NPY_FLOAT32 and tnum != cnp.NPY_FLOAT64:
+        return None
+    if (not cnp.PyArray_IS_C_CONTIGUOUS(xa) or not cnp.PyArray_ISALIGNED(xa)
+            or not cnp.PyArray_ISNOTSWAPPED(xa)):
+        return None
+    if (cnp.PyArray_TYPE(la) != cnp.NPY_INT64 or not cnp.PyArray_IS_C_CONTIGUOUS(la)
+            or not cnp.PyArray_ISALIGNED(la) or not cnp.PyArray_ISNOTSWAPPED(la)):
+        return None
+    cdef int64_t n = xa.shape[0], c = xa.shape[1], counted = 0
+    if n == 0 or c == 0 or la.shape[0] != n:
+        return None
+    cdef const int64_t *lab = <const int64_t *>cnp.PyArray_DATA(la)
+    if fx_check_labels(lab, n, c, ignore_index, &counted) >= 0:
+        return None
+    cdef double stack_rows[_STACK_ROWS]
+    cdef double *rows = stack_rows
+    if n > _STACK_ROWS:
+        rows = <double *>malloc(n * sizeof(double))
+        if rows == NULL:
+            raise MemoryError()
+    cdef fx_job job
+    memset(&job, 0, sizeof(job))
+    job.n_rows = n
+    job.n_cols = c
+    job.x = cnp.PyArray_DATA(xa)
+    job.x_ld = c
+    job.labels = lab
+    job.ignore_index = ignore_index
+    job.w_sum = <double>c
+    job.row_out = rows
+    job.temperature = 1.0
+    cdef int nt = num_threads if num_threads > 0 else fx_max_threads()
+    cdef int dt = FX_F32 if tnum == cnp.NPY_FLOAT32 else FX_F64
+    cdef double total
+    with nogil:
+        fx_run(FX_CE_HARD, dt, &job, nt if nt > 0 else 1)
+        total = fx_sum_f64(rows, n)
+    if rows != stack_rows:
+        free(rows)
+    total = total / counted if counted else _nan
+    return _float32(total) if dt == FX_F32 else _float64(total)
 
 
 def run_elementwise(int op, cnp.ndarray x, cnp.ndarray target, cnp.ndarray weight,
