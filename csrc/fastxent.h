@@ -37,7 +37,10 @@ enum fx_op {
     FX_NUM_OPS
 };
 
-enum fx_dtype { FX_F32 = 0, FX_F64 = 1, FX_NUM_DTYPES };
+/* Storage dtypes of the input rows x (and out). float16 and bfloat16 are
+   computed in float32 (weights, targets and per-row values in float32 /
+   float64 as for float32); only some ops have them (fx_has_kernel). */
+enum fx_dtype { FX_F32 = 0, FX_F64 = 1, FX_F16 = 2, FX_BF16 = 3, FX_NUM_DTYPES };
 
 typedef struct fx_job {
     int64_t n_rows, n_cols;
@@ -92,6 +95,7 @@ int fx_openmp_enabled(void);
 int fx_max_threads(void);             /* omp_get_max_threads(), 1 without OpenMP */
 void fx_set_omp_threads(int n);
 void fx_run(int op, int dtype, const fx_job *job, int num_threads);
+int fx_has_kernel(int op, int dtype);
 
 /* Batch reductions and label checks (reduce.c). */
 double fx_sum_f64(const double *v, int64_t n);

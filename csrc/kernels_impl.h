@@ -35,27 +35,27 @@
 
 #define CHUNK 1024
 
-static inline int64_t SFX(chunk_end)(int64_t c0, int64_t n)
+static inline int64_t NM(chunk_end)(int64_t c0, int64_t n)
 {
     return c0 + CHUNK < n ? c0 + CHUNK : n;
 }
 
 /* max_c x_c, skipping NaN; -inf for an empty or all-NaN row. */
-static inline T SFX(row_max)(const T *x, int64_t n)
+static inline T NM(row_max)(const XT *x, int64_t n)
 {
     V a0 = SPLAT(-INFINITY), a1 = a0;
     int64_t i = 0;
     for (; i + 2 * VL <= n; i += 2 * VL) {
-        a0 = VMAX(a0, LOAD(x + i));
-        a1 = VMAX(a1, LOAD(x + i + VL));
+        a0 = VMAX(a0, XLOAD(x + i));
+        a1 = VMAX(a1, XLOAD(x + i + VL));
     }
-    for (; i + VL <= n; i += VL) a0 = VMAX(a0, LOAD(x + i));
-    if (i < n) a1 = VMAX(a1, LOAD_TAIL(x + i, n - i, -INFINITY));
+    for (; i + VL <= n; i += VL) a0 = VMAX(a0, XLOAD(x + i));
+    if (i < n) a1 = VMAX(a1, XLOAD_TAIL(x + i, n - i, -INFINITY));
     return HMAX(VMAX(a0, a1));
 }
 
 /* Weights of lanes [i, i+k), k <= VL: all 1 when w is NULL; padding 0. */
-static inline V SFX(wload)(const T *w, int64_t i, int64_t k)
+static inline V NM(wload)(const T *w, int64_t i, int64_t k)
 {
     if (w) return k == VL ? LOAD(w + i) : LOAD_TAIL(w + i, k, 0);
     V v = SPLAT(0);
@@ -64,45 +64,45 @@ static inline V SFX(wload)(const T *w, int64_t i, int64_t k)
 }
 
 /* Lanes [i, i+k) of x minus m, padding lanes -inf (their exp is 0). */
-static inline V SFX(zload_exp)(const T *x, int64_t i, int64_t k, V vm)
+static inline V NM(zload_exp)(const XT *x, int64_t i, int64_t k, V vm)
 {
-    return (k == VL ? LOAD(x + i) : LOAD_TAIL(x + i, k, -INFINITY)) - vm;
+    return (k == VL ? XLOAD(x + i) : XLOAD_TAIL(x + i, k, -INFINITY)) - vm;
 }
 
 /* Lanes [i, i+k) of x minus m, padding lanes 0 (they add nothing). */
-static inline V SFX(zload_lin)(const T *x, int64_t i, int64_t k, V vm, T m)
+static inline V NM(zload_lin)(const XT *x, int64_t i, int64_t k, V vm, T m)
 {
-    return (k == VL ? LOAD(x + i) : LOAD_TAIL(x + i, k, m)) - vm;
+    return (k == VL ? XLOAD(x + i) : XLOAD_TAIL(x + i, k, m)) - vm;
 }
 
 /* Row statistics for a finite m:
      return  s = sum_c exp(x_c - m)
      *d      = sum_c w_c (x_c - m)          when d is not NULL (smoothing) */
-static inline double SFX(row_sumexp)(const T *x, const T *w, int64_t n, T m, double *d)
+static inline double NM(row_sumexp)(const XT *x, const T *w, int64_t n, T m, double *d)
 {
     const V vm = SPLAT(m), zero = SPLAT(0);
     double s = 0.0, dd = 0.0;
     for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
-        const int64_t c1 = SFX(chunk_end)(c0, n);
+        const int64_t c1 = NM(chunk_end)(c0, n);
         V a0 = zero, a1 = zero;
         int64_t i = c0;
         if (!d) {
             for (; i + 2 * VL <= c1; i += 2 * VL) {
-                a0 += EXPM(LOAD(x + i) - vm);
-                a1 += EXPM(LOAD(x + i + VL) - vm);
+                a0 += EXPM(XLOAD(x + i) - vm);
+                a1 += EXPM(XLOAD(x + i + VL) - vm);
             }
             for (; i < c1; i += VL) {
                 const int64_t k = c1 - i < VL ? c1 - i : VL;
-                a0 += EXPM(SFX(zload_exp)(x, i, k, vm));
+                a0 += EXPM(NM(zload_exp)(x, i, k, vm));
             }
         } else {
             V b0 = zero;
             for (; i < c1; i += VL) {
                 const int64_t k = c1 - i < VL ? c1 - i : VL;
-                a0 += EXPM(SFX(zload_exp)(x, i, k, vm));
+                a0 += EXPM(NM(zload_exp)(x, i, k, vm));
                 /* A class of weight 0 adds nothing, even at x_c = -inf. */
-                const V wv = SFX(wload)(w, i, k);
-                b0 += SEL(SFX(fx_eq)(wv, zero), zero, wv * SFX(zload_lin)(x, i, k, vm, m));
+                const V wv = NM(wload)(w, i, k);
+                b0 += SEL(SFX(fx_eq)(wv, zero), zero, wv * NM(zload_lin)(x, i, k, vm, m));
             }
             dd += HSUM(b0);
         }
@@ -119,21 +119,21 @@ static inline double SFX(row_sumexp)(const T *x, const T *w, int64_t n, T m, dou
                                      0 that the target never names costs 0)
      *b = sum_c w_c t_c
      *d = sum_c w_c (x_c - m)       (only needed with label smoothing) */
-static inline double SFX(row_soft)(const T *x, const T *t, const T *w, int64_t n, T m,
+static inline double NM(row_soft)(const XT *x, const T *t, const T *w, int64_t n, T m,
                                    double *a, double *b, double *d)
 {
     const V vm = SPLAT(m), zero = SPLAT(0);
     double s = 0.0, aa = 0.0, bb = 0.0, dd = 0.0;
     for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
-        const int64_t c1 = SFX(chunk_end)(c0, n);
+        const int64_t c1 = NM(chunk_end)(c0, n);
         V vs = zero, va = zero, vb = zero, vd = zero;
         for (int64_t i = c0; i < c1; i += VL) {
             const int64_t k = c1 - i < VL ? c1 - i : VL;
-            const V z = SFX(zload_lin)(x, i, k, vm, m);
+            const V z = NM(zload_lin)(x, i, k, vm, m);
             const V tv = k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, 0);
-            const V wv = SFX(wload)(w, i, k);
+            const V wv = NM(wload)(w, i, k);
             const V wt = wv * tv;
-            vs += EXPM(SFX(zload_exp)(x, i, k, vm));
+            vs += EXPM(NM(zload_exp)(x, i, k, vm));
             va += SEL(SFX(fx_eq)(wt, zero), zero, wt * z);
             vb += wt;
             vd += SEL(SFX(fx_eq)(wv, zero), zero, wv * z);
@@ -152,16 +152,16 @@ static inline double SFX(row_soft)(const T *x, const T *t, const T *w, int64_t n
 /* Entropy statistics for a finite m:
      return  s = sum_c exp(x_c - m),  *q = sum_c exp(x_c - m) (x_c - m)
    with 0 * log 0 = 0: a class of probability 0 adds nothing. */
-static inline double SFX(row_entropy)(const T *x, int64_t n, T m, double *q)
+static inline double NM(row_entropy)(const XT *x, int64_t n, T m, double *q)
 {
     const V vm = SPLAT(m), zero = SPLAT(0);
     double s = 0.0, qq = 0.0;
     for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
-        const int64_t c1 = SFX(chunk_end)(c0, n);
+        const int64_t c1 = NM(chunk_end)(c0, n);
         V vs = zero, vq = zero;
         for (int64_t i = c0; i < c1; i += VL) {
             const int64_t k = c1 - i < VL ? c1 - i : VL;
-            const V z = SFX(zload_exp)(x, i, k, vm);
+            const V z = NM(zload_exp)(x, i, k, vm);
             const V e = EXPM(z);
             vs += e;
             vq += SEL(SFX(fx_eq)(e, zero), zero, e * z);
@@ -177,32 +177,32 @@ static inline double SFX(row_entropy)(const T *x, int64_t n, T m, double *q)
    -inf or NaN, has no softmax (inf - inf): s = NaN makes its log-softmax,
    softmax, losses, gradients and entropy NaN, as in torch. logsumexp
    handles that case itself. */
-static inline double SFX(row_stats)(const T *x, int64_t n, T *m)
+static inline double NM(row_stats)(const XT *x, int64_t n, T *m)
 {
-    *m = SFX(row_max)(x, n);
-    if (isfinite(*m)) return SFX(row_sumexp)(x, NULL, n, *m, NULL);
+    *m = NM(row_max)(x, n);
+    if (isfinite(*m)) return NM(row_sumexp)(x, NULL, n, *m, NULL);
     return NAN;
 }
 
 /* out_c = exp(x_c - m) * k1 - k2 * w_c (w NULL: - k2). out may equal x:
    each element is read before it is written. */
-static inline void SFX(row_write_grad)(const T *x, T *out, const T *w, int64_t n, T m, T k1, T k2)
+static inline void NM(row_write_grad)(const XT *x, XT *out, const T *w, int64_t n, T m, T k1, T k2)
 {
     const V vm = SPLAT(m), v1 = SPLAT(k1), v2 = SPLAT(k2);
     int64_t i = 0;
     for (; i + VL <= n; i += VL) {
-        const V e = EXPM(LOAD(x + i) - vm);
-        STORE(out + i, w ? e * v1 - v2 * LOAD(w + i) : e * v1 - v2);
+        const V e = EXPM(XLOAD(x + i) - vm);
+        XSTORE(out + i, w ? e * v1 - v2 * LOAD(w + i) : e * v1 - v2);
     }
     if (i < n) {
-        const V e = EXPM(LOAD_TAIL(x + i, n - i, -INFINITY) - vm);
-        STORE_TAIL(out + i, w ? e * v1 - v2 * LOAD_TAIL(w + i, n - i, 0) : e * v1 - v2, n - i);
+        const V e = EXPM(XLOAD_TAIL(x + i, n - i, -INFINITY) - vm);
+        XSTORE_TAIL(out + i, w ? e * v1 - v2 * LOAD_TAIL(w + i, n - i, 0) : e * v1 - v2, n - i);
     }
 }
 
-static inline void SFX(row_zero)(T *out, int64_t n)
+static inline void NM(row_zero)(XT *out, int64_t n)
 {
-    memset(out, 0, (size_t)n * sizeof(T));
+    memset(out, 0, (size_t)n * sizeof(XT)); /* +0 in every storage type */
 }
 
 /* ------------------------------------------------------------------------
@@ -217,20 +217,20 @@ static inline void SFX(row_zero)(T *out, int64_t n)
 #define SMALL_C 32
 
 /* Rows [0, nr) of x (nr <= VL, rows ld apart) into buf; other lanes 0. */
-static inline void SFX(small_load)(const T *x, int64_t ld, int64_t nr, int64_t n, T *buf)
+static inline void NM(small_load)(const XT *x, int64_t ld, int64_t nr, int64_t n, T *buf)
 {
     for (int64_t c = 0; c < n; c++)
-        for (int64_t j = 0; j < VL; j++) buf[c * VL + j] = j < nr ? x[j * ld + c] : 0;
+        for (int64_t j = 0; j < VL; j++) buf[c * VL + j] = j < nr ? XGET(x, j * ld + c) : 0;
 }
 
-static inline void SFX(small_store)(const T *buf, int64_t nr, int64_t n, T *out, int64_t ld)
+static inline void NM(small_store)(const T *buf, int64_t nr, int64_t n, XT *out, int64_t ld)
 {
     for (int64_t j = 0; j < nr; j++)
-        for (int64_t c = 0; c < n; c++) out[j * ld + c] = buf[c * VL + j];
+        for (int64_t c = 0; c < n; c++) XSET(out, j * ld + c, buf[c * VL + j]);
 }
 
 /* Lanewise row max and sum of exp(x - max). */
-static inline V SFX(small_stats)(const T *buf, int64_t n, VW *s)
+static inline V NM(small_stats)(const T *buf, int64_t n, VW *s)
 {
     V m = SPLAT(-INFINITY);
     for (int64_t c = 0; c < n; c++) m = VMAX(m, LOAD(buf + c * VL));
@@ -243,14 +243,14 @@ static inline V SFX(small_stats)(const T *buf, int64_t n, VW *s)
 /* log of the lanewise sums (>= 1 where the row is finite; other lanes are
    screened by the caller). float32 rows: the sums are rounded to float
    first, the log is then float32-accurate, enough for a float32 result. */
-static inline VW SFX(small_log)(VW s)
+static inline VW NM(small_log)(VW s)
 {
     V sf = __builtin_convertvector(s, V);
     sf = SEL(SFX(fx_lt)(sf, SPLAT(1)), SPLAT(1), sf); /* padding and NaN lanes */
     return __builtin_convertvector(SFX(fx_log_pos)(sf), VW);
 }
 
-static void SFX(ce_hard_small)(const fx_job *job, int64_t r0, int64_t r1)
+static void NM(ce_hard_small)(const fx_job *job, int64_t r0, int64_t r1)
 {
     const int64_t n = job->n_cols;
     const T *w = (const T *)job->w;
@@ -259,11 +259,11 @@ static void SFX(ce_hard_small)(const fx_job *job, int64_t r0, int64_t r1)
     double gy[VL]; /* the true class's gradient, formed in double */
     for (int64_t r = r0; r < r1; r += VL) {
         const int64_t nr = r1 - r < VL ? r1 - r : VL;
-        const T *x = (const T *)job->x + r * job->x_ld;
-        T *out = job->out ? (T *)job->out + r * job->out_ld : NULL;
-        SFX(small_load)(x, job->x_ld, nr, n, buf);
+        const XT *x = (const XT *)job->x + r * job->x_ld;
+        XT *out = job->out ? (XT *)job->out + r * job->out_ld : NULL;
+        NM(small_load)(x, job->x_ld, nr, n, buf);
         VW sv;
-        const V m = SFX(small_stats)(buf, n, &sv);
+        const V m = NM(small_stats)(buf, n, &sv);
         VW dv = __builtin_convertvector(SPLAT(0), VW);
         if (eps > 0) {
             for (int64_t c = 0; c < n; c++) {
@@ -271,7 +271,7 @@ static void SFX(ce_hard_small)(const fx_job *job, int64_t r0, int64_t r1)
                 if (wc != 0) dv += __builtin_convertvector(SPLAT(wc) * (LOAD(buf + c * VL) - m), VW);
             }
         }
-        const VW lv = SFX(small_log)(sv);
+        const VW lv = NM(small_log)(sv);
         for (int64_t j = 0; j < VL; j++) {
             k1[j] = 0;
             k2[j] = 0;
@@ -303,28 +303,28 @@ static void SFX(ce_hard_small)(const fx_job *job, int64_t r0, int64_t r1)
         }
         for (int64_t j = 0; j < nr; j++) {
             const int64_t y = job->labels[r + j];
-            T *orow = out + j * job->out_ld;
+            XT *orow = out + j * job->out_ld;
             if (y == job->ignore_index) {
-                SFX(row_zero)(orow, n);
+                NM(row_zero)(orow, n);
                 continue;
             }
-            for (int64_t c = 0; c < n; c++) orow[c] = buf[c * VL + j];
-            orow[y] = (T)gy[j];
+            for (int64_t c = 0; c < n; c++) XSET(orow, c, buf[c * VL + j]);
+            XSET(orow, y, (T)gy[j]);
         }
     }
 }
 
 /* logsumexp, log-softmax and softmax of small rows. */
-static void SFX(blocks_small)(const fx_job *job, int op, int64_t r0, int64_t r1)
+static void NM(blocks_small)(const fx_job *job, int op, int64_t r0, int64_t r1)
 {
     const int64_t n = job->n_cols;
     T buf[SMALL_C * VL], k[VL];
     for (int64_t r = r0; r < r1; r += VL) {
         const int64_t nr = r1 - r < VL ? r1 - r : VL;
-        SFX(small_load)((const T *)job->x + r * job->x_ld, job->x_ld, nr, n, buf);
+        NM(small_load)((const XT *)job->x + r * job->x_ld, job->x_ld, nr, n, buf);
         VW sv;
-        const V m = SFX(small_stats)(buf, n, &sv);
-        const VW lv = SFX(small_log)(sv);
+        const V m = NM(small_stats)(buf, n, &sv);
+        const VW lv = NM(small_log)(sv);
         for (int64_t j = 0; j < VL; j++) {
             const double s = j < nr && isfinite(m[j]) ? (double)sv[j] : NAN;
             const double logs = isnan(s) ? s : (double)lv[j];
@@ -345,7 +345,7 @@ static void SFX(blocks_small)(const fx_job *job, int op, int64_t r0, int64_t r1)
             const V z = LOAD(buf + c * VL) - m;
             STORE(buf + c * VL, op == FX_LOG_SOFTMAX ? z - vk : EXPM(z) * vk);
         }
-        SFX(small_store)(buf, nr, n, (T *)job->out + r * job->out_ld, job->out_ld);
+        NM(small_store)(buf, nr, n, (XT *)job->out + r * job->out_ld, job->out_ld);
     }
 }
 
@@ -360,25 +360,25 @@ static void KFN(ce_hard)(const fx_job *job, int64_t r0, int64_t r1)
 {
     const int64_t n = job->n_cols;
     if (n <= SMALL_C) {
-        SFX(ce_hard_small)(job, r0, r1);
+        NM(ce_hard_small)(job, r0, r1);
         return;
     }
     const T *w = (const T *)job->w;
     const double eps = job->smoothing, ec = eps / (double)n, W = job->w_sum;
     for (int64_t r = r0; r < r1; r++) {
-        const T *x = (const T *)job->x + r * job->x_ld;
-        T *out = job->out ? (T *)job->out + r * job->out_ld : NULL;
+        const XT *x = (const XT *)job->x + r * job->x_ld;
+        XT *out = job->out ? (XT *)job->out + r * job->out_ld : NULL;
         const int64_t y = job->labels[r];
         if (y == job->ignore_index) {
             job->row_out[r] = 0.0;
-            if (out) SFX(row_zero)(out, n);
+            if (out) NM(row_zero)(out, n);
             continue;
         }
-        const double xy = (double)x[y];
+        const double xy = (double)XGET(x, y);
         const double wy = w ? (double)w[y] : 1.0;
-        T m = SFX(row_max)(x, n);
+        T m = NM(row_max)(x, n);
         double s, d = 0.0;
-        if (isfinite(m)) s = SFX(row_sumexp)(x, w, n, m, eps > 0 ? &d : NULL);
+        if (isfinite(m)) s = NM(row_sumexp)(x, w, n, m, eps > 0 ? &d : NULL);
         else s = NAN;
         const double logs = log(s);
         /* A true class of coefficient 0 (eps == 1, or weight 0) costs 0
@@ -390,14 +390,15 @@ static void KFN(ce_hard)(const fx_job *job, int64_t r0, int64_t r1)
         if (out) {
             const double gs = job->gscale[r * job->gscale_step];
             const double A = (1.0 - eps) * wy + ec * W;
-            SFX(row_write_grad)(x, out, w, n, m, (T)(gs * A / s), (T)(gs * ec));
+            NM(row_write_grad)(x, out, w, n, m, (T)(gs * A / s), (T)(gs * ec));
             /* p_y - 1 formed in double from the saved x_y (out may be x). */
             const double py = exp(xy - (double)m) / s;
-            out[y] = (T)(gs * (py * A - (1.0 - eps) * wy - ec * wy));
+            XSET(out, y, (T)(gs * (py * A - (1.0 - eps) * wy - ec * wy)));
         }
     }
 }
 
+#if !X16
 /* ------------------------------------------------------------------------
  * Cross entropy from logits with probability targets t (used as given),
  * smoothed to t' = (1-eps) t + eps/C:
@@ -411,12 +412,12 @@ static void KFN(ce_soft)(const fx_job *job, int64_t r0, int64_t r1)
     const T *w = (const T *)job->w;
     const double eps = job->smoothing, ec = eps / (double)n, W = job->w_sum;
     for (int64_t r = r0; r < r1; r++) {
-        const T *x = (const T *)job->x + r * job->x_ld;
+        const XT *x = (const XT *)job->x + r * job->x_ld;
         const T *t = (const T *)job->t + r * job->t_ld;
-        T *out = job->out ? (T *)job->out + r * job->out_ld : NULL;
-        T m = SFX(row_max)(x, n);
+        XT *out = job->out ? (XT *)job->out + r * job->out_ld : NULL;
+        T m = NM(row_max)(x, n);
         double s, a = 0.0, b = 0.0, d = 0.0;
-        if (isfinite(m)) s = SFX(row_soft)(x, t, w, n, m, &a, &b, &d);
+        if (isfinite(m)) s = NM(row_soft)(x, t, w, n, m, &a, &b, &d);
         else s = NAN;
         const double Bp = (1.0 - eps) * b + ec * W;
         double Ap = eps < 1 ? (1.0 - eps) * a : 0.0;
@@ -428,11 +429,11 @@ static void KFN(ce_soft)(const fx_job *job, int64_t r0, int64_t r1)
             const V k2 = SPLAT((T)(gs * (1.0 - eps))), k3 = SPLAT((T)(gs * ec));
             for (int64_t i = 0; i < n; i += VL) {
                 const int64_t k = n - i < VL ? n - i : VL;
-                const V e = EXPM(SFX(zload_exp)(x, i, k, vm));
+                const V e = EXPM(NM(zload_exp)(x, i, k, vm));
                 const V tv = k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, 0);
-                const V g = e * k1 - SFX(wload)(w, i, k) * (tv * k2 + k3);
-                if (k == VL) STORE(out + i, g);
-                else STORE_TAIL(out + i, g, k);
+                const V g = e * k1 - NM(wload)(w, i, k) * (tv * k2 + k3);
+                if (k == VL) XSTORE(out + i, g);
+                else XSTORE_TAIL(out + i, g, k);
             }
         }
     }
@@ -453,13 +454,13 @@ static void KFN(ce_probs)(const fx_job *job, int64_t r0, int64_t r1)
     const double eps = job->smoothing, ec = eps / (double)n;
     const int hard = job->labels != NULL;
     for (int64_t r = r0; r < r1; r++) {
-        const T *p = (const T *)job->x + r * job->x_ld;
+        const T *p = (const XT *)job->x + r * job->x_ld;
         const T *t = hard ? NULL : (const T *)job->t + r * job->t_ld;
-        T *out = job->out ? (T *)job->out + r * job->out_ld : NULL;
+        XT *out = job->out ? (XT *)job->out + r * job->out_ld : NULL;
         const int64_t y = hard ? job->labels[r] : -1;
         if (hard && y == job->ignore_index) {
             job->row_out[r] = 0.0;
-            if (out) SFX(row_zero)(out, n);
+            if (out) NM(row_zero)(out, n);
             continue;
         }
         double loss = 0.0;
@@ -497,26 +498,28 @@ static void KFN(ce_probs)(const fx_job *job, int64_t r0, int64_t r1)
     }
 }
 
+#endif /* !X16 */
+
 /* ------------------------------------------------------------------------
  * Building blocks.
  * ---------------------------------------------------------------------- */
 static void KFN(logsumexp)(const fx_job *job, int64_t r0, int64_t r1)
 {
     if (job->n_cols <= SMALL_C) {
-        SFX(blocks_small)(job, FX_LOGSUMEXP, r0, r1);
+        NM(blocks_small)(job, FX_LOGSUMEXP, r0, r1);
         return;
     }
     for (int64_t r = r0; r < r1; r++) {
-        const T *x = (const T *)job->x + r * job->x_ld;
-        const T m = SFX(row_max)(x, job->n_cols);
+        const XT *x = (const XT *)job->x + r * job->x_ld;
+        const T m = NM(row_max)(x, job->n_cols);
         if (isfinite(m)) {
-            job->row_out[r] = (double)m + log(SFX(row_sumexp)(x, NULL, job->n_cols, m, NULL));
+            job->row_out[r] = (double)m + log(NM(row_sumexp)(x, NULL, job->n_cols, m, NULL));
             continue;
         }
         /* +inf for a row holding +inf, -inf for a row of -inf; NaN poisons. */
         double v = m;
         for (int64_t c = 0; c < job->n_cols; c++)
-            if (isnan(x[c])) v = NAN;
+            if (isnan(XGET(x, c))) v = NAN;
         job->row_out[r] = v;
     }
 }
@@ -527,18 +530,18 @@ static void KFN(log_softmax)(const fx_job *job, int64_t r0, int64_t r1)
 {
     const int64_t n = job->n_cols;
     if (n <= SMALL_C) {
-        SFX(blocks_small)(job, FX_LOG_SOFTMAX, r0, r1);
+        NM(blocks_small)(job, FX_LOG_SOFTMAX, r0, r1);
         return;
     }
     for (int64_t r = r0; r < r1; r++) {
-        const T *x = (const T *)job->x + r * job->x_ld;
-        T *out = (T *)job->out + r * job->out_ld;
+        const XT *x = (const XT *)job->x + r * job->x_ld;
+        XT *out = (XT *)job->out + r * job->out_ld;
         T m;
-        const double s = SFX(row_stats)(x, n, &m);
+        const double s = NM(row_stats)(x, n, &m);
         const V vm = SPLAT(m), vl = SPLAT((T)log(s));
         int64_t i = 0;
-        for (; i + VL <= n; i += VL) STORE(out + i, (LOAD(x + i) - vm) - vl);
-        if (i < n) STORE_TAIL(out + i, (LOAD_TAIL(x + i, n - i, 0) - vm) - vl, n - i);
+        for (; i + VL <= n; i += VL) XSTORE(out + i, (XLOAD(x + i) - vm) - vl);
+        if (i < n) XSTORE_TAIL(out + i, (XLOAD_TAIL(x + i, n - i, 0) - vm) - vl, n - i);
     }
 }
 
@@ -546,25 +549,26 @@ static void KFN(softmax)(const fx_job *job, int64_t r0, int64_t r1)
 {
     const int64_t n = job->n_cols;
     if (n <= SMALL_C) {
-        SFX(blocks_small)(job, FX_SOFTMAX, r0, r1);
+        NM(blocks_small)(job, FX_SOFTMAX, r0, r1);
         return;
     }
     for (int64_t r = r0; r < r1; r++) {
-        const T *x = (const T *)job->x + r * job->x_ld;
-        T *out = (T *)job->out + r * job->out_ld;
+        const XT *x = (const XT *)job->x + r * job->x_ld;
+        XT *out = (XT *)job->out + r * job->out_ld;
         T m;
-        const double s = SFX(row_stats)(x, n, &m);
-        SFX(row_write_grad)(x, out, NULL, n, m, (T)(1.0 / s), 0);
+        const double s = NM(row_stats)(x, n, &m);
+        NM(row_write_grad)(x, out, NULL, n, m, (T)(1.0 / s), 0);
     }
 }
 
+#if !X16
 /* H = log s - (1/s) sum_c e_c (x_c - m), with e_c = exp(x_c - m). */
 static void KFN(entropy)(const fx_job *job, int64_t r0, int64_t r1)
 {
     const int64_t n = job->n_cols;
     for (int64_t r = r0; r < r1; r++) {
-        const T *x = (const T *)job->x + r * job->x_ld;
-        T m = SFX(row_max)(x, n);
+        const XT *x = (const XT *)job->x + r * job->x_ld;
+        T m = NM(row_max)(x, n);
         if (!isfinite(m)) {
             /* softmax of a row whose max is +inf or whose entries are all
                -inf (or NaN) is undefined (inf - inf): NaN, as in torch. */
@@ -572,7 +576,7 @@ static void KFN(entropy)(const fx_job *job, int64_t r0, int64_t r1)
             continue;
         }
         double q;
-        const double s = SFX(row_entropy)(x, n, m, &q);
+        const double s = NM(row_entropy)(x, n, m, &q);
         job->row_out[r] = log(s) - q / s;
     }
 }
@@ -581,7 +585,7 @@ static void KFN(entropy_probs)(const fx_job *job, int64_t r0, int64_t r1)
 {
     const int64_t n = job->n_cols;
     for (int64_t r = r0; r < r1; r++) {
-        const T *p = (const T *)job->x + r * job->x_ld;
+        const T *p = (const XT *)job->x + r * job->x_ld;
         double h = 0.0;
         for (int64_t c = 0; c < n; c++)
             if (p[c] != 0) h -= (double)p[c] * log((double)p[c]);
@@ -599,7 +603,7 @@ static void KFN(entropy_probs)(const fx_job *job, int64_t r0, int64_t r1)
 
 /* Any row whose maxima are not finite: the formulas above, element by
    element in double, with IEEE rules. Rare, so plain and exact. */
-static void SFX(kl_row_scalar)(const fx_job *job, int kind, const T *z, const T *t, T *out,
+static void NM(kl_row_scalar)(const fx_job *job, int kind, const T *z, const T *t, XT *out,
                                double gs, double *loss)
 {
     const int64_t n = job->n_cols;
@@ -636,28 +640,28 @@ static void SFX(kl_row_scalar)(const fx_job *job, int kind, const T *z, const T 
     }
 }
 
-static inline void SFX(kl_rows)(const fx_job *job, int kind, int64_t r0, int64_t r1)
+static inline void NM(kl_rows)(const fx_job *job, int kind, int64_t r0, int64_t r1)
 {
     const int64_t n = job->n_cols;
     const double Tt = job->temperature;
     const T inv_t = (T)(1.0 / Tt);
     const V vinv = SPLAT(inv_t), zero = SPLAT(0);
     for (int64_t r = r0; r < r1; r++) {
-        const T *z = (const T *)job->x + r * job->x_ld;
+        const T *z = (const XT *)job->x + r * job->x_ld;
         const T *t = (const T *)job->t + r * job->t_ld;
-        T *out = job->out ? (T *)job->out + r * job->out_ld : NULL;
+        XT *out = job->out ? (XT *)job->out + r * job->out_ld : NULL;
         const double gs = out ? job->gscale[r * job->gscale_step] : 0.0;
         /* max(z / T) = max(z) / T: rounding is monotone. */
-        const T ma = SFX(row_max)(z, n) * inv_t;
-        const T mb = kind == FX_KL_LOGITS ? SFX(row_max)(t, n) * inv_t : 0;
+        const T ma = NM(row_max)(z, n) * inv_t;
+        const T mb = kind == FX_KL_LOGITS ? NM(row_max)(t, n) * inv_t : 0;
         if (!isfinite(ma) || !isfinite(mb)) {
-            SFX(kl_row_scalar)(job, kind, z, t, out, gs, &job->row_out[r]);
+            NM(kl_row_scalar)(job, kind, z, t, out, gs, &job->row_out[r]);
             continue;
         }
         const V vma = SPLAT(ma), vmb = SPLAT(mb);
         double sa = 0.0, sb = 0.0, u = 0.0, psum = 0.0;
         for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
-            const int64_t c1 = SFX(chunk_end)(c0, n);
+            const int64_t c1 = NM(chunk_end)(c0, n);
             V va = zero, vb = zero, vu = zero;
             for (int64_t i = c0; i < c1; i += VL) {
                 const int64_t k = c1 - i < VL ? c1 - i : VL;
@@ -708,23 +712,23 @@ static inline void SFX(kl_rows)(const fx_job *job, int kind, int64_t r0, int64_t
                     for (int64_t j = 0; j < k; j++) p[j] = (T)exp((double)p[j]);
             }
             const V g = ea * k1 - p * k2;
-            if (k == VL) STORE(out + i, g);
-            else STORE_TAIL(out + i, g, k);
+            if (k == VL) XSTORE(out + i, g);
+            else XSTORE_TAIL(out + i, g, k);
         }
     }
 }
 
 static void KFN(kl_probs)(const fx_job *job, int64_t r0, int64_t r1)
 {
-    SFX(kl_rows)(job, FX_KL_PROBS, r0, r1);
+    NM(kl_rows)(job, FX_KL_PROBS, r0, r1);
 }
 static void KFN(kl_log_probs)(const fx_job *job, int64_t r0, int64_t r1)
 {
-    SFX(kl_rows)(job, FX_KL_LOG_PROBS, r0, r1);
+    NM(kl_rows)(job, FX_KL_LOG_PROBS, r0, r1);
 }
 static void KFN(kl_logits)(const fx_job *job, int64_t r0, int64_t r1)
 {
-    SFX(kl_rows)(job, FX_KL_LOGITS, r0, r1);
+    NM(kl_rows)(job, FX_KL_LOGITS, r0, r1);
 }
 
 /* ------------------------------------------------------------------------
@@ -741,23 +745,23 @@ static void KFN(bce_logits)(const fx_job *job, int64_t r0, int64_t r1)
     const int64_t n = job->n_cols;
     const V zero = SPLAT(0), one = SPLAT(1);
     for (int64_t r = r0; r < r1; r++) {
-        const T *x = (const T *)job->x + r * job->x_ld;
+        const XT *x = (const XT *)job->x + r * job->x_ld;
         const T *t = (const T *)job->t + r * job->t_ld;
         const T *w = job->w ? (const T *)job->w + r * job->w_ld : NULL;
         const T *pw = job->pw ? (const T *)job->pw + r * job->pw_ld : NULL;
         const T *go = job->gout ? (const T *)job->gout + r * job->gout_ld : NULL;
         T *lo = job->loss_out ? (T *)job->loss_out + r * job->loss_ld : NULL;
-        T *out = job->out ? (T *)job->out + r * job->out_ld : NULL;
+        XT *out = job->out ? (XT *)job->out + r * job->out_ld : NULL;
         const V gs = SPLAT(out ? (T)job->gscale[r * job->gscale_step] : 0);
         double total = 0.0;
         for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
-            const int64_t c1 = SFX(chunk_end)(c0, n);
+            const int64_t c1 = NM(chunk_end)(c0, n);
             V acc = zero;
             for (int64_t i = c0; i < c1; i += VL) {
                 const int64_t k = c1 - i < VL ? c1 - i : VL;
-                const V xv = k == VL ? LOAD(x + i) : LOAD_TAIL(x + i, k, 0);
+                const V xv = k == VL ? XLOAD(x + i) : XLOAD_TAIL(x + i, k, 0);
                 const V tv = k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, 0);
-                const V wv = w ? (k == VL ? LOAD(w + i) : LOAD_TAIL(w + i, k, 0)) : SFX(wload)(NULL, 0, k);
+                const V wv = w ? (k == VL ? LOAD(w + i) : LOAD_TAIL(w + i, k, 0)) : NM(wload)(NULL, 0, k);
                 const V pv = pw ? (k == VL ? LOAD(pw + i) : LOAD_TAIL(pw + i, k, 1)) : one;
                 const VI neg = SFX(fx_lt)(xv, zero);
                 const V e = EXPM(SEL(neg, xv, -xv));
@@ -775,8 +779,8 @@ static void KFN(bce_logits)(const fx_job *job, int64_t r0, int64_t r1)
                     const V sig = SEL(neg, e, one) / (one + e);
                     V g = gs * wv * (lw * sig - pv * tv);
                     if (go) g = g * (k == VL ? LOAD(go + i) : LOAD_TAIL(go + i, k, 0));
-                    if (k == VL) STORE(out + i, g);
-                    else STORE_TAIL(out + i, g, k);
+                    if (k == VL) XSTORE(out + i, g);
+                    else XSTORE_TAIL(out + i, g, k);
                 }
             }
             total += HSUM(acc);
@@ -794,13 +798,13 @@ static void KFN(bce_probs)(const fx_job *job, int64_t r0, int64_t r1)
     const int64_t n = job->n_cols;
     const double eps = (double)1e-12f;
     for (int64_t r = r0; r < r1; r++) {
-        const T *p = (const T *)job->x + r * job->x_ld;
+        const T *p = (const XT *)job->x + r * job->x_ld;
         const T *t = (const T *)job->t + r * job->t_ld;
         const T *w = job->w ? (const T *)job->w + r * job->w_ld : NULL;
         const T *pw = job->pw ? (const T *)job->pw + r * job->pw_ld : NULL;
         const T *go = job->gout ? (const T *)job->gout + r * job->gout_ld : NULL;
         T *lo = job->loss_out ? (T *)job->loss_out + r * job->loss_ld : NULL;
-        T *out = job->out ? (T *)job->out + r * job->out_ld : NULL;
+        XT *out = job->out ? (XT *)job->out + r * job->out_ld : NULL;
         const double gs = out ? job->gscale[r * job->gscale_step] : 0.0;
         double total = 0.0;
         for (int64_t c = 0; c < n; c++) {
@@ -824,12 +828,14 @@ static void KFN(bce_probs)(const fx_job *job, int64_t r0, int64_t r1)
     }
 }
 
-static void KFN(expm_array)(const T *x, T *y, int64_t n)
+static void KFN(expm_array)(const XT *x, T *y, int64_t n)
 {
     int64_t i = 0;
-    for (; i + VL <= n; i += VL) STORE(y + i, EXPM(LOAD(x + i)));
-    if (i < n) STORE_TAIL(y + i, EXPM(LOAD_TAIL(x + i, n - i, 0)), n - i);
+    for (; i + VL <= n; i += VL) STORE(y + i, EXPM(XLOAD(x + i)));
+    if (i < n) STORE_TAIL(y + i, EXPM(XLOAD_TAIL(x + i, n - i, 0)), n - i);
 }
+
+#endif /* !X16 */
 
 #undef LOAD
 #undef LOAD_TAIL

@@ -13,6 +13,7 @@
 #include "vec.h"
 #include "expm.h"
 #include "logm.h"
+#include "half.h"
 
 #define FX_CAT3_(a, b, c) a##_##b##_##c
 #define FX_CAT3(a, b, c) FX_CAT3_(a, b, c)
@@ -25,15 +26,77 @@
 #define VW fx_vw32
 #define VL 16
 #define SFX(f) f##_f32
+
+#define X16 0
+#define XT float
+#define XLOAD fx_load_f32
+#define XLOAD_TAIL fx_load_tail_f32
+#define XSTORE fx_store_f32
+#define XSTORE_TAIL fx_store_tail_f32
+#define XGET(p, i) ((p)[i])
+#define XSET(p, i, v) ((p)[i] = (v))
+#define NM(f) f##_f32
 #define KFN(f) FX_CAT3(f, f32, FX_ISA)
 #include "kernels_impl.h"
+#undef NM
+#undef KFN
+#undef X16
+#undef XT
+#undef XLOAD
+#undef XLOAD_TAIL
+#undef XSTORE
+#undef XSTORE_TAIL
+#undef XGET
+#undef XSET
+
+/* float16 and bfloat16 storage: the same float32 kernels, widening loads
+   and rounding stores (half.h). */
+#define X16 1
+#define XT uint16_t
+#define XLOAD fx_load_f16
+#define XLOAD_TAIL fx_load_tail_f16
+#define XSTORE fx_store_f16
+#define XSTORE_TAIL fx_store_tail_f16
+#define XGET(p, i) fx_get_f16(p, i)
+#define XSET(p, i, v) fx_set_f16(p, i, v)
+#define NM(f) f##_f16
+#define KFN(f) FX_CAT3(f, f16, FX_ISA)
+#include "kernels_impl.h"
+#undef NM
+#undef KFN
+#undef XLOAD
+#undef XLOAD_TAIL
+#undef XSTORE
+#undef XSTORE_TAIL
+#undef XGET
+#undef XSET
+
+#define XLOAD fx_load_bf16
+#define XLOAD_TAIL fx_load_tail_bf16
+#define XSTORE fx_store_bf16
+#define XSTORE_TAIL fx_store_tail_bf16
+#define XGET(p, i) fx_get_bf16(p, i)
+#define XSET(p, i, v) fx_set_bf16(p, i, v)
+#define NM(f) f##_bf16
+#define KFN(f) FX_CAT3(f, bf16, FX_ISA)
+#include "kernels_impl.h"
+#undef NM
+#undef KFN
+#undef X16
+#undef XT
+#undef XLOAD
+#undef XLOAD_TAIL
+#undef XSTORE
+#undef XSTORE_TAIL
+#undef XGET
+#undef XSET
+
 #undef T
 #undef V
 #undef VI
 #undef VW
 #undef VL
 #undef SFX
-#undef KFN
 
 #define T double
 #define V fx_vf64
@@ -41,28 +104,50 @@
 #define VW fx_vf64
 #define VL 8
 #define SFX(f) f##_f64
+#define X16 0
+#define XT double
+#define XLOAD fx_load_f64
+#define XLOAD_TAIL fx_load_tail_f64
+#define XSTORE fx_store_f64
+#define XSTORE_TAIL fx_store_tail_f64
+#define XGET(p, i) ((p)[i])
+#define XSET(p, i, v) ((p)[i] = (v))
+#define NM(f) f##_f64
 #define KFN(f) FX_CAT3(f, f64, FX_ISA)
 #include "kernels_impl.h"
+#undef NM
+#undef KFN
+#undef X16
+#undef XT
+#undef XLOAD
+#undef XLOAD_TAIL
+#undef XSTORE
+#undef XSTORE_TAIL
+#undef XGET
+#undef XSET
 #undef T
 #undef V
 #undef VI
 #undef VW
 #undef VL
 #undef SFX
-#undef KFN
 
-#define FX_BOTH(op) {FX_CAT3(op, f32, FX_ISA), FX_CAT3(op, f64, FX_ISA)}
+/* Every storage dtype, or float32/float64 only (16-bit inputs of those ops
+   are widened by the Python layer). */
+#define FX_ALL(op) {FX_CAT3(op, f32, FX_ISA), FX_CAT3(op, f64, FX_ISA), \
+                    FX_CAT3(op, f16, FX_ISA), FX_CAT3(op, bf16, FX_ISA)}
+#define FX_BOTH(op) {FX_CAT3(op, f32, FX_ISA), FX_CAT3(op, f64, FX_ISA), NULL, NULL}
 
 const fx_isa FX_CAT2(fx_isa, FX_ISA) = {
     .name = FX_ISA_NAME,
     .fn = {
-        [FX_CE_HARD] = FX_BOTH(ce_hard),
+        [FX_CE_HARD] = FX_ALL(ce_hard),
         [FX_CE_SOFT] = FX_BOTH(ce_soft),
         [FX_CE_PROBS_HARD] = FX_BOTH(ce_probs),
         [FX_CE_PROBS_SOFT] = FX_BOTH(ce_probs),
-        [FX_LOGSUMEXP] = FX_BOTH(logsumexp),
-        [FX_LOG_SOFTMAX] = FX_BOTH(log_softmax),
-        [FX_SOFTMAX] = FX_BOTH(softmax),
+        [FX_LOGSUMEXP] = FX_ALL(logsumexp),
+        [FX_LOG_SOFTMAX] = FX_ALL(log_softmax),
+        [FX_SOFTMAX] = FX_ALL(softmax),
         [FX_ENTROPY] = FX_BOTH(entropy),
         [FX_ENTROPY_PROBS] = FX_BOTH(entropy_probs),
         [FX_KL_PROBS] = FX_BOTH(kl_probs),

@@ -10,6 +10,8 @@
  * This file is compiled once, for the baseline ISA: the parallel loop is
  * never duplicated per instruction set, only the row kernels are.
  */
+#include <stddef.h>
+
 #include "fastxent.h"
 
 #ifdef _OPENMP
@@ -45,6 +47,12 @@ void fx_set_omp_threads(int n)
 #else
     (void)n;
 #endif
+}
+
+int fx_has_kernel(int op, int dtype)
+{
+    return op >= 0 && op < FX_NUM_OPS && dtype >= 0 && dtype < FX_NUM_DTYPES &&
+           fx_active->fn[op][dtype] != NULL;
 }
 
 void fx_run(int op, int dtype, const fx_job *job, int num_threads)

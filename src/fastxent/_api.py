@@ -136,16 +136,34 @@ def _as_rows(a, n, c, dtype):
     return np.ascontiguousarray(a).reshape(n, c)
 
 
+_CODE_F16, _CODE_BF16 = 2, 3  # fastxent.h's FX_F16, FX_BF16
+
+
+def _storage_code(dt):
+    """The kernels' 16-bit storage code for dt, or -1."""
+    if dt == np.float16:
+        return _CODE_F16
+    if _ml_dtypes is not None and dt == np.dtype(_ml_dtypes.bfloat16):
+        return _CODE_BF16
+    return -1
+
+
 class _Input:
-    """An input with a class axis, seen as ``(N, C)`` rows."""
+    """An input with a class axis, seen as ``(N, C)`` rows.
 
-    __slots__ = ("array", "moved", "rows", "batch_shape", "n", "c", "dtype", "out_dtype", "axis")
+    keep16: an op whose kernels read 16-bit rows directly; float16 and
+    bfloat16 rows then stay 16-bit (``code`` says which) instead of being
+    widened to float32 here."""
 
-    def __init__(self, data, axis, name):
+    __slots__ = ("array", "moved", "rows", "batch_shape", "n", "c", "dtype", "out_dtype", "axis",
+                 "code")
+
+    def __init__(self, data, axis, name, keep16=False):
         a = np.asarray(data)
         if a.ndim == 0:
             raise ValueError(f"{name} must have at least one dimension (the class axis)")
         self.dtype, self.out_dtype = _compute_dtype(a.dtype, name)
+        self.code = _storage_code(a.dtype) if keep16 else -1
         self.axis = _normalize_axis(axis, a.ndim, name)
         self.array = a
         self.moved = a if self.axis == a.ndim - 1 else np.moveaxis(a, self.axis, -1)
@@ -154,7 +172,8 @@ class _Input:
         if self.c == 0:
             raise ValueError(f"{name} has no classes: axis {axis} has length 0 (C == 0)")
         self.n = math.prod(self.batch_shape)
-        self.rows = _as_rows(self.moved, self.n, self.c, self.dtype)
+        store = self.dtype if self.code < 0 else np.dtype(a.dtype.newbyteorder("="))
+        self.rows = _as_rows(self.moved, self.n, self.c, store)
 
     def same_layout(self, other, name):
         """``other`` (shaped like the input) as rows of the compute dtype."""
@@ -184,7 +203,7 @@ def _check_out(out, inp, dtype, name="out"):
     if not out.flags.writeable:
         raise ValueError(f"{name} is read-only")
     moved = out if inp.axis == out.ndim - 1 else np.moveaxis(out, inp.axis, -1)
-    if out.dtype != inp.dtype or not out.dtype.isnative or not out.flags.aligned:
+    if out.dtype != inp.rows.dtype or not out.dtype.isnative or not out.flags.aligned:
         return None
     if inp.c > 1 and moved.strides[-1] != out.itemsize:
         return None
@@ -344,7 +363,8 @@ def _gscale(grad_output, reduction, inp, factor):
 
 def _cross_entropy(logits, labels, axis, weight, ignore_index, reduction, label_smoothing,
                    from_logits, base, num_threads, want_grad, grad_output, out):
-    inp = _Input(logits, axis, "logits")
+    lab = np.asarray(labels)
+    inp = _Input(logits, axis, "logits", keep16=bool(from_logits) and lab.dtype.kind in "iu")
     reduction = _check_reduction(reduction)
     eps = _check_smoothing(label_smoothing)
     scale = _log_base_scale(base)
@@ -352,7 +372,6 @@ def _cross_entropy(logits, labels, axis, weight, ignore_index, reduction, label_
     nt = _threads(num_threads)
     w, w_sum = _check_weight(weight, inp)
 
-    lab = np.asarray(labels)
     if lab.dtype.kind in "iu":
         soft = False
         labels64 = _check_labels(lab, inp, ignore_index)
@@ -392,11 +411,11 @@ def _cross_entropy(logits, labels, axis, weight, ignore_index, reduction, label_
         if out is not None:
             rows_out = _check_out(out, inp, inp.out_dtype)
             _check_overlap(out, [("logits", inp.array), ("labels", lab), ("weight", weight)], inp.array)
-        grad_rows = rows_out if rows_out is not None else np.empty((inp.n, inp.c), inp.dtype)
+        grad_rows = rows_out if rows_out is not None else np.empty((inp.n, inp.c), inp.rows.dtype)
 
     row_loss = np.empty(inp.n, np.float64)
     _core.run(op, inp.rows, labels64, target, w, w_sum, ignore_index, eps,
-              grad_rows, row_loss, gscale, nt)
+              grad_rows, row_loss, gscale, nt, xdtype=inp.code)
 
     if reduction == "none":
         if scale != 1.0:
@@ -458,10 +477,10 @@ def cross_entropy_with_grad(logits, labels, *, axis=-1, weight=None, ignore_inde
 # --------------------------------------------------------------------------
 
 def _row_values(op, x, axis, num_threads, name="x"):
-    inp = _Input(x, axis, name)
+    inp = _Input(x, axis, name, keep16=op == _core.LOGSUMEXP)
     nt = _threads(num_threads)
     row = np.empty(inp.n, np.float64)
-    _core.run(op, inp.rows, None, None, None, 0.0, 0, 0.0, None, row, None, nt)
+    _core.run(op, inp.rows, None, None, None, 0.0, 0, 0.0, None, row, None, nt, xdtype=inp.code)
     return inp, row
 
 
@@ -483,14 +502,14 @@ def entropy(logits, *, axis=-1, from_logits=True, base=None, num_threads=None):
 
 
 def _normalise(op, x, axis, out, num_threads):
-    inp = _Input(x, axis, "x")
+    inp = _Input(x, axis, "x", keep16=True)
     nt = _threads(num_threads)
     rows_out = None
     if out is not None:
         rows_out = _check_out(out, inp, inp.out_dtype)
         _check_overlap(out, [("logits", inp.array)], inp.array)
-    res = rows_out if rows_out is not None else np.empty((inp.n, inp.c), inp.dtype)
-    _core.run(op, inp.rows, None, None, None, 0.0, 0, 0.0, res, None, None, nt)
+    res = rows_out if rows_out is not None else np.empty((inp.n, inp.c), inp.rows.dtype)
+    _core.run(op, inp.rows, None, None, None, 0.0, 0, 0.0, res, None, None, nt, xdtype=inp.code)
     if out is not None:
         if rows_out is None:
             _write_out(out, res, inp)

@@ -42,7 +42,7 @@ cdef extern from "fastxent.h" nogil:
     int FX_CE_HARD, FX_CE_SOFT, FX_CE_PROBS_HARD, FX_CE_PROBS_SOFT
     int FX_LOGSUMEXP, FX_LOG_SOFTMAX, FX_SOFTMAX, FX_ENTROPY, FX_ENTROPY_PROBS
     int FX_KL_PROBS, FX_KL_LOG_PROBS, FX_KL_LOGITS, FX_BCE_LOGITS, FX_BCE_PROBS
-    int FX_F32, FX_F64
+    int FX_F32, FX_F64, FX_F16, FX_BF16
 
     int fx_init()
     int fx_num_isas()
@@ -53,6 +53,7 @@ cdef extern from "fastxent.h" nogil:
     int fx_max_threads()
     void fx_set_omp_threads(int n)
     void fx_run(int op, int dtype, const fx_job *job, int num_threads)
+    int fx_has_kernel(int op, int dtype)
     void fx_expm_f32_array(const float *x, float *y, int64_t n)
     void fx_expm_f64_array(const double *x, double *y, int64_t n)
     double fx_expm_f32_max_ulp(float lo, float hi, float *worst_x)
@@ -140,8 +141,11 @@ cdef int64_t _rows(cnp.ndarray a, int64_t n, int64_t c, int num, str name) excep
 def run(int op, cnp.ndarray x, cnp.ndarray labels, cnp.ndarray target,
         cnp.ndarray weight, double w_sum, int64_t ignore_index, double smoothing,
         cnp.ndarray out, cnp.ndarray row_out, cnp.ndarray gscale, int num_threads,
-        double temperature=1.0):
-    """Run one operation over the rows of the 2-D array x (see fastxent.h)."""
+        double temperature=1.0, int xdtype=-1):
+    """Run one operation over the rows of the 2-D array x (see fastxent.h).
+
+    xdtype: FX_F16 or FX_BF16 for 16-bit rows (x and out in that storage
+    type; target and weight float32); otherwise taken from x's dtype."""
     cdef fx_job job
     memset(&job, 0, sizeof(job))
     if op == FX_BCE_LOGITS or op == FX_BCE_PROBS:
@@ -156,8 +160,20 @@ def run(int op, cnp.ndarray x, cnp.ndarray labels, cnp.ndarray target,
     job.loss_ld = 0
     job.gout = NULL
     job.gout_ld = 0
-    cdef int dt = _dtype_code(x)
+    cdef int dt
     cdef int num = cnp.PyArray_TYPE(x)
+    cdef int cnum = num
+    if xdtype == FX_F16 or xdtype == FX_BF16:
+        if cnp.PyArray_ITEMSIZE(x) != 2:
+            raise ValueError("internal: 16-bit rows must have 2-byte items")
+        if xdtype == FX_F16 and num != cnp.NPY_FLOAT16:
+            raise ValueError("internal: float16 rows expected")
+        dt = xdtype
+        cnum = cnp.NPY_FLOAT32
+    else:
+        dt = _dtype_code(x)
+    if not fx_has_kernel(op, dt):
+        raise ValueError("internal: no kernel for this op and dtype")
     cdef int64_t n, c
     if cnp.PyArray_NDIM(x) != 2:
         raise ValueError("internal: x must be 2-D")
@@ -170,7 +186,7 @@ def run(int op, cnp.ndarray x, cnp.ndarray labels, cnp.ndarray target,
     job.t = NULL
     job.t_ld = 0
     if target is not None:
-        job.t_ld = _rows(target, n, c, num, "target")
+        job.t_ld = _rows(target, n, c, cnum, "target")
         job.t = cnp.PyArray_DATA(target)
     job.labels = NULL
     if labels is not None:
@@ -183,7 +199,7 @@ def run(int op, cnp.ndarray x, cnp.ndarray labels, cnp.ndarray target,
     job.w = NULL
     if weight is not None:
         if (cnp.PyArray_NDIM(weight) != 1 or weight.shape[0] != c
-                or cnp.PyArray_TYPE(weight) != num or not cnp.PyArray_IS_C_CONTIGUOUS(weight)):
+                or cnp.PyArray_TYPE(weight) != cnum or not cnp.PyArray_IS_C_CONTIGUOUS(weight)):
             raise ValueError("internal: weight must be contiguous, of length C, in x's dtype")
         job.w = cnp.PyArray_DATA(weight)
     job.w_sum = w_sum
