@@ -71,12 +71,22 @@ typedef struct fx_job {
     int64_t gout_ld;         /*   the compute dtype) times gscale, or NULL    */
 } fx_job;
 
+/* Elements summed per chunk of a row (kernels_impl.h); a row split across
+   threads is split at chunk boundaries. */
+#define FX_CHUNK 1024
+
 /* Rows [r0, r1) of one operation. */
 typedef void (*fx_rows_fn)(const fx_job *job, int64_t r0, int64_t r1);
 
 typedef struct fx_isa {
     const char *name;
     fx_rows_fn fn[FX_NUM_OPS][FX_NUM_DTYPES];
+    /* Pieces of one row, for rows split across threads (parallel.c). */
+    double (*range_max[FX_NUM_DTYPES])(const void *x, int64_t c0, int64_t c1);
+    void (*chunk_sums[FX_NUM_DTYPES])(const void *x, int64_t n, int64_t k0, int64_t k1,
+                                      double m, double *sums);
+    void (*range_write[FX_NUM_DTYPES])(int op, const void *x, void *out, const void *w,
+                                       int64_t c0, int64_t c1, double m, double k1, double k2);
     void (*expm_f32)(const float *x, float *y, int64_t n);
     void (*expm_f64)(const double *x, double *y, int64_t n);
 } fx_isa;

@@ -33,7 +33,7 @@
 #define HMAX SFX(fx_hmax)
 #define EXPM SFX(fx_expm)
 
-#define CHUNK 1024
+#define CHUNK FX_CHUNK
 
 static inline int64_t NM(chunk_end)(int64_t c0, int64_t n)
 {
@@ -51,7 +51,9 @@ static inline T NM(row_max)(const XT *x, int64_t n)
     }
     for (; i + VL <= n; i += VL) a0 = VMAX(a0, XLOAD(x + i));
     if (i < n) a1 = VMAX(a1, XLOAD_TAIL(x + i, n - i, -INFINITY));
-    return HMAX(VMAX(a0, a1));
+    /* + 0 turns a -0 max into +0, so the max does not depend on which lane
+       saw which zero (a row split across threads gets the same one). */
+    return HMAX(VMAX(a0, a1)) + (T)0;
 }
 
 /* Weights of lanes [i, i+k), k <= VL: all 1 when w is NULL; padding 0. */
@@ -75,6 +77,23 @@ static inline V NM(zload_lin)(const XT *x, int64_t i, int64_t k, V vm, T m)
     return (k == VL ? XLOAD(x + i) : XLOAD_TAIL(x + i, k, m)) - vm;
 }
 
+/* The sum of exp(x_c - m) over one chunk [c0, c1) (c1 - c0 <= CHUNK), as
+   one double: the unit that rows split across threads add in order. */
+static inline double NM(chunk_sumexp)(const XT *x, int64_t c0, int64_t c1, V vm)
+{
+    V a0 = SPLAT(0), a1 = SPLAT(0);
+    int64_t i = c0;
+    for (; i + 2 * VL <= c1; i += 2 * VL) {
+        a0 += EXPM(XLOAD(x + i) - vm);
+        a1 += EXPM(XLOAD(x + i + VL) - vm);
+    }
+    for (; i < c1; i += VL) {
+        const int64_t k = c1 - i < VL ? c1 - i : VL;
+        a0 += EXPM(NM(zload_exp)(x, i, k, vm));
+    }
+    return HSUM(a0 + a1);
+}
+
 /* Row statistics for a finite m:
      return  s = sum_c exp(x_c - m)
      *d      = sum_c w_c (x_c - m)          when d is not NULL (smoothing) */
@@ -84,18 +103,13 @@ static inline double NM(row_sumexp)(const XT *x, const T *w, int64_t n, T m, dou
     double s = 0.0, dd = 0.0;
     for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
         const int64_t c1 = NM(chunk_end)(c0, n);
+        if (!d) {
+            s += NM(chunk_sumexp)(x, c0, c1, vm);
+            continue;
+        }
         V a0 = zero, a1 = zero;
         int64_t i = c0;
-        if (!d) {
-            for (; i + 2 * VL <= c1; i += 2 * VL) {
-                a0 += EXPM(XLOAD(x + i) - vm);
-                a1 += EXPM(XLOAD(x + i + VL) - vm);
-            }
-            for (; i < c1; i += VL) {
-                const int64_t k = c1 - i < VL ? c1 - i : VL;
-                a0 += EXPM(NM(zload_exp)(x, i, k, vm));
-            }
-        } else {
+        {
             V b0 = zero;
             for (; i < c1; i += VL) {
                 const int64_t k = c1 - i < VL ? c1 - i : VL;
@@ -503,6 +517,38 @@ static void KFN(ce_probs)(const fx_job *job, int64_t r0, int64_t r1)
 /* ------------------------------------------------------------------------
  * Building blocks.
  * ---------------------------------------------------------------------- */
+/* Pieces of one row for the split-row driver (parallel.c): a range's max,
+   chunk sums, and the write pass over a range. Each is the row kernel's own
+   code on part of the row, so a split row gets the unsplit row's bits. */
+static double KFN(range_max)(const void *x, int64_t c0, int64_t c1)
+{
+    return (double)NM(row_max)((const XT *)x + c0, c1 - c0);
+}
+
+static void KFN(chunk_sums)(const void *x, int64_t n, int64_t k0, int64_t k1, double m, double *sums)
+{
+    const V vm = SPLAT((T)m);
+    for (int64_t k = k0; k < k1; k++)
+        sums[k] = NM(chunk_sumexp)((const XT *)x, k * CHUNK, NM(chunk_end)(k * CHUNK, n), vm);
+}
+
+/* log-softmax: out = (x - m) - k1; otherwise out = exp(x - m) k1 - k2 w. */
+static void KFN(range_write)(int op, const void *xv, void *outv, const void *wv, int64_t c0,
+                             int64_t c1, double m, double k1, double k2)
+{
+    const XT *x = (const XT *)xv + c0;
+    XT *out = (XT *)outv + c0;
+    const int64_t n = c1 - c0;
+    if (op != FX_LOG_SOFTMAX) {
+        NM(row_write_grad)(x, out, wv ? (const T *)wv + c0 : NULL, n, (T)m, (T)k1, (T)k2);
+        return;
+    }
+    const V vm = SPLAT((T)m), vl = SPLAT((T)k1);
+    int64_t i = 0;
+    for (; i + VL <= n; i += VL) XSTORE(out + i, (XLOAD(x + i) - vm) - vl);
+    if (i < n) XSTORE_TAIL(out + i, (XLOAD_TAIL(x + i, n - i, 0) - vm) - vl, n - i);
+}
+
 static void KFN(logsumexp)(const fx_job *job, int64_t r0, int64_t r1)
 {
     if (job->n_cols <= SMALL_C) {

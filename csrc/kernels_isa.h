@@ -156,6 +156,9 @@ const fx_isa FX_CAT2(fx_isa, FX_ISA) = {
         [FX_BCE_LOGITS] = FX_BOTH(bce_logits),
         [FX_BCE_PROBS] = FX_BOTH(bce_probs),
     },
+    .range_max = FX_ALL(range_max),
+    .chunk_sums = FX_ALL(chunk_sums),
+    .range_write = FX_ALL(range_write),
     .expm_f32 = FX_CAT3(expm_array, f32, FX_ISA),
     .expm_f64 = FX_CAT3(expm_array, f64, FX_ISA),
 };
