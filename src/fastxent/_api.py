@@ -451,9 +451,10 @@ def cross_entropy(logits, labels, *, axis=-1, weight=None, ignore_index=-100,
     if (type(reduction) is str and reduction == "mean" and weight is None
             and type(axis) is int and axis == -1 and from_logits is True
             and type(label_smoothing) in (int, float) and label_smoothing == 0
-            and base is None and num_threads is None
-            and type(ignore_index) is int and -2**63 <= ignore_index < 2**63):
-        res = _core.cross_entropy_fast(logits, labels, ignore_index, _thread_override or 0)
+            and base is None and type(ignore_index) is int and -2**63 <= ignore_index < 2**63
+            and (num_threads is None or (type(num_threads) is int and 1 <= num_threads <= _MAX_THREADS))):
+        res = _core.cross_entropy_fast(logits, labels, ignore_index,
+                                       num_threads or _thread_override or 0)
         if res is not None:
             return res
     return _cross_entropy(logits, labels, axis, weight, ignore_index, reduction,
