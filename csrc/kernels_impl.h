@@ -79,32 +79,45 @@ static inline V NM(zload_lin)(const XT *x, int64_t i, int64_t k, V vm, T m)
 
 /* The sum of exp(x_c - m) over one chunk [c0, c1) (c1 - c0 <= CHUNK), as
    one double: the unit that rows split across threads add in order. */
-static inline double NM(chunk_sumexp)(const XT *x, int64_t c0, int64_t c1, V vm)
+static inline double NM(chunk_sumexp)(const XT *x, int64_t c0, int64_t c1, V vm, T *st)
 {
     V a0 = SPLAT(0), a1 = SPLAT(0);
     int64_t i = c0;
     for (; i + 2 * VL <= c1; i += 2 * VL) {
-        a0 += EXPM(XLOAD(x + i) - vm);
-        a1 += EXPM(XLOAD(x + i + VL) - vm);
+        const V e0 = EXPM(XLOAD(x + i) - vm), e1 = EXPM(XLOAD(x + i + VL) - vm);
+        a0 += e0;
+        a1 += e1;
+        if (st) {
+            STORE(st + i, e0);
+            STORE(st + i + VL, e1);
+        }
     }
     for (; i < c1; i += VL) {
         const int64_t k = c1 - i < VL ? c1 - i : VL;
-        a0 += EXPM(NM(zload_exp)(x, i, k, vm));
+        const V e = EXPM(NM(zload_exp)(x, i, k, vm));
+        a0 += e;
+        if (st) {
+            if (k == VL) STORE(st + i, e);
+            else STORE_TAIL(st + i, e, k);
+        }
     }
     return HSUM(a0 + a1);
 }
 
 /* Row statistics for a finite m:
      return  s = sum_c exp(x_c - m)
-     *d      = sum_c w_c (x_c - m)          when d is not NULL (smoothing) */
-static inline double NM(row_sumexp)(const XT *x, const T *w, int64_t n, T m, double *d)
+     *d      = sum_c w_c (x_c - m)          when d is not NULL (smoothing)
+   and, when st is not NULL, st_c = exp(x_c - m) (st may be x itself: each
+   element is read before it is overwritten), so that a gradient pass needs
+   no second exp. */
+static inline double NM(row_sumexp)(const XT *x, const T *w, int64_t n, T m, double *d, T *st)
 {
     const V vm = SPLAT(m), zero = SPLAT(0);
     double s = 0.0, dd = 0.0;
     for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
         const int64_t c1 = NM(chunk_end)(c0, n);
         if (!d) {
-            s += NM(chunk_sumexp)(x, c0, c1, vm);
+            s += NM(chunk_sumexp)(x, c0, c1, vm, st);
             continue;
         }
         V a0 = zero, a1 = zero;
@@ -113,10 +126,15 @@ static inline double NM(row_sumexp)(const XT *x, const T *w, int64_t n, T m, dou
             V b0 = zero;
             for (; i < c1; i += VL) {
                 const int64_t k = c1 - i < VL ? c1 - i : VL;
-                a0 += EXPM(NM(zload_exp)(x, i, k, vm));
+                const V e = EXPM(NM(zload_exp)(x, i, k, vm));
+                a0 += e;
                 /* A class of weight 0 adds nothing, even at x_c = -inf. */
                 const V wv = NM(wload)(w, i, k);
                 b0 += SEL(SFX(fx_eq)(wv, zero), zero, wv * NM(zload_lin)(x, i, k, vm, m));
+                if (st) {
+                    if (k == VL) STORE(st + i, e);
+                    else STORE_TAIL(st + i, e, k);
+                }
             }
             dd += HSUM(b0);
         }
@@ -194,7 +212,7 @@ static inline double NM(row_entropy)(const XT *x, int64_t n, T m, double *q)
 static inline double NM(row_stats)(const XT *x, int64_t n, T *m)
 {
     *m = NM(row_max)(x, n);
-    if (isfinite(*m)) return NM(row_sumexp)(x, NULL, n, *m, NULL);
+    if (isfinite(*m)) return NM(row_sumexp)(x, NULL, n, *m, NULL, NULL);
     return NAN;
 }
 
@@ -211,6 +229,22 @@ static inline void NM(row_write_grad)(const XT *x, XT *out, const T *w, int64_t 
     if (i < n) {
         const V e = EXPM(XLOAD_TAIL(x + i, n - i, -INFINITY) - vm);
         XSTORE_TAIL(out + i, w ? e * v1 - v2 * LOAD_TAIL(w + i, n - i, 0) : e * v1 - v2, n - i);
+    }
+}
+
+/* out_c = out_c * k1 - k2 * w_c (w NULL: - k2) on exponentials stashed by
+   row_sumexp: row_write_grad's arithmetic without its exp. */
+static inline void NM(row_scale)(T *out, const T *w, int64_t n, T k1, T k2)
+{
+    const V v1 = SPLAT(k1), v2 = SPLAT(k2);
+    int64_t i = 0;
+    for (; i + VL <= n; i += VL) {
+        const V e = LOAD(out + i);
+        STORE(out + i, w ? e * v1 - v2 * LOAD(w + i) : e * v1 - v2);
+    }
+    if (i < n) {
+        const V e = LOAD_TAIL(out + i, n - i, 0);
+        STORE_TAIL(out + i, w ? e * v1 - v2 * LOAD_TAIL(w + i, n - i, 0) : e * v1 - v2, n - i);
     }
 }
 
@@ -392,7 +426,12 @@ static void KFN(ce_hard)(const fx_job *job, int64_t r0, int64_t r1)
         const double wy = w ? (double)w[y] : 1.0;
         T m = NM(row_max)(x, n);
         double s, d = 0.0;
-        if (isfinite(m)) s = NM(row_sumexp)(x, w, n, m, eps > 0 ? &d : NULL);
+        /* float32/float64 gradients stash exp(x - m) in out on the way. */
+        T *stash = NULL;
+#if !X16
+        if (out && isfinite(m)) stash = out;
+#endif
+        if (isfinite(m)) s = NM(row_sumexp)(x, w, n, m, eps > 0 ? &d : NULL, stash);
         else s = NAN;
         const double logs = log(s);
         /* A true class of coefficient 0 (eps == 1, or weight 0) costs 0
@@ -404,7 +443,8 @@ static void KFN(ce_hard)(const fx_job *job, int64_t r0, int64_t r1)
         if (out) {
             const double gs = job->gscale[r * job->gscale_step];
             const double A = (1.0 - eps) * wy + ec * W;
-            NM(row_write_grad)(x, out, w, n, m, (T)(gs * A / s), (T)(gs * ec));
+            if (stash) NM(row_scale)(stash, w, n, (T)(gs * A / s), (T)(gs * ec));
+            else NM(row_write_grad)(x, out, w, n, m, (T)(gs * A / s), (T)(gs * ec));
             /* p_y - 1 formed in double from the saved x_y (out may be x). */
             const double py = exp(xy - (double)m) / s;
             XSET(out, y, (T)(gs * (py * A - (1.0 - eps) * wy - ec * wy)));
@@ -529,7 +569,7 @@ static void KFN(chunk_sums)(const void *x, int64_t n, int64_t k0, int64_t k1, do
 {
     const V vm = SPLAT((T)m);
     for (int64_t k = k0; k < k1; k++)
-        sums[k] = NM(chunk_sumexp)((const XT *)x, k * CHUNK, NM(chunk_end)(k * CHUNK, n), vm);
+        sums[k] = NM(chunk_sumexp)((const XT *)x, k * CHUNK, NM(chunk_end)(k * CHUNK, n), vm, NULL);
 }
 
 /* log-softmax: out = (x - m) - k1; otherwise out = exp(x - m) k1 - k2 w. */
@@ -559,7 +599,7 @@ static void KFN(logsumexp)(const fx_job *job, int64_t r0, int64_t r1)
         const XT *x = (const XT *)job->x + r * job->x_ld;
         const T m = NM(row_max)(x, job->n_cols);
         if (isfinite(m)) {
-            job->row_out[r] = (double)m + log(NM(row_sumexp)(x, NULL, job->n_cols, m, NULL));
+            job->row_out[r] = (double)m + log(NM(row_sumexp)(x, NULL, job->n_cols, m, NULL, NULL));
             continue;
         }
         /* +inf for a row holding +inf, -inf for a row of -inf; NaN poisons. */
@@ -601,6 +641,15 @@ static void KFN(softmax)(const fx_job *job, int64_t r0, int64_t r1)
     for (int64_t r = r0; r < r1; r++) {
         const XT *x = (const XT *)job->x + r * job->x_ld;
         XT *out = (XT *)job->out + r * job->out_ld;
+#if !X16
+        /* Stash exp(x - m) in out, then scale: one exp per element. */
+        const T mm = NM(row_max)(x, n);
+        if (isfinite(mm)) {
+            const double s = NM(row_sumexp)(x, NULL, n, mm, NULL, out);
+            NM(row_scale)(out, NULL, n, (T)(1.0 / s), 0);
+            continue;
+        }
+#endif
         T m;
         const double s = NM(row_stats)(x, n, &m);
         NM(row_write_grad)(x, out, NULL, n, m, (T)(1.0 / s), 0);
