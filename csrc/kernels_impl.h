@@ -248,6 +248,42 @@ static inline void NM(row_scale)(T *out, const T *w, int64_t n, T k1, T k2)
     }
 }
 
+#if !X16
+/* Outputs larger than this (bytes, all rows) are written with streaming
+   stores: they cannot stay in the cache anyway, and skipping the
+   read-for-ownership halves the memory traffic of the write. */
+#define STREAM_BYTES (32LL << 20)
+
+static inline int NM(streaming)(const fx_job *job)
+{
+    return job->n_rows * job->n_cols * (int64_t)sizeof(T) > STREAM_BYTES;
+}
+
+/* out_c = e_c * k1 - k2 * w_c from stashed exponentials e (or, with
+   lsm != 0, out_c = e_c - k1 with e_c = x_c - m), with streaming stores
+   from the first 64-byte boundary of out; the scalar head and tail use the
+   same expression, so the bits match row_scale's. */
+static inline void NM(row_scale_stream)(const T *e, T *out, const T *w, int64_t n, T k1, T k2,
+                                        int lsm, T m)
+{
+    int64_t i = 0;
+    while (i < n && ((uintptr_t)(out + i) & (FX_VBYTES - 1)) != 0) {
+        const T ev = lsm ? e[i] - m : e[i];
+        out[i] = lsm ? ev - k1 : (w ? ev * k1 - k2 * w[i] : ev * k1 - k2);
+        i++;
+    }
+    const V v1 = SPLAT(k1), v2 = SPLAT(k2), vm = SPLAT(m);
+    for (; i + VL <= n; i += VL) {
+        const V ev = lsm ? LOAD(e + i) - vm : LOAD(e + i);
+        SFX(fx_stream)(out + i, lsm ? ev - v1 : (w ? ev * v1 - v2 * LOAD(w + i) : ev * v1 - v2));
+    }
+    for (; i < n; i++) {
+        const T ev = lsm ? e[i] - m : e[i];
+        out[i] = lsm ? ev - k1 : (w ? ev * k1 - k2 * w[i] : ev * k1 - k2);
+    }
+}
+#endif
+
 static inline void NM(row_zero)(XT *out, int64_t n)
 {
     memset(out, 0, (size_t)n * sizeof(XT)); /* +0 in every storage type */
@@ -413,6 +449,12 @@ static void KFN(ce_hard)(const fx_job *job, int64_t r0, int64_t r1)
     }
     const T *w = (const T *)job->w;
     const double eps = job->smoothing, ec = eps / (double)n, W = job->w_sum;
+    /* A gradient too big for the cache: exponentials go to a scratch row
+       (which stays in L2) and the gradient is streamed out. */
+    T *scratch = NULL;
+#if !X16
+    if (job->out && NM(streaming)(job)) scratch = malloc((size_t)n * sizeof(T));
+#endif
     for (int64_t r = r0; r < r1; r++) {
         const XT *x = (const XT *)job->x + r * job->x_ld;
         XT *out = job->out ? (XT *)job->out + r * job->out_ld : NULL;
@@ -429,7 +471,7 @@ static void KFN(ce_hard)(const fx_job *job, int64_t r0, int64_t r1)
         /* float32/float64 gradients stash exp(x - m) in out on the way. */
         T *stash = NULL;
 #if !X16
-        if (out && isfinite(m)) stash = out;
+        if (out && isfinite(m)) stash = scratch ? scratch : out;
 #endif
         if (isfinite(m)) s = NM(row_sumexp)(x, w, n, m, eps > 0 ? &d : NULL, stash);
         else s = NAN;
@@ -443,12 +485,21 @@ static void KFN(ce_hard)(const fx_job *job, int64_t r0, int64_t r1)
         if (out) {
             const double gs = job->gscale[r * job->gscale_step];
             const double A = (1.0 - eps) * wy + ec * W;
+#if !X16
+            if (stash && stash == scratch)
+                NM(row_scale_stream)(stash, out, w, n, (T)(gs * A / s), (T)(gs * ec), 0, 0);
+            else
+#endif
             if (stash) NM(row_scale)(stash, w, n, (T)(gs * A / s), (T)(gs * ec));
             else NM(row_write_grad)(x, out, w, n, m, (T)(gs * A / s), (T)(gs * ec));
             /* p_y - 1 formed in double from the saved x_y (out may be x). */
             const double py = exp(xy - (double)m) / s;
             XSET(out, y, (T)(gs * (py * A - (1.0 - eps) * wy - ec * wy)));
         }
+    }
+    if (scratch) {
+        fx_stream_fence();
+        free(scratch);
     }
 }
 
@@ -619,16 +670,28 @@ static void KFN(log_softmax)(const fx_job *job, int64_t r0, int64_t r1)
         NM(blocks_small)(job, FX_LOG_SOFTMAX, r0, r1);
         return;
     }
+#if !X16
+    const int stream = NM(streaming)(job);
+#endif
     for (int64_t r = r0; r < r1; r++) {
         const XT *x = (const XT *)job->x + r * job->x_ld;
         XT *out = (XT *)job->out + r * job->out_ld;
         T m;
         const double s = NM(row_stats)(x, n, &m);
+#if !X16
+        if (stream) {
+            NM(row_scale_stream)(x, out, NULL, n, (T)log(s), 0, 1, m);
+            continue;
+        }
+#endif
         const V vm = SPLAT(m), vl = SPLAT((T)log(s));
         int64_t i = 0;
         for (; i + VL <= n; i += VL) XSTORE(out + i, (XLOAD(x + i) - vm) - vl);
         if (i < n) XSTORE_TAIL(out + i, (XLOAD_TAIL(x + i, n - i, 0) - vm) - vl, n - i);
     }
+#if !X16
+    if (stream) fx_stream_fence();
+#endif
 }
 
 static void KFN(softmax)(const fx_job *job, int64_t r0, int64_t r1)
@@ -638,21 +701,31 @@ static void KFN(softmax)(const fx_job *job, int64_t r0, int64_t r1)
         NM(blocks_small)(job, FX_SOFTMAX, r0, r1);
         return;
     }
+    T *scratch = NULL;
+#if !X16
+    if (NM(streaming)(job)) scratch = malloc((size_t)n * sizeof(T));
+#endif
     for (int64_t r = r0; r < r1; r++) {
         const XT *x = (const XT *)job->x + r * job->x_ld;
         XT *out = (XT *)job->out + r * job->out_ld;
 #if !X16
-        /* Stash exp(x - m) in out, then scale: one exp per element. */
+        /* Stash exp(x - m) (in out, or in a scratch row when the output is
+           streamed), then scale: one exp per element. */
         const T mm = NM(row_max)(x, n);
         if (isfinite(mm)) {
-            const double s = NM(row_sumexp)(x, NULL, n, mm, NULL, out);
-            NM(row_scale)(out, NULL, n, (T)(1.0 / s), 0);
+            const double s = NM(row_sumexp)(x, NULL, n, mm, NULL, scratch ? scratch : out);
+            if (scratch) NM(row_scale_stream)(scratch, out, NULL, n, (T)(1.0 / s), 0, 0, 0);
+            else NM(row_scale)(out, NULL, n, (T)(1.0 / s), 0);
             continue;
         }
 #endif
         T m;
         const double s = NM(row_stats)(x, n, &m);
         NM(row_write_grad)(x, out, NULL, n, m, (T)(1.0 / s), 0);
+    }
+    if (scratch) {
+        fx_stream_fence();
+        free(scratch);
     }
 }
 

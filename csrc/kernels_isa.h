@@ -7,6 +7,8 @@
  * merge at link time; only the table fx_isa_<isa> is exported.
  */
 #include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "fastxent.h"

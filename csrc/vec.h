@@ -60,6 +60,47 @@ FX_DEFINE_CMP(f32, fx_vf32, fx_vi32, fx_nf32, fx_ni32, eq, ==)
 FX_DEFINE_CMP(f64, fx_vf64, fx_vi64, fx_nf64, fx_ni64, lt, <)
 FX_DEFINE_CMP(f64, fx_vf64, fx_vi64, fx_nf64, fx_ni64, eq, ==)
 
+/* Streaming (non-temporal) stores of a 64-byte vector to a 64-byte
+   aligned address: large outputs are written without first reading their
+   lines into the cache (no read-for-ownership), which is what bounds a
+   gradient pass over main memory. Same bits as a normal store. */
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define FX_HAVE_STREAM 1
+static inline void fx_stream_f32(float *p, fx_vf32 v)
+{
+#if defined(__AVX512F__)
+    _mm512_stream_ps(p, (__m512)v);
+#elif defined(__AVX__)
+    union { fx_vf32 v; __m256 h[2]; } u = {v};
+    _mm256_stream_ps(p, u.h[0]);
+    _mm256_stream_ps(p + 8, u.h[1]);
+#else
+    union { fx_vf32 v; __m128 q[4]; } u = {v};
+    for (int k = 0; k < 4; k++) _mm_stream_ps(p + 4 * k, u.q[k]);
+#endif
+}
+static inline void fx_stream_f64(double *p, fx_vf64 v)
+{
+#if defined(__AVX512F__)
+    _mm512_stream_pd(p, (__m512d)v);
+#elif defined(__AVX__)
+    union { fx_vf64 v; __m256d h[2]; } u = {v};
+    _mm256_stream_pd(p, u.h[0]);
+    _mm256_stream_pd(p + 4, u.h[1]);
+#else
+    union { fx_vf64 v; __m128d q[4]; } u = {v};
+    for (int k = 0; k < 4; k++) _mm_stream_pd(p + 2 * k, u.q[k]);
+#endif
+}
+static inline void fx_stream_fence(void) { _mm_sfence(); }
+#else
+#define FX_HAVE_STREAM 0
+static inline void fx_stream_f32(float *p, fx_vf32 v) { memcpy(p, &v, sizeof v); }
+static inline void fx_stream_f64(double *p, fx_vf64 v) { memcpy(p, &v, sizeof v); }
+static inline void fx_stream_fence(void) {}
+#endif
+
 #define FX_DEFINE_VEC_HELPERS(SFX, T, V, VI, VU, VL)                           \
     static inline V fx_splat_##SFX(T s)                                        \
     {                                                                          \
