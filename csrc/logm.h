@@ -17,10 +17,9 @@
 
 #include "vec.h"
 
-static inline fx_vf32 fx_log1p_unit_f32(fx_vf32 y)
+/* log1p(v) = 2 atanh(s), s = v / (2 + v), for |v| <= sqrt(2) - 1. */
+static inline fx_vf32 fx_log1p_series_f32(fx_vf32 v)
 {
-    const fx_vi32 big = fx_lt_f32(fx_splat_f32(1.41421356f), y + fx_splat_f32(1.0f));
-    const fx_vf32 v = fx_sel_f32(big, (y - fx_splat_f32(1.0f)) * fx_splat_f32(0.5f), y);
     const fx_vf32 s = v / (fx_splat_f32(2.0f) + v);
     const fx_vf32 z = s * s;
     fx_vf32 p = fx_splat_f32(1.0f / 9.0f);
@@ -28,14 +27,11 @@ static inline fx_vf32 fx_log1p_unit_f32(fx_vf32 y)
     p = p * z + fx_splat_f32(1.0f / 5.0f);
     p = p * z + fx_splat_f32(1.0f / 3.0f);
     const fx_vf32 s2 = s + s;
-    const fx_vf32 l = s2 + (s2 * z) * p;
-    return l + fx_sel_f32(big, fx_splat_f32(0.693147180559945309f), fx_splat_f32(0.0f));
+    return s2 + (s2 * z) * p;
 }
 
-static inline fx_vf64 fx_log1p_unit_f64(fx_vf64 y)
+static inline fx_vf64 fx_log1p_series_f64(fx_vf64 v)
 {
-    const fx_vi64 big = fx_lt_f64(fx_splat_f64(1.4142135623730951), y + fx_splat_f64(1.0));
-    const fx_vf64 v = fx_sel_f64(big, (y - fx_splat_f64(1.0)) * fx_splat_f64(0.5), y);
     const fx_vf64 s = v / (fx_splat_f64(2.0) + v);
     const fx_vf64 z = s * s;
     fx_vf64 p = fx_splat_f64(1.0 / 19.0);
@@ -48,8 +44,21 @@ static inline fx_vf64 fx_log1p_unit_f64(fx_vf64 y)
     p = p * z + fx_splat_f64(1.0 / 5.0);
     p = p * z + fx_splat_f64(1.0 / 3.0);
     const fx_vf64 s2 = s + s;
-    const fx_vf64 l = s2 + (s2 * z) * p;
-    return l + fx_sel_f64(big, fx_splat_f64(0.69314718055994530942), fx_splat_f64(0.0));
+    return s2 + (s2 * z) * p;
+}
+
+static inline fx_vf32 fx_log1p_unit_f32(fx_vf32 y)
+{
+    const fx_vi32 big = fx_lt_f32(fx_splat_f32(1.41421356f), y + fx_splat_f32(1.0f));
+    const fx_vf32 v = fx_sel_f32(big, (y - fx_splat_f32(1.0f)) * fx_splat_f32(0.5f), y);
+    return fx_log1p_series_f32(v) + fx_sel_f32(big, fx_splat_f32(0.693147180559945309f), fx_splat_f32(0.0f));
+}
+
+static inline fx_vf64 fx_log1p_unit_f64(fx_vf64 y)
+{
+    const fx_vi64 big = fx_lt_f64(fx_splat_f64(1.4142135623730951), y + fx_splat_f64(1.0));
+    const fx_vf64 v = fx_sel_f64(big, (y - fx_splat_f64(1.0)) * fx_splat_f64(0.5), y);
+    return fx_log1p_series_f64(v) + fx_sel_f64(big, fx_splat_f64(0.69314718055994530942), fx_splat_f64(0.0));
 }
 
 #endif
@@ -68,16 +77,8 @@ static inline fx_vf32 fx_log_pos_f32(fx_vf32 x)
     const fx_vi32 big = fx_lt_f32(fx_splat_f32(1.41421356f), m);
     m = fx_sel_f32(big, m * fx_splat_f32(0.5f), m);
     e = e - big; /* big is -1 where true */
-    const fx_vf32 f = m - fx_splat_f32(1.0f);
-    const fx_vf32 s = f / (fx_splat_f32(2.0f) + f);
-    const fx_vf32 z = s * s;
-    fx_vf32 p = fx_splat_f32(1.0f / 9.0f);
-    p = p * z + fx_splat_f32(1.0f / 7.0f);
-    p = p * z + fx_splat_f32(1.0f / 5.0f);
-    p = p * z + fx_splat_f32(1.0f / 3.0f);
-    const fx_vf32 s2 = s + s;
     const fx_vf32 ef = __builtin_convertvector(e, fx_vf32);
-    return ef * fx_splat_f32(0.693147180559945309f) + (s2 + (s2 * z) * p);
+    return ef * fx_splat_f32(0.693147180559945309f) + fx_log1p_series_f32(m - fx_splat_f32(1.0f));
 }
 
 static inline fx_vf64 fx_log_pos_f64(fx_vf64 x)
@@ -90,20 +91,7 @@ static inline fx_vf64 fx_log_pos_f64(fx_vf64 x)
     const fx_vi64 big = fx_lt_f64(fx_splat_f64(1.4142135623730951), m);
     m = fx_sel_f64(big, m * fx_splat_f64(0.5), m);
     e = e + fx_sel_f64(big, fx_splat_f64(1.0), fx_splat_f64(0.0));
-    const fx_vf64 f = m - fx_splat_f64(1.0);
-    const fx_vf64 s = f / (fx_splat_f64(2.0) + f);
-    const fx_vf64 z = s * s;
-    fx_vf64 p = fx_splat_f64(1.0 / 19.0);
-    p = p * z + fx_splat_f64(1.0 / 17.0);
-    p = p * z + fx_splat_f64(1.0 / 15.0);
-    p = p * z + fx_splat_f64(1.0 / 13.0);
-    p = p * z + fx_splat_f64(1.0 / 11.0);
-    p = p * z + fx_splat_f64(1.0 / 9.0);
-    p = p * z + fx_splat_f64(1.0 / 7.0);
-    p = p * z + fx_splat_f64(1.0 / 5.0);
-    p = p * z + fx_splat_f64(1.0 / 3.0);
-    const fx_vf64 s2 = s + s;
     /* ln 2 split so that e * ln2_hi is exact. */
     return e * fx_splat_f64(6.93147180369123816490e-01) +
-           ((s2 + (s2 * z) * p) + e * fx_splat_f64(1.90821492927058770002e-10));
+           (fx_log1p_series_f64(m - fx_splat_f64(1.0)) + e * fx_splat_f64(1.90821492927058770002e-10));
 }

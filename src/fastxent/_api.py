@@ -357,6 +357,41 @@ def _gscale(grad_output, reduction, inp, factor):
     return np.ascontiguousarray(g.reshape(-1) * factor)
 
 
+def _grad_buffers(grad_output, reduction, inp, factor, out, inputs):
+    """(gscale, rows_out, grad_rows): the per-row gradient scale, the rows of
+    out= the kernel may write directly (or None) and the rows it writes."""
+    gscale = _gscale(grad_output, reduction, inp, factor)
+    rows_out = None
+    if out is not None:
+        rows_out = _check_out(out, inp, inp.out_dtype)
+        _check_overlap(out, inputs, inp.array)
+    grad_rows = rows_out if rows_out is not None else np.empty((inp.n, inp.c), inp.rows.dtype)
+    return gscale, rows_out, grad_rows
+
+
+def _reduce(row_loss, reduction, inp, scale, denom):
+    """Per-row float64 losses as the result: batch-shaped for "none", else
+    their fixed-order sum (over denom, if given; NaN when denom is 0) as a
+    scalar of the compute dtype."""
+    if reduction == "none":
+        if scale != 1.0:
+            row_loss *= scale
+        return inp.batch_result(row_loss)
+    total = _core.sum_f64(row_loss)
+    if denom is not None:
+        total = total / denom if denom != 0 else np.float64(np.nan)
+    return inp.dtype.type(total * scale)
+
+
+def _with_grad(loss, out, rows_out, grad_rows, inp):
+    """(loss, gradient shaped like the logits): out= itself when given."""
+    if out is not None:
+        if rows_out is None:
+            _write_out(out, grad_rows, inp)
+        return loss, out
+    return loss, _fresh_like(grad_rows, inp, inp.out_dtype)
+
+
 # --------------------------------------------------------------------------
 # Cross entropy
 # --------------------------------------------------------------------------
@@ -403,38 +438,20 @@ def _cross_entropy(logits, labels, axis, weight, ignore_index, reduction, label_
     if reduction == "mean":
         factor = scale / denom if denom != 0 else 0.0
 
-    rows_out = None
-    grad_rows = None
-    gscale = None
+    gscale = rows_out = grad_rows = None
     if want_grad:
-        gscale = _gscale(grad_output, reduction, inp, factor)
-        if out is not None:
-            rows_out = _check_out(out, inp, inp.out_dtype)
-            _check_overlap(out, [("logits", inp.array), ("labels", lab), ("weight", weight)], inp.array)
-        grad_rows = rows_out if rows_out is not None else np.empty((inp.n, inp.c), inp.rows.dtype)
+        gscale, rows_out, grad_rows = _grad_buffers(
+            grad_output, reduction, inp, factor, out,
+            [("logits", inp.array), ("labels", lab), ("weight", weight)])
 
     row_loss = np.empty(inp.n, np.float64)
     _core.run(op, inp.rows, labels64, target, w, w_sum, ignore_index, eps,
               grad_rows, row_loss, gscale, nt, xdtype=inp.code)
-
-    if reduction == "none":
-        if scale != 1.0:
-            row_loss *= scale
-        loss = inp.batch_result(row_loss)
-    else:
-        total = _core.sum_f64(row_loss)
-        if reduction == "mean":
-            # No counted label (or counted weights summing to 0): NaN.
-            total = total / denom if denom != 0 else np.float64(np.nan)
-        loss = inp.dtype.type(total * scale)
-
+    # A mean over no counted label (or counted weights summing to 0) is NaN.
+    loss = _reduce(row_loss, reduction, inp, scale, denom if reduction == "mean" else None)
     if not want_grad:
         return loss
-    if out is not None:
-        if rows_out is None:
-            _write_out(out, grad_rows, inp)
-        return loss, out
-    return loss, _fresh_like(grad_rows, inp, inp.out_dtype)
+    return _with_grad(loss, out, rows_out, grad_rows, inp)
 
 
 def cross_entropy(logits, labels, *, axis=-1, weight=None, ignore_index=-100,
@@ -563,34 +580,18 @@ def _kl_div(logits, target, axis, target_kind, reduction, temperature, base, num
     mean = reduction in ("batchmean", "mean")
     factor = scale / inp.n if (mean and inp.n) else scale
 
-    grad_rows = rows_out = gscale = None
+    gscale = rows_out = grad_rows = None
     if want_grad:
-        gscale = _gscale(grad_output, reduction, inp, factor)
-        if out is not None:
-            rows_out = _check_out(out, inp, inp.out_dtype)
-            _check_overlap(out, [("logits", inp.array), ("target", tgt)], inp.array)
-        grad_rows = rows_out if rows_out is not None else np.empty((inp.n, inp.c), inp.dtype)
+        gscale, rows_out, grad_rows = _grad_buffers(
+            grad_output, reduction, inp, factor, out, [("logits", inp.array), ("target", tgt)])
 
     row_loss = np.empty(inp.n, np.float64)
     _core.run(op, inp.rows, None, target_rows, None, 0.0, 0, 0.0, grad_rows, row_loss,
               gscale, nt, T)
-
-    if reduction == "none":
-        if scale != 1.0:
-            row_loss *= scale
-        loss = inp.batch_result(row_loss)
-    else:
-        total = _core.sum_f64(row_loss)
-        if mean:
-            total = total / inp.n if inp.n else np.float64(np.nan)
-        loss = inp.dtype.type(total * scale)
+    loss = _reduce(row_loss, reduction, inp, scale, inp.n if mean else None)
     if not want_grad:
         return loss
-    if out is not None:
-        if rows_out is None:
-            _write_out(out, grad_rows, inp)
-        return loss, out
-    return loss, _fresh_like(grad_rows, inp, inp.out_dtype)
+    return _with_grad(loss, out, rows_out, grad_rows, inp)
 
 
 def kl_div(logits, target, *, axis=-1, target_kind="probs", reduction="batchmean",
