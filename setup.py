@@ -38,10 +38,10 @@ if SANITIZE:
 
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386", "x86")
 ISA_FLAGS = {
-    "avx2": ["-mavx2", "-mfma"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
     # GCC's tuning for some AVX-512 CPUs prefers 256-bit vectors; the kernels
     # want the full width.
-    "avx512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512dq",
+    "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512dq",
                "-mavx512vl", "-mprefer-vector-width=512"],
 } if X86 else {}
 

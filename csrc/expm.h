@@ -32,7 +32,7 @@
 
 #include "vec.h"
 
-static inline fx_vf32 fx_expm_f32(fx_vf32 x)
+FX_INLINE fx_vf32 fx_expm_f32(fx_vf32 x)
 {
     const float cutoff = -87.33654475f; /* ln(FLT_MIN) */
     const fx_vi32 small = fx_lt_f32(x, fx_splat_f32(cutoff));
@@ -57,7 +57,7 @@ static inline fx_vf32 fx_expm_f32(fx_vf32 x)
     return fx_sel_f32(small, fx_splat_f32(0.0f), e);
 }
 
-static inline fx_vf64 fx_expm_f64(fx_vf64 x)
+FX_INLINE fx_vf64 fx_expm_f64(fx_vf64 x)
 {
     const double cutoff = -708.39641853226408; /* ln(DBL_MIN) */
     const fx_vi64 small = fx_lt_f64(x, fx_splat_f64(cutoff));

@@ -15,8 +15,24 @@
 
 typedef uint16_t fx_vh16 __attribute__((vector_size(FX_VBYTES / 2))); /* 16 lanes */
 
-/* IEEE binary16 -> binary32, exact. */
-static inline fx_vf32 fx_f16_to_f32(fx_vh16 h)
+/* IEEE binary16 -> binary32, exact. The F16C / AVX-512 instruction where
+   the build has it (same result: the conversion is exact); integer
+   operations otherwise. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+FX_INLINE fx_vf32 fx_f16_to_f32(fx_vh16 h) { return (fx_vf32)_mm512_cvtph_ps((__m256i)h); }
+#elif defined(__F16C__)
+#include <immintrin.h>
+FX_INLINE fx_vf32 fx_f16_to_f32(fx_vh16 h)
+{
+    union { fx_vh16 v; __m128i q[2]; } u = {h};
+    union { fx_vf32 v; __m256 h[2]; } r;
+    r.h[0] = _mm256_cvtph_ps(u.q[0]);
+    r.h[1] = _mm256_cvtph_ps(u.q[1]);
+    return r.v;
+}
+#else
+FX_INLINE fx_vf32 fx_f16_to_f32(fx_vh16 h)
 {
     const fx_vu32 u = __builtin_convertvector(h, fx_vu32);
     const fx_vu32 sign = (u & 0x8000u) << 16;
@@ -27,9 +43,10 @@ static inline fx_vf32 fx_f16_to_f32(fx_vh16 h)
     const fx_vf32 subf = __builtin_convertvector((fx_vi32)em, fx_vf32) * fx_splat_f32(0x1p-24f);
     return (fx_vf32)(((sub & (fx_vu32)subf) | (~sub & o)) | sign);
 }
+#endif
 
 /* binary32 -> binary16, round to nearest even; NaN -> quiet NaN. */
-static inline fx_vh16 fx_f32_to_f16(fx_vf32 f)
+FX_INLINE fx_vh16 fx_f32_to_f16(fx_vf32 f)
 {
     const fx_vu32 u = (fx_vu32)f;
     const fx_vu32 sign = (u >> 16) & 0x8000u;
@@ -40,7 +57,8 @@ static inline fx_vh16 fx_f32_to_f16(fx_vf32 f)
     const fx_vu32 sub = (fx_vu32)((fx_vf32)a + magic) - (fx_vu32)magic;
     const fx_vu32 nrm = (a + (((15u - 127u) << 23) + 0xfffu) + ((a >> 13) & 1u)) >> 13;
     const fx_vu32 big = (fx_vu32)(a >= ((127u + 16u) << 23));
-    const fx_vu32 special = (fx_vu32)(a > 0x7f800000u) & 0x7e00u; /* NaN */
+    /* NaN: quiet, payload truncated, as the hardware conversion does. */
+    const fx_vu32 special = (fx_vu32)(a > 0x7f800000u) & (0x7e00u | ((a >> 13) & 0x3ffu));
     const fx_vu32 inf = (~(fx_vu32)(a > 0x7f800000u)) & 0x7c00u;
     const fx_vu32 small = (fx_vu32)(a < (113u << 23));
     fx_vu32 o = (small & sub) | (~small & nrm);
@@ -49,12 +67,12 @@ static inline fx_vh16 fx_f32_to_f16(fx_vf32 f)
 }
 
 /* bfloat16 is the top half of a float32. */
-static inline fx_vf32 fx_bf16_to_f32(fx_vh16 h)
+FX_INLINE fx_vf32 fx_bf16_to_f32(fx_vh16 h)
 {
     return (fx_vf32)(__builtin_convertvector(h, fx_vu32) << 16);
 }
 
-static inline fx_vh16 fx_f32_to_bf16(fx_vf32 f)
+FX_INLINE fx_vh16 fx_f32_to_bf16(fx_vf32 f)
 {
     const fx_vu32 u = (fx_vu32)f;
     const fx_vu32 nan = (fx_vu32)((u & 0x7fffffffu) > 0x7f800000u);
@@ -65,13 +83,13 @@ static inline fx_vh16 fx_f32_to_bf16(fx_vf32 f)
 
 /* Loads and stores of 16 lanes; tails convert then fill the other lanes. */
 #define FX_DEFINE_H16_IO(NAME, TOF, FROMF)                                     \
-    static inline fx_vf32 fx_load_##NAME(const uint16_t *p)                    \
+    FX_INLINE fx_vf32 fx_load_##NAME(const uint16_t *p)                    \
     {                                                                          \
         fx_vh16 h;                                                             \
         memcpy(&h, p, sizeof h);                                               \
         return TOF(h);                                                         \
     }                                                                          \
-    static inline fx_vf32 fx_load_tail_##NAME(const uint16_t *p, int64_t n, float fill) \
+    FX_INLINE fx_vf32 fx_load_tail_##NAME(const uint16_t *p, int64_t n, float fill) \
     {                                                                          \
         fx_vh16 h = {0};                                                       \
         for (int64_t j = 0; j < n; j++) h[j] = p[j];                           \
@@ -79,23 +97,23 @@ static inline fx_vh16 fx_f32_to_bf16(fx_vf32 f)
         for (int64_t j = n; j < 16; j++) v[j] = fill;                          \
         return v;                                                              \
     }                                                                          \
-    static inline void fx_store_##NAME(uint16_t *p, fx_vf32 v)                 \
+    FX_INLINE void fx_store_##NAME(uint16_t *p, fx_vf32 v)                 \
     {                                                                          \
         const fx_vh16 h = FROMF(v);                                            \
         memcpy(p, &h, sizeof h);                                               \
     }                                                                          \
-    static inline void fx_store_tail_##NAME(uint16_t *p, fx_vf32 v, int64_t n) \
+    FX_INLINE void fx_store_tail_##NAME(uint16_t *p, fx_vf32 v, int64_t n) \
     {                                                                          \
         const fx_vh16 h = FROMF(v);                                            \
         for (int64_t j = 0; j < n; j++) p[j] = h[j];                           \
     }                                                                          \
-    static inline float fx_get_##NAME(const uint16_t *p, int64_t i)            \
+    FX_INLINE float fx_get_##NAME(const uint16_t *p, int64_t i)            \
     {                                                                          \
         fx_vh16 h = {0};                                                       \
         h[0] = p[i];                                                           \
         return TOF(h)[0];                                                      \
     }                                                                          \
-    static inline void fx_set_##NAME(uint16_t *p, int64_t i, float v)          \
+    FX_INLINE void fx_set_##NAME(uint16_t *p, int64_t i, float v)          \
     {                                                                          \
         fx_vf32 f = {0};                                                       \
         f[0] = v;                                                              \

@@ -35,13 +35,13 @@
 
 #define CHUNK FX_CHUNK
 
-static inline int64_t NM(chunk_end)(int64_t c0, int64_t n)
+FX_INLINE int64_t NM(chunk_end)(int64_t c0, int64_t n)
 {
     return c0 + CHUNK < n ? c0 + CHUNK : n;
 }
 
 /* max_c x_c, skipping NaN; -inf for an empty or all-NaN row. */
-static inline T NM(row_max)(const XT *x, int64_t n)
+FX_INLINE T NM(row_max)(const XT *x, int64_t n)
 {
     V a0 = SPLAT(-INFINITY), a1 = a0;
     int64_t i = 0;
@@ -57,7 +57,7 @@ static inline T NM(row_max)(const XT *x, int64_t n)
 }
 
 /* Weights of lanes [i, i+k), k <= VL: all 1 when w is NULL; padding 0. */
-static inline V NM(wload)(const T *w, int64_t i, int64_t k)
+FX_INLINE V NM(wload)(const T *w, int64_t i, int64_t k)
 {
     if (w) return k == VL ? LOAD(w + i) : LOAD_TAIL(w + i, k, 0);
     V v = SPLAT(0);
@@ -66,20 +66,20 @@ static inline V NM(wload)(const T *w, int64_t i, int64_t k)
 }
 
 /* Lanes [i, i+k) of x minus m, padding lanes -inf (their exp is 0). */
-static inline V NM(zload_exp)(const XT *x, int64_t i, int64_t k, V vm)
+FX_INLINE V NM(zload_exp)(const XT *x, int64_t i, int64_t k, V vm)
 {
     return (k == VL ? XLOAD(x + i) : XLOAD_TAIL(x + i, k, -INFINITY)) - vm;
 }
 
 /* Lanes [i, i+k) of x minus m, padding lanes 0 (they add nothing). */
-static inline V NM(zload_lin)(const XT *x, int64_t i, int64_t k, V vm, T m)
+FX_INLINE V NM(zload_lin)(const XT *x, int64_t i, int64_t k, V vm, T m)
 {
     return (k == VL ? XLOAD(x + i) : XLOAD_TAIL(x + i, k, m)) - vm;
 }
 
 /* The sum of exp(x_c - m) over one chunk [c0, c1) (c1 - c0 <= CHUNK), as
    one double: the unit that rows split across threads add in order. */
-static inline double NM(chunk_sumexp)(const XT *x, int64_t c0, int64_t c1, V vm, T *st)
+FX_INLINE double NM(chunk_sumexp)(const XT *x, int64_t c0, int64_t c1, V vm, T *st)
 {
     V a0 = SPLAT(0), a1 = SPLAT(0);
     int64_t i = c0;
@@ -110,7 +110,7 @@ static inline double NM(chunk_sumexp)(const XT *x, int64_t c0, int64_t c1, V vm,
    and, when st is not NULL, st_c = exp(x_c - m) (st may be x itself: each
    element is read before it is overwritten), so that a gradient pass needs
    no second exp. */
-static inline double NM(row_sumexp)(const XT *x, const T *w, int64_t n, T m, double *d, T *st)
+FX_INLINE double NM(row_sumexp)(const XT *x, const T *w, int64_t n, T m, double *d, T *st)
 {
     const V vm = SPLAT(m), zero = SPLAT(0);
     double s = 0.0, dd = 0.0;
@@ -151,7 +151,7 @@ static inline double NM(row_sumexp)(const XT *x, const T *w, int64_t n, T m, dou
                                      0 that the target never names costs 0)
      *b = sum_c w_c t_c
      *d = sum_c w_c (x_c - m)       (only needed with label smoothing) */
-static inline double NM(row_soft)(const XT *x, const T *t, const T *w, int64_t n, T m,
+FX_INLINE double NM(row_soft)(const XT *x, const T *t, const T *w, int64_t n, T m,
                                    double *a, double *b, double *d)
 {
     const V vm = SPLAT(m), zero = SPLAT(0);
@@ -184,7 +184,7 @@ static inline double NM(row_soft)(const XT *x, const T *t, const T *w, int64_t n
 /* Entropy statistics for a finite m:
      return  s = sum_c exp(x_c - m),  *q = sum_c exp(x_c - m) (x_c - m)
    with 0 * log 0 = 0: a class of probability 0 adds nothing. */
-static inline double NM(row_entropy)(const XT *x, int64_t n, T m, double *q)
+FX_INLINE double NM(row_entropy)(const XT *x, int64_t n, T m, double *q)
 {
     const V vm = SPLAT(m), zero = SPLAT(0);
     double s = 0.0, qq = 0.0;
@@ -209,7 +209,7 @@ static inline double NM(row_entropy)(const XT *x, int64_t n, T m, double *q)
    -inf or NaN, has no softmax (inf - inf): s = NaN makes its log-softmax,
    softmax, losses, gradients and entropy NaN, as in torch. logsumexp
    handles that case itself. */
-static inline double NM(row_stats)(const XT *x, int64_t n, T *m)
+FX_INLINE double NM(row_stats)(const XT *x, int64_t n, T *m)
 {
     *m = NM(row_max)(x, n);
     if (isfinite(*m)) return NM(row_sumexp)(x, NULL, n, *m, NULL, NULL);
@@ -218,7 +218,7 @@ static inline double NM(row_stats)(const XT *x, int64_t n, T *m)
 
 /* out_c = exp(x_c - m) * k1 - k2 * w_c (w NULL: - k2). out may equal x:
    each element is read before it is written. */
-static inline void NM(row_write_grad)(const XT *x, XT *out, const T *w, int64_t n, T m, T k1, T k2)
+FX_INLINE void NM(row_write_grad)(const XT *x, XT *out, const T *w, int64_t n, T m, T k1, T k2)
 {
     const V vm = SPLAT(m), v1 = SPLAT(k1), v2 = SPLAT(k2);
     int64_t i = 0;
@@ -234,7 +234,7 @@ static inline void NM(row_write_grad)(const XT *x, XT *out, const T *w, int64_t 
 
 /* out_c = out_c * k1 - k2 * w_c (w NULL: - k2) on exponentials stashed by
    row_sumexp: row_write_grad's arithmetic without its exp. */
-static inline void NM(row_scale)(T *out, const T *w, int64_t n, T k1, T k2)
+FX_INLINE void NM(row_scale)(T *out, const T *w, int64_t n, T k1, T k2)
 {
     const V v1 = SPLAT(k1), v2 = SPLAT(k2);
     int64_t i = 0;
@@ -254,7 +254,7 @@ static inline void NM(row_scale)(T *out, const T *w, int64_t n, T k1, T k2)
    read-for-ownership halves the memory traffic of the write. */
 #define STREAM_BYTES (32LL << 20)
 
-static inline int NM(streaming)(const fx_job *job)
+FX_INLINE int NM(streaming)(const fx_job *job)
 {
     return job->n_rows * job->n_cols * (int64_t)sizeof(T) > STREAM_BYTES;
 }
@@ -263,7 +263,7 @@ static inline int NM(streaming)(const fx_job *job)
    lsm != 0, out_c = e_c - k1 with e_c = x_c - m), with streaming stores
    from the first 64-byte boundary of out; the scalar head and tail use the
    same expression, so the bits match row_scale's. */
-static inline void NM(row_scale_stream)(const T *e, T *out, const T *w, int64_t n, T k1, T k2,
+FX_INLINE void NM(row_scale_stream)(const T *e, T *out, const T *w, int64_t n, T k1, T k2,
                                         int lsm, T m)
 {
     int64_t i = 0;
@@ -284,7 +284,7 @@ static inline void NM(row_scale_stream)(const T *e, T *out, const T *w, int64_t 
 }
 #endif
 
-static inline void NM(row_zero)(XT *out, int64_t n)
+FX_INLINE void NM(row_zero)(XT *out, int64_t n)
 {
     memset(out, 0, (size_t)n * sizeof(XT)); /* +0 in every storage type */
 }
@@ -301,20 +301,20 @@ static inline void NM(row_zero)(XT *out, int64_t n)
 #define SMALL_C 32
 
 /* Rows [0, nr) of x (nr <= VL, rows ld apart) into buf; other lanes 0. */
-static inline void NM(small_load)(const XT *x, int64_t ld, int64_t nr, int64_t n, T *buf)
+FX_INLINE void NM(small_load)(const XT *x, int64_t ld, int64_t nr, int64_t n, T *buf)
 {
     for (int64_t c = 0; c < n; c++)
         for (int64_t j = 0; j < VL; j++) buf[c * VL + j] = j < nr ? XGET(x, j * ld + c) : 0;
 }
 
-static inline void NM(small_store)(const T *buf, int64_t nr, int64_t n, XT *out, int64_t ld)
+FX_INLINE void NM(small_store)(const T *buf, int64_t nr, int64_t n, XT *out, int64_t ld)
 {
     for (int64_t j = 0; j < nr; j++)
         for (int64_t c = 0; c < n; c++) XSET(out, j * ld + c, buf[c * VL + j]);
 }
 
 /* Lanewise row max and sum of exp(x - max). */
-static inline V NM(small_stats)(const T *buf, int64_t n, VW *s)
+FX_INLINE V NM(small_stats)(const T *buf, int64_t n, VW *s)
 {
     V m = SPLAT(-INFINITY);
     for (int64_t c = 0; c < n; c++) m = VMAX(m, LOAD(buf + c * VL));
@@ -327,7 +327,7 @@ static inline V NM(small_stats)(const T *buf, int64_t n, VW *s)
 /* log of the lanewise sums (>= 1 where the row is finite; other lanes are
    screened by the caller). float32 rows: the sums are rounded to float
    first, the log is then float32-accurate, enough for a float32 result. */
-static inline VW NM(small_log)(VW s)
+FX_INLINE VW NM(small_log)(VW s)
 {
     V sf = __builtin_convertvector(s, V);
     sf = SEL(SFX(fx_lt)(sf, SPLAT(1)), SPLAT(1), sf); /* padding and NaN lanes */
@@ -808,7 +808,7 @@ static void NM(kl_row_scalar)(const fx_job *job, int kind, const T *z, const T *
     }
 }
 
-static inline void NM(kl_rows)(const fx_job *job, int kind, int64_t r0, int64_t r1)
+FX_INLINE void NM(kl_rows)(const fx_job *job, int kind, int64_t r0, int64_t r1)
 {
     const int64_t n = job->n_cols;
     const double Tt = job->temperature;

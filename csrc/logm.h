@@ -18,7 +18,7 @@
 #include "vec.h"
 
 /* log1p(v) = 2 atanh(s), s = v / (2 + v), for |v| <= sqrt(2) - 1. */
-static inline fx_vf32 fx_log1p_series_f32(fx_vf32 v)
+FX_INLINE fx_vf32 fx_log1p_series_f32(fx_vf32 v)
 {
     const fx_vf32 s = v / (fx_splat_f32(2.0f) + v);
     const fx_vf32 z = s * s;
@@ -30,7 +30,7 @@ static inline fx_vf32 fx_log1p_series_f32(fx_vf32 v)
     return s2 + (s2 * z) * p;
 }
 
-static inline fx_vf64 fx_log1p_series_f64(fx_vf64 v)
+FX_INLINE fx_vf64 fx_log1p_series_f64(fx_vf64 v)
 {
     const fx_vf64 s = v / (fx_splat_f64(2.0) + v);
     const fx_vf64 z = s * s;
@@ -47,14 +47,14 @@ static inline fx_vf64 fx_log1p_series_f64(fx_vf64 v)
     return s2 + (s2 * z) * p;
 }
 
-static inline fx_vf32 fx_log1p_unit_f32(fx_vf32 y)
+FX_INLINE fx_vf32 fx_log1p_unit_f32(fx_vf32 y)
 {
     const fx_vi32 big = fx_lt_f32(fx_splat_f32(1.41421356f), y + fx_splat_f32(1.0f));
     const fx_vf32 v = fx_sel_f32(big, (y - fx_splat_f32(1.0f)) * fx_splat_f32(0.5f), y);
     return fx_log1p_series_f32(v) + fx_sel_f32(big, fx_splat_f32(0.693147180559945309f), fx_splat_f32(0.0f));
 }
 
-static inline fx_vf64 fx_log1p_unit_f64(fx_vf64 y)
+FX_INLINE fx_vf64 fx_log1p_unit_f64(fx_vf64 y)
 {
     const fx_vi64 big = fx_lt_f64(fx_splat_f64(1.4142135623730951), y + fx_splat_f64(1.0));
     const fx_vf64 v = fx_sel_f64(big, (y - fx_splat_f64(1.0)) * fx_splat_f64(0.5), y);
@@ -69,7 +69,7 @@ static inline fx_vf64 fx_log1p_unit_f64(fx_vf64 y)
  * log(m) = log1p(m - 1) by the series above. Callers screen NaN, zero and
  * infinities themselves.
  */
-static inline fx_vf32 fx_log_pos_f32(fx_vf32 x)
+FX_INLINE fx_vf32 fx_log_pos_f32(fx_vf32 x)
 {
     const fx_vu32 bits = (fx_vu32)x;
     fx_vf32 m = (fx_vf32)((bits & 0x007FFFFFu) | 0x3F800000u); /* [1, 2) */
@@ -81,7 +81,7 @@ static inline fx_vf32 fx_log_pos_f32(fx_vf32 x)
     return ef * fx_splat_f32(0.693147180559945309f) + fx_log1p_series_f32(m - fx_splat_f32(1.0f));
 }
 
-static inline fx_vf64 fx_log_pos_f64(fx_vf64 x)
+FX_INLINE fx_vf64 fx_log_pos_f64(fx_vf64 x)
 {
     const fx_vu64 bits = (fx_vu64)x;
     fx_vf64 m = (fx_vf64)((bits & 0x000FFFFFFFFFFFFFull) | 0x3FF0000000000000ull);

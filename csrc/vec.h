@@ -20,6 +20,11 @@
 
 #define FX_VBYTES 64
 
+/* The helpers and row functions must inline into the kernels: a call that
+   passes 64-byte vectors goes through the stack, and GCC's unit-growth
+   limits stop inlining in files that instantiate the kernels four times. */
+#define FX_INLINE static inline __attribute__((always_inline))
+
 typedef float fx_vf32 __attribute__((vector_size(FX_VBYTES)));
 typedef int32_t fx_vi32 __attribute__((vector_size(FX_VBYTES)));
 typedef uint32_t fx_vu32 __attribute__((vector_size(FX_VBYTES)));
@@ -47,7 +52,7 @@ typedef double fx_nf64 __attribute__((vector_size(FX_NBYTES)));
 typedef int64_t fx_ni64 __attribute__((vector_size(FX_NBYTES)));
 
 #define FX_DEFINE_CMP(SFX, V, VI, NV, NVI, NAME, OP)                           \
-    static inline VI fx_##NAME##_##SFX(V a, V b)                               \
+    FX_INLINE VI fx_##NAME##_##SFX(V a, V b)                               \
     {                                                                          \
         union { V v; NV n[FX_NPARTS]; } ua = {a}, ub = {b};                    \
         union { VI v; NVI n[FX_NPARTS]; } r;                                   \
@@ -67,7 +72,7 @@ FX_DEFINE_CMP(f64, fx_vf64, fx_vi64, fx_nf64, fx_ni64, eq, ==)
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define FX_HAVE_STREAM 1
-static inline void fx_stream_f32(float *p, fx_vf32 v)
+FX_INLINE void fx_stream_f32(float *p, fx_vf32 v)
 {
 #if defined(__AVX512F__)
     _mm512_stream_ps(p, (__m512)v);
@@ -80,7 +85,7 @@ static inline void fx_stream_f32(float *p, fx_vf32 v)
     for (int k = 0; k < 4; k++) _mm_stream_ps(p + 4 * k, u.q[k]);
 #endif
 }
-static inline void fx_stream_f64(double *p, fx_vf64 v)
+FX_INLINE void fx_stream_f64(double *p, fx_vf64 v)
 {
 #if defined(__AVX512F__)
     _mm512_stream_pd(p, (__m512d)v);
@@ -93,55 +98,55 @@ static inline void fx_stream_f64(double *p, fx_vf64 v)
     for (int k = 0; k < 4; k++) _mm_stream_pd(p + 2 * k, u.q[k]);
 #endif
 }
-static inline void fx_stream_fence(void) { _mm_sfence(); }
+FX_INLINE void fx_stream_fence(void) { _mm_sfence(); }
 #else
 #define FX_HAVE_STREAM 0
-static inline void fx_stream_f32(float *p, fx_vf32 v) { memcpy(p, &v, sizeof v); }
-static inline void fx_stream_f64(double *p, fx_vf64 v) { memcpy(p, &v, sizeof v); }
-static inline void fx_stream_fence(void) {}
+FX_INLINE void fx_stream_f32(float *p, fx_vf32 v) { memcpy(p, &v, sizeof v); }
+FX_INLINE void fx_stream_f64(double *p, fx_vf64 v) { memcpy(p, &v, sizeof v); }
+FX_INLINE void fx_stream_fence(void) {}
 #endif
 
 #define FX_DEFINE_VEC_HELPERS(SFX, T, V, VI, VU, VL)                           \
-    static inline V fx_splat_##SFX(T s)                                        \
+    FX_INLINE V fx_splat_##SFX(T s)                                        \
     {                                                                          \
         V v;                                                                   \
         for (int j = 0; j < VL; j++) v[j] = s;                                 \
         return v;                                                              \
     }                                                                          \
-    static inline V fx_load_##SFX(const T *p)                                  \
+    FX_INLINE V fx_load_##SFX(const T *p)                                  \
     {                                                                          \
         V v;                                                                   \
         memcpy(&v, p, sizeof v);                                               \
         return v;                                                              \
     }                                                                          \
     /* The first n (< VL) elements of p; the other lanes hold fill. */         \
-    static inline V fx_load_tail_##SFX(const T *p, int64_t n, T fill)          \
+    FX_INLINE V fx_load_tail_##SFX(const T *p, int64_t n, T fill)          \
     {                                                                          \
         V v = fx_splat_##SFX(fill);                                            \
         for (int64_t j = 0; j < n; j++) v[j] = p[j];                           \
         return v;                                                              \
     }                                                                          \
-    static inline void fx_store_##SFX(T *p, V v) { memcpy(p, &v, sizeof v); }  \
-    static inline void fx_store_tail_##SFX(T *p, V v, int64_t n)               \
+    FX_INLINE void fx_store_##SFX(T *p, V v) { memcpy(p, &v, sizeof v); }  \
+    FX_INLINE void fx_store_tail_##SFX(T *p, V v, int64_t n)               \
     {                                                                          \
         for (int64_t j = 0; j < n; j++) p[j] = v[j];                           \
     }                                                                          \
     /* Lanewise m ? a : b, for a mask m from a vector comparison. */          \
-    static inline V fx_sel_##SFX(VI m, V a, V b)                               \
+    FX_INLINE V fx_sel_##SFX(VI m, V a, V b)                               \
     {                                                                          \
         return (V)(((VU)a & (VU)m) | ((VU)b & ~(VU)m));                        \
     }                                                                          \
     /* Lanewise maximum that skips NaN in b; NaN rows are caught by the    */ \
     /* sum of exponentials, which NaN poisons.                              */ \
-    static inline V fx_vmax_##SFX(V a, V b) { return fx_sel_##SFX(fx_lt_##SFX(a, b), b, a); } \
+    FX_INLINE V fx_vmax_##SFX(V a, V b) { return fx_sel_##SFX(fx_lt_##SFX(a, b), b, a); } \
     /* Lanes combined in a fixed order, in double. */                          \
-    static inline double fx_hsum_##SFX(V v)                                    \
+    FX_INLINE double fx_hsum_##SFX(V v)                                    \
     {                                                                          \
         double s = 0.0;                                                        \
         for (int j = 0; j < VL; j++) s += (double)v[j];                        \
         return s;                                                              \
     }                                                                          \
-    static inline T fx_hmax_##SFX(V v)                                         \
+    FX_INLINE T fx_hmax_##SFX(V v)                                         \
     {                                                                          \
         T m = v[0];                                                            \
         for (int j = 1; j < VL; j++) m = v[j] > m ? v[j] : m;                  \
