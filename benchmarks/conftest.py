@@ -19,6 +19,11 @@ not run:
   inputs above ``BASELINE_MAX_ELEMENTS`` elements, where one float64 call
   takes seconds and gigabytes (override with ``FASTXENT_BENCH_BASELINE_MAX``).
 
+A benchmark may bring its own matrix with ``@pytest.mark.cases((shape,
+dtype), ..., threads=(1, 2))`` instead of ``CASES`` / ``THREADS``, and drop
+combinations with ``contenders(..., available=fn)``, ``fn(contender, shape,
+dtype)`` returning False for those (test_bench_family.py does both).
+
 All contenders of one (function, shape, dtype, threads) share one
 pytest-benchmark group, so ``--benchmark-group-by=group`` puts them side by
 side. Test ids read ``<N>x<C>-<dtype>-<T>thread-<contender>`` and are what
@@ -167,7 +172,12 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers",
         "contenders(*names): contenders of a fastxent benchmark; "
-        "expanded with the shape/dtype/threads matrix by benchmarks/conftest.py",
+        "expanded with the shape/dtype/threads matrix by benchmarks/conftest.py; "
+        "available=fn(contender, shape, dtype) -> bool drops the combinations fn refuses",
+    )
+    config.addinivalue_line(
+        "markers",
+        "cases(*(shape, dtype), threads=THREADS): this benchmark's own matrix instead of CASES",
     )
 
 
@@ -177,11 +187,19 @@ def pytest_generate_tests(metafunc):
     marker = metafunc.definition.get_closest_marker("contenders")
     if marker is None or not marker.args:
         raise pytest.UsageError(f"{metafunc.function.__name__} needs @pytest.mark.contenders(...)")
+    available = marker.kwargs.get("available")
+    cases_marker = metafunc.definition.get_closest_marker("cases")
+    cases, threads_list = CASES, THREADS
+    if cases_marker is not None:
+        cases = cases_marker.args
+        threads_list = cases_marker.kwargs.get("threads", THREADS)
     params = []
-    for shape, dtype in CASES:
-        for threads in THREADS:
+    for shape, dtype in cases:
+        for threads in threads_list:
             for contender in marker.args:
                 if not _contender_available(contender, shape, dtype):
+                    continue
+                if available is not None and not available(contender, shape, dtype):
                     continue
                 case = BenchCase(shape, dtype, threads, contender)
                 params.append(pytest.param(case, id=case.id))
@@ -349,14 +367,23 @@ class Bench:
         fn()  # trace + compile, outside the timing
         return fn
 
-    def run(self, fn, *, writes_result: bool = False):
+    def run(self, fn, *, writes_result: bool = False, nbytes: int | None = None,
+            result_nbytes: int | None = None, rounds: int | None = None,
+            warmup_rounds: int | None = None):
         """Time ``fn()`` and record everything a reader needs to compare.
 
         ``writes_result``: the call writes an N x C array (gradient,
-        probabilities), counted in ``bytes_moved``.
+        probabilities), counted in ``bytes_moved``. ``nbytes``: the bytes one
+        call reads (default: the logits'; e.g. logits plus a dense target);
+        ``result_nbytes``: the bytes of that written result (default
+        ``nbytes``). ``rounds``, ``warmup_rounds``: pedantic rounds for the
+        large inputs (default ``PEDANTIC_ROUNDS``, ``PEDANTIC_WARMUP_ROUNDS``).
         """
         case, benchmark = self.case, self.benchmark
-        nbytes = self.logits.nbytes
+        if nbytes is None:
+            nbytes = self.logits.nbytes
+        if result_nbytes is None:
+            result_nbytes = nbytes
         benchmark.group = f"{self.function} {case.shape_id} {case.dtype} {case.threads}thread"
         benchmark.extra_info.update(
             function=self.function,
@@ -366,7 +393,7 @@ class Bench:
             threads=case.threads,
             isa=fastxent_config().get("isa"),
             bytes=nbytes,
-            bytes_moved=nbytes * (2 if writes_result else 1),
+            bytes_moved=nbytes + (result_nbytes if writes_result else 0),
         )
         if case.contender.split("-")[0] == "jax":
             # JAX does not follow `threads` (see JAX_THREADING).
@@ -374,7 +401,10 @@ class Bench:
         with torch_threads(case.threads):
             if case.pedantic:
                 result = benchmark.pedantic(
-                    fn, rounds=PEDANTIC_ROUNDS, warmup_rounds=PEDANTIC_WARMUP_ROUNDS, iterations=1
+                    fn,
+                    rounds=PEDANTIC_ROUNDS if rounds is None else rounds,
+                    warmup_rounds=PEDANTIC_WARMUP_ROUNDS if warmup_rounds is None else warmup_rounds,
+                    iterations=1,
                 )
             else:
                 result = benchmark(fn)

@@ -43,6 +43,9 @@ __all__ = [
 ]
 
 _REDUCTIONS = ("mean", "sum", "none")
+# C-contiguous and aligned: np.ascontiguousarray keeps a misaligned view,
+# which the C kernels must never see.
+_CA = ("C", "A")
 _MAX_THREADS = 1024
 _thread_override = None  # set by set_num_threads; None: follow OpenMP
 
@@ -127,13 +130,13 @@ def _as_rows(a, n, c, dtype):
     """``a`` (class axis last) as an (n, c) array of ``dtype`` whose rows are
     contiguous, aligned and native-endian: a view when one exists."""
     if a.dtype != dtype:
-        return np.ascontiguousarray(a, dtype=dtype).reshape(n, c)
+        return np.require(a, dtype, _CA).reshape(n, c)
     if a.flags.aligned and (c <= 1 or a.strides[-1] == a.itemsize):
         try:
             return np.reshape(a, (n, c), copy=False)
         except (ValueError, TypeError):
             pass
-    return np.ascontiguousarray(a).reshape(n, c)
+    return np.require(a, None, _CA).reshape(n, c)
 
 
 _CODE_F16, _CODE_BF16 = 2, 3  # fastxent.h's FX_F16, FX_BF16
@@ -294,7 +297,8 @@ def _check_weight(weight, inp):
     if bad.any():
         i = int(np.argmax(bad))
         raise ValueError(f"weight must be finite and non-negative; weight[{i}] = {w64[i]!r}")
-    w = np.ascontiguousarray(w, dtype=inp.dtype)
+    with np.errstate(over="ignore"):
+        w = np.require(w, inp.dtype, _CA)
     if not np.isfinite(w).all():
         i = int(np.argmax(~np.isfinite(w)))
         raise ValueError(f"weight[{i}] = {w64[i]!r} overflows the compute dtype {inp.dtype}")
@@ -317,7 +321,7 @@ def _check_labels(labels, inp, ignore_index):
         pos = tuple(int(p) for p in pos)
         raise ValueError(f"label {flat[i]} at position {pos} is out of range [0, {inp.c})"
                          + (f" and is not ignore_index ({ignore_index})" if ignore_index is not None else ""))
-    return np.ascontiguousarray(flat, dtype=np.int64)
+    return np.require(flat, np.int64, _CA)
 
 
 def _check_ignore_index(ignore_index):
@@ -354,7 +358,7 @@ def _gscale(grad_output, reduction, inp, factor):
         raise ValueError(f"grad_output must be a scalar for reduction={reduction!r}, got shape {g.shape}")
     if g.shape != inp.batch_shape:
         raise ValueError(f"grad_output must be a scalar or have the batch shape {inp.batch_shape}, got {g.shape}")
-    return np.ascontiguousarray(g.reshape(-1) * factor)
+    return np.require(g.reshape(-1) * factor, np.float64, _CA)
 
 
 def _grad_buffers(grad_output, reduction, inp, factor, out, inputs):
