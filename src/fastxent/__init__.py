@@ -7,7 +7,7 @@ NumPy (float64) twin of every function.
 """
 import warnings as _warnings
 
-from . import _core, reference
+from . import _api, _core, reference
 from ._api import (
     binary_cross_entropy,
     binary_cross_entropy_with_grad,
@@ -25,22 +25,7 @@ from ._api import (
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "cross_entropy",
-    "cross_entropy_with_grad",
-    "logsumexp",
-    "log_softmax",
-    "softmax",
-    "entropy",
-    "kl_div",
-    "kl_div_with_grad",
-    "binary_cross_entropy",
-    "binary_cross_entropy_with_grad",
-    "set_num_threads",
-    "get_num_threads",
-    "show_config",
-    "__version__",
-]
+__all__ = [*_api.__all__, "show_config", "__version__"]
 
 if _core.init_status() != 0:
     import os as _os
