@@ -503,7 +503,6 @@ static void KFN(ce_hard)(const fx_job *job, int64_t r0, int64_t r1)
     }
 }
 
-#if !X16
 /* ------------------------------------------------------------------------
  * Cross entropy from logits with probability targets t (used as given),
  * smoothed to t' = (1-eps) t + eps/C:
@@ -559,7 +558,7 @@ static void KFN(ce_probs)(const fx_job *job, int64_t r0, int64_t r1)
     const double eps = job->smoothing, ec = eps / (double)n;
     const int hard = job->labels != NULL;
     for (int64_t r = r0; r < r1; r++) {
-        const T *p = (const XT *)job->x + r * job->x_ld;
+        const XT *p = (const XT *)job->x + r * job->x_ld;
         const T *t = hard ? NULL : (const T *)job->t + r * job->t_ld;
         XT *out = job->out ? (XT *)job->out + r * job->out_ld : NULL;
         const int64_t y = hard ? job->labels[r] : -1;
@@ -571,39 +570,37 @@ static void KFN(ce_probs)(const fx_job *job, int64_t r0, int64_t r1)
         double loss = 0.0;
         if (hard) {
             const double coef = (1.0 - eps) * (w ? (double)w[y] : 1.0);
-            loss = coef != 0 || isnan(p[y]) ? -coef * log((double)p[y]) : 0.0;
+            loss = coef != 0 || isnan(XGET(p, y)) ? -coef * log((double)XGET(p, y)) : 0.0;
             if (eps > 0) {
                 double acc = 0.0;
                 for (int64_t c = 0; c < n; c++) {
                     const double wc = w ? (double)w[c] : 1.0;
-                    if (wc != 0 || isnan(p[c])) acc += wc * log((double)p[c]);
+                    if (wc != 0 || isnan(XGET(p, c))) acc += wc * log((double)XGET(p, c));
                 }
                 loss -= ec * acc;
             }
         } else {
             for (int64_t c = 0; c < n; c++) {
                 const double coef = (w ? (double)w[c] : 1.0) * ((1.0 - eps) * (double)t[c] + ec);
-                if (coef != 0 || isnan(p[c])) loss -= coef * log((double)p[c]);
+                if (coef != 0 || isnan(XGET(p, c))) loss -= coef * log((double)XGET(p, c));
             }
         }
         job->row_out[r] = loss;
         if (out) {
             const double gs = job->gscale[r * job->gscale_step];
-            const double py = hard ? (double)p[y] : 0.0;
+            const double py = hard ? (double)XGET(p, y) : 0.0;
             for (int64_t c = 0; c < n; c++) {
                 const double tc = hard ? ec : (1.0 - eps) * (double)t[c] + ec;
                 const double coef = (w ? (double)w[c] : 1.0) * tc;
-                out[c] = coef == 0 && !isnan(p[c]) ? (T)0 : (T)(-gs * coef / (double)p[c]);
+                XSET(out, c, coef == 0 && !isnan(XGET(p, c)) ? (T)0 : (T)(-gs * coef / (double)XGET(p, c)));
             }
             if (hard) {
                 const double coef = (w ? (double)w[y] : 1.0) * ((1.0 - eps) + ec);
-                out[y] = coef == 0 && !isnan(py) ? (T)0 : (T)(-gs * coef / py);
+                XSET(out, y, coef == 0 && !isnan(py) ? (T)0 : (T)(-gs * coef / py));
             }
         }
     }
 }
-
-#endif /* !X16 */
 
 /* ------------------------------------------------------------------------
  * Building blocks.
@@ -729,7 +726,6 @@ static void KFN(softmax)(const fx_job *job, int64_t r0, int64_t r1)
     }
 }
 
-#if !X16
 /* H = log s - (1/s) sum_c e_c (x_c - m), with e_c = exp(x_c - m). */
 static void KFN(entropy)(const fx_job *job, int64_t r0, int64_t r1)
 {
@@ -753,10 +749,10 @@ static void KFN(entropy_probs)(const fx_job *job, int64_t r0, int64_t r1)
 {
     const int64_t n = job->n_cols;
     for (int64_t r = r0; r < r1; r++) {
-        const T *p = (const XT *)job->x + r * job->x_ld;
+        const XT *p = (const XT *)job->x + r * job->x_ld;
         double h = 0.0;
         for (int64_t c = 0; c < n; c++)
-            if (p[c] != 0) h -= (double)p[c] * log((double)p[c]);
+            if (XGET(p, c) != 0) h -= (double)XGET(p, c) * log((double)XGET(p, c));
         job->row_out[r] = h;
     }
 }
@@ -771,24 +767,24 @@ static void KFN(entropy_probs)(const fx_job *job, int64_t r0, int64_t r1)
 
 /* Any row whose maxima are not finite: the formulas above, element by
    element in double, with IEEE rules. Rare, so plain and exact. */
-static void NM(kl_row_scalar)(const fx_job *job, int kind, const T *z, const T *t, XT *out,
+static void NM(kl_row_scalar)(const fx_job *job, int kind, const XT *z, const T *t, XT *out,
                                double gs, double *loss)
 {
     const int64_t n = job->n_cols;
     const double Tt = job->temperature;
     double ma = -INFINITY, mb = -INFINITY, sa = 0.0, sb = 0.0;
     for (int64_t c = 0; c < n; c++) {
-        ma = fmax(ma, (double)z[c] / Tt);
+        ma = fmax(ma, (double)XGET(z, c) / Tt);
         mb = fmax(mb, (double)t[c] / Tt);
     }
     for (int64_t c = 0; c < n; c++) {
-        sa += exp((double)z[c] / Tt - ma);
+        sa += exp((double)XGET(z, c) / Tt - ma);
         sb += exp((double)t[c] / Tt - mb);
     }
     const double lsa = log(sa), lsb = log(sb);
     double acc = 0.0, psum = 0.0;
     for (int64_t c = 0; c < n; c++) {
-        const double lq = (double)z[c] / Tt - ma - lsa;
+        const double lq = (double)XGET(z, c) / Tt - ma - lsa;
         double p, lp;
         if (kind == FX_KL_PROBS) { p = t[c]; lp = log(p); }
         else if (kind == FX_KL_LOG_PROBS) { lp = t[c]; p = exp(lp); }
@@ -799,12 +795,12 @@ static void NM(kl_row_scalar)(const fx_job *job, int kind, const T *z, const T *
     *loss = Tt * Tt * acc;
     if (!out) return;
     for (int64_t c = 0; c < n; c++) {
-        const double q = exp((double)z[c] / Tt - ma - lsa);
+        const double q = exp((double)XGET(z, c) / Tt - ma - lsa);
         double p;
         if (kind == FX_KL_PROBS) p = t[c];
         else if (kind == FX_KL_LOG_PROBS) p = exp((double)t[c]);
         else p = exp((double)t[c] / Tt - mb - lsb);
-        out[c] = (T)(gs * Tt * (q * psum - p));
+        XSET(out, c, (T)(gs * Tt * (q * psum - p)));
     }
 }
 
@@ -815,13 +811,19 @@ FX_INLINE void NM(kl_rows)(const fx_job *job, int kind, int64_t r0, int64_t r1)
     const T inv_t = (T)(1.0 / Tt);
     const V vinv = SPLAT(inv_t), zero = SPLAT(0);
     for (int64_t r = r0; r < r1; r++) {
-        const T *z = (const XT *)job->x + r * job->x_ld;
+        const XT *z = (const XT *)job->x + r * job->x_ld;
         const T *t = (const T *)job->t + r * job->t_ld;
         XT *out = job->out ? (XT *)job->out + r * job->out_ld : NULL;
         const double gs = out ? job->gscale[r * job->gscale_step] : 0.0;
         /* max(z / T) = max(z) / T: rounding is monotone. */
         const T ma = NM(row_max)(z, n) * inv_t;
+        /* The teacher's logits are in the compute dtype: the float32
+           kernels' row max for 16-bit students. */
+#if X16
+        const T mb = kind == FX_KL_LOGITS ? row_max_f32(t, n) * inv_t : 0;
+#else
         const T mb = kind == FX_KL_LOGITS ? NM(row_max)(t, n) * inv_t : 0;
+#endif
         if (!isfinite(ma) || !isfinite(mb)) {
             NM(kl_row_scalar)(job, kind, z, t, out, gs, &job->row_out[r]);
             continue;
@@ -833,7 +835,7 @@ FX_INLINE void NM(kl_rows)(const fx_job *job, int kind, int64_t r0, int64_t r1)
             V va = zero, vb = zero, vu = zero;
             for (int64_t i = c0; i < c1; i += VL) {
                 const int64_t k = c1 - i < VL ? c1 - i : VL;
-                const V za = (k == VL ? LOAD(z + i) : LOAD_TAIL(z + i, k, -INFINITY)) * vinv - vma;
+                const V za = (k == VL ? XLOAD(z + i) : XLOAD_TAIL(z + i, k, -INFINITY)) * vinv - vma;
                 va += EXPM(za);
                 if (kind == FX_KL_LOGITS) {
                     const V zb = (k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, -INFINITY)) * vinv - vmb;
@@ -855,7 +857,7 @@ FX_INLINE void NM(kl_rows)(const fx_job *job, int kind, int64_t r0, int64_t r1)
                exact for any target, at scalar speed. */
             double acc = 0.0;
             for (int64_t c = 0; c < n; c++) {
-                const double za = (double)(z[c] * inv_t - ma);
+                const double za = (double)(XGET(z, c) * inv_t - ma);
                 double p, lp;
                 if (kind == FX_KL_PROBS) { p = t[c]; lp = log(p); }
                 else { lp = t[c]; p = exp(lp); }
@@ -870,7 +872,7 @@ FX_INLINE void NM(kl_rows)(const fx_job *job, int kind, int64_t r0, int64_t r1)
         const V k2 = SPLAT((T)(gs * Tt / (kind == FX_KL_LOGITS ? sb : 1.0)));
         for (int64_t i = 0; i < n; i += VL) {
             const int64_t k = n - i < VL ? n - i : VL;
-            const V ea = EXPM((k == VL ? LOAD(z + i) : LOAD_TAIL(z + i, k, -INFINITY)) * vinv - vma);
+            const V ea = EXPM((k == VL ? XLOAD(z + i) : XLOAD_TAIL(z + i, k, -INFINITY)) * vinv - vma);
             V p;
             if (kind == FX_KL_LOGITS) {
                 p = EXPM((k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, -INFINITY)) * vinv - vmb);
@@ -966,7 +968,7 @@ static void KFN(bce_probs)(const fx_job *job, int64_t r0, int64_t r1)
     const int64_t n = job->n_cols;
     const double eps = (double)1e-12f;
     for (int64_t r = r0; r < r1; r++) {
-        const T *p = (const XT *)job->x + r * job->x_ld;
+        const XT *p = (const XT *)job->x + r * job->x_ld;
         const T *t = (const T *)job->t + r * job->t_ld;
         const T *w = job->w ? (const T *)job->w + r * job->w_ld : NULL;
         const T *pw = job->pw ? (const T *)job->pw + r * job->pw_ld : NULL;
@@ -976,7 +978,7 @@ static void KFN(bce_probs)(const fx_job *job, int64_t r0, int64_t r1)
         const double gs = out ? job->gscale[r * job->gscale_step] : 0.0;
         double total = 0.0;
         for (int64_t c = 0; c < n; c++) {
-            const double pc = p[c], tc = t[c];
+            const double pc = XGET(p, c), tc = t[c];
             const double wc = w ? (double)w[c] : 1.0, pwc = pw ? (double)pw[c] : 1.0;
             /* Clamped at -100 like torch; a NaN probability stays NaN (fmax
                would drop it). */
@@ -989,13 +991,14 @@ static void KFN(bce_probs)(const fx_job *job, int64_t r0, int64_t r1)
             if (out) {
                 const double lw = 1.0 + (pwc - 1.0) * tc;
                 const double g = gs * wc * (lw * pc - pwc * tc) / fmax(pc * (1.0 - pc), eps);
-                out[c] = (T)(go ? g * (double)go[c] : g);
+                XSET(out, c, (T)(go ? g * (double)go[c] : g));
             }
         }
         job->row_out[r] = total;
     }
 }
 
+#if !X16
 static void KFN(expm_array)(const XT *x, T *y, int64_t n)
 {
     int64_t i = 0;

@@ -403,7 +403,7 @@ def _with_grad(loss, out, rows_out, grad_rows, inp):
 def _cross_entropy(logits, labels, axis, weight, ignore_index, reduction, label_smoothing,
                    from_logits, base, num_threads, want_grad, grad_output, out):
     lab = np.asarray(labels)
-    inp = _Input(logits, axis, "logits", keep16=bool(from_logits) and lab.dtype.kind in "iu")
+    inp = _Input(logits, axis, "logits", keep16=True)
     reduction = _check_reduction(reduction)
     eps = _check_smoothing(label_smoothing)
     scale = _log_base_scale(base)
@@ -499,7 +499,7 @@ def cross_entropy_with_grad(logits, labels, *, axis=-1, weight=None, ignore_inde
 # --------------------------------------------------------------------------
 
 def _row_values(op, x, axis, num_threads, name="x"):
-    inp = _Input(x, axis, name, keep16=op == _core.LOGSUMEXP)
+    inp = _Input(x, axis, name, keep16=True)
     nt = _threads(num_threads)
     row = np.empty(inp.n, np.float64)
     _core.run(op, inp.rows, None, None, None, 0.0, 0, 0.0, None, row, None, nt, xdtype=inp.code)
@@ -566,7 +566,7 @@ def _check_temperature(temperature):
 
 def _kl_div(logits, target, axis, target_kind, reduction, temperature, base, num_threads,
             want_grad, grad_output, out):
-    inp = _Input(logits, axis, "logits")
+    inp = _Input(logits, axis, "logits", keep16=True)
     reduction = _check_reduction(reduction, _KL_REDUCTIONS)
     if not isinstance(target_kind, str) or target_kind not in _KL_OPS:
         raise ValueError(f"target_kind must be one of 'probs', 'log_probs', 'logits'; got {target_kind!r}")
@@ -591,7 +591,7 @@ def _kl_div(logits, target, axis, target_kind, reduction, temperature, base, num
 
     row_loss = np.empty(inp.n, np.float64)
     _core.run(op, inp.rows, None, target_rows, None, 0.0, 0, 0.0, grad_rows, row_loss,
-              gscale, nt, T)
+              gscale, nt, T, xdtype=inp.code)
     loss = _reduce(row_loss, reduction, inp, scale, inp.n if mean else None)
     if not want_grad:
         return loss
@@ -622,20 +622,22 @@ def kl_div_with_grad(logits, target, *, axis=-1, target_kind="probs", reduction=
 class _Elementwise:
     """An elementwise input seen as (N, D) rows, D its last axis."""
 
-    __slots__ = ("array", "rows", "n", "d", "dtype", "out_dtype", "shape")
+    __slots__ = ("array", "rows", "n", "d", "dtype", "out_dtype", "shape", "code")
 
     def __init__(self, data, name):
         a = np.asarray(data)
         self.dtype, self.out_dtype = _compute_dtype(a.dtype, name)
+        self.code = _storage_code(a.dtype)  # 16-bit rows stay 16-bit
         self.array = a
         self.shape = a.shape
         self.d = a.shape[-1] if a.ndim else 1
         self.n = a.size // self.d if self.d else 0
-        self.rows = self.as_rows(a)
+        store = self.dtype if self.code < 0 else np.dtype(a.dtype.newbyteorder("="))
+        self.rows = self.as_rows(a, store)
 
-    def as_rows(self, b):
+    def as_rows(self, b, dtype=None):
         moved = b.reshape(1) if b.ndim == 0 else b
-        return _as_rows(moved, self.n, self.d, self.dtype)
+        return _as_rows(moved, self.n, self.d, dtype or self.dtype)
 
     def broadcast_rows(self, b, name):
         b = np.asarray(b)
@@ -701,18 +703,18 @@ def _binary_cross_entropy(logits, target, weight, pos_weight, reduction, from_lo
                 raise ValueError("out is read-only")
             _check_overlap(out, [("logits", inp.array), ("target", tgt), ("weight", weight),
                                  ("pos_weight", pos_weight)], inp.array)
-            if out.dtype == inp.dtype and out.dtype.isnative and out.flags.aligned and \
+            if out.dtype == inp.rows.dtype and out.dtype.isnative and out.flags.aligned and \
                     (inp.d <= 1 or out.strides[-1] == out.itemsize) and out.ndim:
                 try:
                     rows_out = np.reshape(out, (inp.n, inp.d), copy=False)
                 except (ValueError, TypeError):
                     rows_out = None
-        grad_rows = rows_out if rows_out is not None else np.empty((inp.n, inp.d), inp.dtype)
+        grad_rows = rows_out if rows_out is not None else np.empty((inp.n, inp.d), inp.rows.dtype)
 
     loss_rows = np.empty((inp.n, inp.d), inp.dtype) if reduction == "none" else None
     row_loss = np.empty(inp.n, np.float64)
     _core.run_elementwise(op, inp.rows, t_rows, w_rows, pw_rows, loss_rows, grad_rows,
-                          row_loss, gscale, gout, nt)
+                          row_loss, gscale, gout, nt, xdtype=inp.code)
 
     if reduction == "none":
         if scale != 1.0:

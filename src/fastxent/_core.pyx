@@ -319,14 +319,25 @@ def cross_entropy_fast(x, labels, int64_t ignore_index, int num_threads):
 def run_elementwise(int op, cnp.ndarray x, cnp.ndarray target, cnp.ndarray weight,
                     cnp.ndarray pos_weight, cnp.ndarray loss_out, cnp.ndarray out,
                     cnp.ndarray row_out, cnp.ndarray gscale, cnp.ndarray gout,
-                    int num_threads):
+                    int num_threads, int xdtype=-1):
     """An elementwise loss (BCE) over the rows of x; weight and pos_weight
-    are arrays of x's shape whose rows may be broadcast (row stride 0)."""
+    are arrays of x's shape whose rows may be broadcast (row stride 0).
+    xdtype as for run: 16-bit x and out, everything else float32."""
     cdef fx_job job
     if op != FX_BCE_LOGITS and op != FX_BCE_PROBS:
         raise ValueError("internal: not an elementwise op")
-    cdef int dt = _dtype_code(x)
+    cdef int dt
     cdef int num = cnp.PyArray_TYPE(x)
+    cdef int cnum = num
+    if xdtype == FX_F16 or xdtype == FX_BF16:
+        if cnp.PyArray_ITEMSIZE(x) != 2:
+            raise ValueError("internal: 16-bit rows must have 2-byte items")
+        if xdtype == FX_F16 and num != cnp.NPY_FLOAT16:
+            raise ValueError("internal: float16 rows expected")
+        dt = xdtype
+        cnum = cnp.NPY_FLOAT32
+    else:
+        dt = _dtype_code(x)
     if cnp.PyArray_NDIM(x) != 2:
         raise ValueError("internal: x must be 2-D")
     cdef int64_t n = x.shape[0], c = x.shape[1]
@@ -335,22 +346,22 @@ def run_elementwise(int op, cnp.ndarray x, cnp.ndarray target, cnp.ndarray weigh
     job.n_cols = c
     job.x = cnp.PyArray_DATA(x)
     job.x_ld = _rows(x, n, c, num, "x")
-    job.t_ld = _rows(target, n, c, num, "target")
+    job.t_ld = _rows(target, n, c, cnum, "target")
     job.t = cnp.PyArray_DATA(target)
     job.temperature = 1.0
     if weight is not None:
-        job.w_ld = _rows(weight, n, c, num, "weight")
+        job.w_ld = _rows(weight, n, c, cnum, "weight")
         job.w = cnp.PyArray_DATA(weight)
     if pos_weight is not None:
-        job.pw_ld = _rows(pos_weight, n, c, num, "pos_weight")
+        job.pw_ld = _rows(pos_weight, n, c, cnum, "pos_weight")
         job.pw = cnp.PyArray_DATA(pos_weight)
     if gout is not None:
-        job.gout_ld = _rows(gout, n, c, num, "grad_output")
+        job.gout_ld = _rows(gout, n, c, cnum, "grad_output")
         job.gout = cnp.PyArray_DATA(gout)
     if loss_out is not None:
         if not cnp.PyArray_ISWRITEABLE(loss_out):
             raise ValueError("internal: loss_out is read-only")
-        job.loss_ld = _rows(loss_out, n, c, num, "loss_out")
+        job.loss_ld = _rows(loss_out, n, c, cnum, "loss_out")
         job.loss_out = cnp.PyArray_DATA(loss_out)
     if out is not None:
         if not cnp.PyArray_ISWRITEABLE(out):
