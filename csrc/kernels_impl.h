@@ -338,7 +338,7 @@ static void NM(ce_hard_small)(const fx_job *job, int64_t r0, int64_t r1)
 {
     const int64_t n = job->n_cols;
     const T *w = (const T *)job->w;
-    const double eps = job->smoothing, ec = eps / (double)n, W = job->w_sum;
+    const double eps = job->smoothing, W = job->w_sum;
     T buf[SMALL_C * VL], k1[VL], k2[VL];
     double gy[VL]; /* the true class's gradient, formed in double */
     for (int64_t r = r0; r < r1; r += VL) {
@@ -365,19 +365,15 @@ static void NM(ce_hard_small)(const fx_job *job, int64_t r0, int64_t r1)
                 job->row_out[r + j] = 0.0;
                 continue;
             }
-            const double mj = (double)m[j], s = isfinite(m[j]) ? (double)sv[j] : NAN;
-            const double xy = (double)buf[y * VL + j], wy = w ? (double)w[y] : 1.0;
-            const double logs = isnan(s) ? s : (double)lv[j], c1 = (1.0 - eps) * wy;
-            double loss = (c1 == 0 && xy == -INFINITY && !isnan(s)) ? 0.0 : c1 * (logs - (xy - mj));
-            if (eps > 0) loss += ec * (W * logs - (double)dv[j]);
-            job->row_out[r + j] = loss;
-            if (out) {
-                const double gs = job->gscale[(r + j) * job->gscale_step];
-                const double A = (1.0 - eps) * wy + ec * W;
-                k1[j] = (T)(gs * A / s);
-                k2[j] = (T)(gs * ec);
-                gy[j] = gs * (exp(xy - mj) / s * A - c1 - ec * wy);
-            }
+            const double s = isfinite(m[j]) ? (double)sv[j] : NAN;
+            const fx_ce_row o = fx_ce_hard_row(
+                (double)buf[y * VL + j], w ? (double)w[y] : 1.0, (double)m[j], s,
+                isnan(s) ? s : (double)lv[j], (double)dv[j], eps, n, W,
+                out ? job->gscale[(r + j) * job->gscale_step] : 0.0, out != NULL);
+            job->row_out[r + j] = o.loss;
+            k1[j] = (T)o.k1;
+            k2[j] = (T)o.k2;
+            gy[j] = o.gy;
         }
         if (!out) continue;
         const V vk1 = LOAD(k1), vk2 = LOAD(k2);
@@ -448,7 +444,7 @@ static void KFN(ce_hard)(const fx_job *job, int64_t r0, int64_t r1)
         return;
     }
     const T *w = (const T *)job->w;
-    const double eps = job->smoothing, ec = eps / (double)n, W = job->w_sum;
+    const double eps = job->smoothing, W = job->w_sum;
     /* A gradient too big for the cache: exponentials go to a scratch row
        (which stays in L2) and the gradient is streamed out. */
     T *scratch = NULL;
@@ -475,26 +471,21 @@ static void KFN(ce_hard)(const fx_job *job, int64_t r0, int64_t r1)
 #endif
         if (isfinite(m)) s = NM(row_sumexp)(x, w, n, m, eps > 0 ? &d : NULL, stash);
         else s = NAN;
-        const double logs = log(s);
-        /* A true class of coefficient 0 (eps == 1, or weight 0) costs 0
-           even at x_y = -inf (0 log 0 = 0); NaN (logs) still poisons. */
-        const double c1 = (1.0 - eps) * wy;
-        double loss = (c1 == 0 && xy == -INFINITY && !isnan(s)) ? 0.0 : c1 * (logs - (xy - (double)m));
-        if (eps > 0) loss += ec * (W * logs - d);
-        job->row_out[r] = loss;
+        const fx_ce_row o = fx_ce_hard_row(xy, wy, (double)m, s, log(s), d, eps, n, W,
+                                           out ? job->gscale[r * job->gscale_step] : 0.0,
+                                           out != NULL);
+        job->row_out[r] = o.loss;
         if (out) {
-            const double gs = job->gscale[r * job->gscale_step];
-            const double A = (1.0 - eps) * wy + ec * W;
+            const T k1 = (T)o.k1, k2 = (T)o.k2;
 #if !X16
             if (stash && stash == scratch)
-                NM(row_scale_stream)(stash, out, w, n, (T)(gs * A / s), (T)(gs * ec), 0, 0);
+                NM(row_scale_stream)(stash, out, w, n, k1, k2, 0, 0);
             else
 #endif
-            if (stash) NM(row_scale)(stash, w, n, (T)(gs * A / s), (T)(gs * ec));
-            else NM(row_write_grad)(x, out, w, n, m, (T)(gs * A / s), (T)(gs * ec));
-            /* p_y - 1 formed in double from the saved x_y (out may be x). */
-            const double py = exp(xy - (double)m) / s;
-            XSET(out, y, (T)(gs * (py * A - (1.0 - eps) * wy - ec * wy)));
+            if (stash) NM(row_scale)(stash, w, n, k1, k2);
+            else NM(row_write_grad)(x, out, w, n, m, k1, k2);
+            /* The true class from the saved x_y (out may be x). */
+            XSET(out, y, (T)o.gy);
         }
     }
     if (scratch) {

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "fastxent.h"
+#include "ce_row.h"
 #include "vec.h"
 #include "expm.h"
 #include "logm.h"

@@ -15,6 +15,7 @@
 #include <stdlib.h>
 
 #include "fastxent.h"
+#include "ce_row.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -143,20 +144,16 @@ static void fx_run_split_row(int op, int dtype, const fx_job *job, int64_t r, in
     } else if (op == FX_SOFTMAX) {
         k1 = 1.0 / s;
     } else { /* FX_CE_HARD, no smoothing: as ce_hard in kernels_impl.h */
-        const double eps = job->smoothing, ec = eps / (double)n, W = job->w_sum;
         w = job->w;
-        const double xy = fx_get(dtype, x, y);
-        const double wy = w ? fx_get(dtype, w, y) : 1.0;
-        const double logs = log(s), c1 = (1.0 - eps) * wy;
-        double loss = (c1 == 0 && xy == -INFINITY && !isnan(s)) ? 0.0 : c1 * (logs - (xy - m));
-        job->row_out[r] = loss;
+        const fx_ce_row o = fx_ce_hard_row(fx_get(dtype, x, y), w ? fx_get(dtype, w, y) : 1.0, m, s,
+                                           log(s), 0.0, job->smoothing, n, job->w_sum,
+                                           out ? job->gscale[r * job->gscale_step] : 0.0,
+                                           out != NULL);
+        job->row_out[r] = o.loss;
         if (!out) return;
-        const double gs = job->gscale[r * job->gscale_step];
-        const double A = (1.0 - eps) * wy + ec * W;
-        k1 = gs * A / s;
-        k2 = gs * ec;
-        const double py = exp(xy - m) / s;
-        gy = gs * (py * A - (1.0 - eps) * wy - ec * wy);
+        k1 = o.k1;
+        k2 = o.k2;
+        gy = o.gy;
         if (dtype == FX_F32) { /* the kernel rounds its constants to float */
             k1 = (float)k1;
             k2 = (float)k2;

@@ -120,6 +120,19 @@ cdef int _dtype_code(cnp.ndarray a) except -1:
     raise TypeError("internal: kernels take float32 or float64")
 
 
+cdef int _storage(cnp.ndarray x, int xdtype, int *cnum) except -1:
+    """The kernels' dtype code for x's rows; 16-bit rows (xdtype FX_F16 or
+    FX_BF16) set *cnum, the type of targets and weights, to float32."""
+    if xdtype == FX_F16 or xdtype == FX_BF16:
+        if cnp.PyArray_ITEMSIZE(x) != 2:
+            raise ValueError("internal: 16-bit rows must have 2-byte items")
+        if xdtype == FX_F16 and cnp.PyArray_TYPE(x) != cnp.NPY_FLOAT16:
+            raise ValueError("internal: float16 rows expected")
+        cnum[0] = cnp.NPY_FLOAT32
+        return xdtype
+    return _dtype_code(x)
+
+
 cdef int64_t _rows(cnp.ndarray a, int64_t n, int64_t c, int num, str name) except? -1:
     """Row stride in elements of a (n, c) array with contiguous rows."""
     if cnp.PyArray_NDIM(a) != 2 or a.shape[0] != n or a.shape[1] != c:
@@ -160,18 +173,9 @@ def run(int op, cnp.ndarray x, cnp.ndarray labels, cnp.ndarray target,
     job.loss_ld = 0
     job.gout = NULL
     job.gout_ld = 0
-    cdef int dt
     cdef int num = cnp.PyArray_TYPE(x)
     cdef int cnum = num
-    if xdtype == FX_F16 or xdtype == FX_BF16:
-        if cnp.PyArray_ITEMSIZE(x) != 2:
-            raise ValueError("internal: 16-bit rows must have 2-byte items")
-        if xdtype == FX_F16 and num != cnp.NPY_FLOAT16:
-            raise ValueError("internal: float16 rows expected")
-        dt = xdtype
-        cnum = cnp.NPY_FLOAT32
-    else:
-        dt = _dtype_code(x)
+    cdef int dt = _storage(x, xdtype, &cnum)
     if not fx_has_kernel(op, dt):
         raise ValueError("internal: no kernel for this op and dtype")
     cdef int64_t n, c
@@ -326,18 +330,9 @@ def run_elementwise(int op, cnp.ndarray x, cnp.ndarray target, cnp.ndarray weigh
     cdef fx_job job
     if op != FX_BCE_LOGITS and op != FX_BCE_PROBS:
         raise ValueError("internal: not an elementwise op")
-    cdef int dt
     cdef int num = cnp.PyArray_TYPE(x)
     cdef int cnum = num
-    if xdtype == FX_F16 or xdtype == FX_BF16:
-        if cnp.PyArray_ITEMSIZE(x) != 2:
-            raise ValueError("internal: 16-bit rows must have 2-byte items")
-        if xdtype == FX_F16 and num != cnp.NPY_FLOAT16:
-            raise ValueError("internal: float16 rows expected")
-        dt = xdtype
-        cnum = cnp.NPY_FLOAT32
-    else:
-        dt = _dtype_code(x)
+    cdef int dt = _storage(x, xdtype, &cnum)
     if cnp.PyArray_NDIM(x) != 2:
         raise ValueError("internal: x must be 2-D")
     cdef int64_t n = x.shape[0], c = x.shape[1]
