@@ -85,10 +85,17 @@ if ! (cd "$WORK" && FASTXENT_SANITIZE=1 "$PY" setup.py build_ext --inplace > bui
     exit 2
 fi
 SO="$(ls "$WORK"/src/fastxent/_core*.so 2>/dev/null | head -1)"
-if [ -z "$SO" ] || ! ldd "$SO" | grep -q libasan; then
-    echo "sanitize: $SO is not linked against libasan: not a sanitized build" >&2
-    exit 2
-fi
+# Captured first, then searched: under pipefail, `ldd | grep -q` fails at
+# random when grep exits before ldd has finished writing (SIGPIPE).
+DEPS="$( [ -n "$SO" ] && ldd "$SO" 2>&1 )"
+case "$DEPS" in
+    *libasan*) ;;
+    *)
+        tail -20 "$WORK/build.log"
+        echo "$DEPS"
+        echo "sanitize: '$SO' is not linked against libasan: not a sanitized build" >&2
+        exit 2 ;;
+esac
 
 # ---------------------------------------------------------------- the run
 export LD_PRELOAD="$LIBASAN${LD_PRELOAD:+:$LD_PRELOAD}"
