@@ -107,14 +107,15 @@ static float *alloc_floats(int64_t n)
 
 static double k_read(const float *x, int64_t lo, int64_t hi)
 {
-    fx_vf32 a0 = fx_splat_f32(0), a1 = a0, a2 = a0, a3 = a0;
+    /* Accumulators as the kernels hold them (vec.h): in registers. */
+    fx_acc_f32 a0 = fx_acc_init_f32(fx_splat_f32(0)), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t i = lo; i < hi; i += 4 * VL32) {
-        a0 += fx_load_f32(x + i);
-        a1 += fx_load_f32(x + i + VL32);
-        a2 += fx_load_f32(x + i + 2 * VL32);
-        a3 += fx_load_f32(x + i + 3 * VL32);
+        a0 = fx_acc_add_f32(a0, fx_load_f32(x + i));
+        a1 = fx_acc_add_f32(a1, fx_load_f32(x + i + VL32));
+        a2 = fx_acc_add_f32(a2, fx_load_f32(x + i + 2 * VL32));
+        a3 = fx_acc_add_f32(a3, fx_load_f32(x + i + 3 * VL32));
     }
-    return fx_hsum_f32((a0 + a1) + (a2 + a3));
+    return fx_hsum_f32((fx_acc_get_f32(a0) + fx_acc_get_f32(a1)) + (fx_acc_get_f32(a2) + fx_acc_get_f32(a3)));
 }
 
 static void k_write(float *y, int64_t lo, int64_t hi, float c)
@@ -172,23 +173,23 @@ static void k_rw_nt(const float *x, float *y, int64_t lo, int64_t hi, float a)
 static double k_exp_f32(const float *x, int64_t n, float m)
 {
     const fx_vf32 vm = fx_splat_f32(m);
-    fx_vf32 a0 = fx_splat_f32(0), a1 = a0;
+    fx_acc_f32 a0 = fx_acc_init_f32(fx_splat_f32(0)), a1 = a0;
     for (int64_t i = 0; i < n; i += 2 * VL32) {
-        a0 += fx_expm_f32(fx_load_f32(x + i) - vm);
-        a1 += fx_expm_f32(fx_load_f32(x + i + VL32) - vm);
+        a0 = fx_acc_add_f32(a0, fx_expm_f32(fx_load_f32(x + i) - vm));
+        a1 = fx_acc_add_f32(a1, fx_expm_f32(fx_load_f32(x + i + VL32) - vm));
     }
-    return fx_hsum_f32(a0 + a1);
+    return fx_hsum_f32(fx_acc_get_f32(a0) + fx_acc_get_f32(a1));
 }
 
 static double k_exp_f64(const double *x, int64_t n, double m)
 {
     const fx_vf64 vm = fx_splat_f64(m);
-    fx_vf64 a0 = fx_splat_f64(0), a1 = a0;
+    fx_acc_f64 a0 = fx_acc_init_f64(fx_splat_f64(0)), a1 = a0;
     for (int64_t i = 0; i < n; i += 16) {
-        a0 += fx_expm_f64(fx_load_f64(x + i) - vm);
-        a1 += fx_expm_f64(fx_load_f64(x + i + 8) - vm);
+        a0 = fx_acc_add_f64(a0, fx_expm_f64(fx_load_f64(x + i) - vm));
+        a1 = fx_acc_add_f64(a1, fx_expm_f64(fx_load_f64(x + i + 8) - vm));
     }
-    return fx_hsum_f64(a0 + a1);
+    return fx_hsum_f64(fx_acc_get_f64(a0) + fx_acc_get_f64(a1));
 }
 
 /* ------------------------------------------------------------- harness */

@@ -32,8 +32,36 @@
 #define HSUM SFX(fx_hsum)
 #define HMAX SFX(fx_hmax)
 #define EXPM SFX(fx_expm)
+/* Accumulators (vec.h): ACC for V, ACCW for VW. */
+#define ACC SFX(fx_acc)
+#define AINIT SFX(fx_acc_init)
+#define AGET SFX(fx_acc_get)
+#define AADD SFX(fx_acc_add)
+#define AMAX SFX(fx_acc_max)
+#define ACCW WSFX(fx_acc)
+#define AWINIT WSFX(fx_acc_init)
+#define AWGET WSFX(fx_acc_get)
+#define AWADD WSFX(fx_acc_add)
 
 #define CHUNK FX_CHUNK
+
+/* A loop over lanes [lo, hi) in steps of VL whose body sees k, the lanes in
+   this step: the body is expanded twice, so full vectors (k == VL, a
+   constant) compile without the tail's partial loads, stores and branches.
+   The braces around the body keep its commas away from the preprocessor. */
+#define FX_LANES(i, lo, hi, k, ...)                                             \
+    do {                                                                       \
+        const int64_t hi_ = (hi);                                              \
+        int64_t i = (lo);                                                      \
+        for (; i + VL <= hi_; i += VL) {                                       \
+            const int64_t k = VL;                                              \
+            __VA_ARGS__                                                        \
+        }                                                                      \
+        if (i < hi_) {                                                         \
+            const int64_t k = hi_ - i;                                         \
+            __VA_ARGS__                                                        \
+        }                                                                      \
+    } while (0)
 
 FX_INLINE int64_t NM(chunk_end)(int64_t c0, int64_t n)
 {
@@ -43,17 +71,17 @@ FX_INLINE int64_t NM(chunk_end)(int64_t c0, int64_t n)
 /* max_c x_c, skipping NaN; -inf for an empty or all-NaN row. */
 FX_INLINE T NM(row_max)(const XT *x, int64_t n)
 {
-    V a0 = SPLAT(-INFINITY), a1 = a0;
+    ACC a0 = AINIT(SPLAT(-INFINITY)), a1 = a0;
     int64_t i = 0;
     for (; i + 2 * VL <= n; i += 2 * VL) {
-        a0 = VMAX(a0, XLOAD(x + i));
-        a1 = VMAX(a1, XLOAD(x + i + VL));
+        a0 = AMAX(a0, XLOAD(x + i));
+        a1 = AMAX(a1, XLOAD(x + i + VL));
     }
-    for (; i + VL <= n; i += VL) a0 = VMAX(a0, XLOAD(x + i));
-    if (i < n) a1 = VMAX(a1, XLOAD_TAIL(x + i, n - i, -INFINITY));
+    for (; i + VL <= n; i += VL) a0 = AMAX(a0, XLOAD(x + i));
+    if (i < n) a1 = AMAX(a1, XLOAD_TAIL(x + i, n - i, -INFINITY));
     /* + 0 turns a -0 max into +0, so the max does not depend on which lane
        saw which zero (a row split across threads gets the same one). */
-    return HMAX(VMAX(a0, a1)) + (T)0;
+    return HMAX(VMAX(AGET(a0), AGET(a1))) + (T)0;
 }
 
 /* Weights of lanes [i, i+k), k <= VL: all 1 when w is NULL; padding 0. */
@@ -79,14 +107,14 @@ FX_INLINE V NM(zload_lin)(const XT *x, int64_t i, int64_t k, V vm, T m)
 
 /* The sum of exp(x_c - m) over one chunk [c0, c1) (c1 - c0 <= CHUNK), as
    one double: the unit that rows split across threads add in order. */
-FX_INLINE double NM(chunk_sumexp)(const XT *x, int64_t c0, int64_t c1, V vm, T *st)
+FX_INLINE double NM(chunk_sumexp_)(const XT *x, int64_t c0, int64_t c1, V vm, T *st)
 {
-    V a0 = SPLAT(0), a1 = SPLAT(0);
+    ACC a0 = AINIT(SPLAT(0)), a1 = a0;
     int64_t i = c0;
     for (; i + 2 * VL <= c1; i += 2 * VL) {
         const V e0 = EXPM(XLOAD(x + i) - vm), e1 = EXPM(XLOAD(x + i + VL) - vm);
-        a0 += e0;
-        a1 += e1;
+        a0 = AADD(a0, e0);
+        a1 = AADD(a1, e1);
         if (st) {
             STORE(st + i, e0);
             STORE(st + i + VL, e1);
@@ -95,13 +123,20 @@ FX_INLINE double NM(chunk_sumexp)(const XT *x, int64_t c0, int64_t c1, V vm, T *
     for (; i < c1; i += VL) {
         const int64_t k = c1 - i < VL ? c1 - i : VL;
         const V e = EXPM(NM(zload_exp)(x, i, k, vm));
-        a0 += e;
+        a0 = AADD(a0, e);
         if (st) {
             if (k == VL) STORE(st + i, e);
             else STORE_TAIL(st + i, e, k);
         }
     }
-    return HSUM(a0 + a1);
+    return HSUM(AGET(a0) + AGET(a1));
+}
+
+/* Two copies, so the loop that does not stash has no stores to test. */
+FX_INLINE double NM(chunk_sumexp)(const XT *x, int64_t c0, int64_t c1, V vm, T *st)
+{
+    if (st) return NM(chunk_sumexp_)(x, c0, c1, vm, st);
+    return NM(chunk_sumexp_)(x, c0, c1, vm, NULL);
 }
 
 /* Row statistics for a finite m:
@@ -120,25 +155,20 @@ FX_INLINE double NM(row_sumexp)(const XT *x, const T *w, int64_t n, T m, double 
             s += NM(chunk_sumexp)(x, c0, c1, vm, st);
             continue;
         }
-        V a0 = zero, a1 = zero;
-        int64_t i = c0;
-        {
-            V b0 = zero;
-            for (; i < c1; i += VL) {
-                const int64_t k = c1 - i < VL ? c1 - i : VL;
-                const V e = EXPM(NM(zload_exp)(x, i, k, vm));
-                a0 += e;
-                /* A class of weight 0 adds nothing, even at x_c = -inf. */
-                const V wv = NM(wload)(w, i, k);
-                b0 += SEL(SFX(fx_eq)(wv, zero), zero, wv * NM(zload_lin)(x, i, k, vm, m));
-                if (st) {
-                    if (k == VL) STORE(st + i, e);
-                    else STORE_TAIL(st + i, e, k);
-                }
+        ACC a0 = AINIT(zero), b0 = a0;
+        FX_LANES(i, c0, c1, k, {
+            const V e = EXPM(NM(zload_exp)(x, i, k, vm));
+            a0 = AADD(a0, e);
+            /* A class of weight 0 adds nothing, even at x_c = -inf. */
+            const V wv = NM(wload)(w, i, k);
+            b0 = AADD(b0, SEL(SFX(fx_eq)(wv, zero), zero, wv * NM(zload_lin)(x, i, k, vm, m)));
+            if (st) {
+                if (k == VL) STORE(st + i, e);
+                else STORE_TAIL(st + i, e, k);
             }
-            dd += HSUM(b0);
-        }
-        s += HSUM(a0 + a1);
+        });
+        dd += HSUM(AGET(b0));
+        s += HSUM(AGET(a0));
     }
     if (d) *d = dd;
     return s;
@@ -158,22 +188,21 @@ FX_INLINE double NM(row_soft)(const XT *x, const T *t, const T *w, int64_t n, T 
     double s = 0.0, aa = 0.0, bb = 0.0, dd = 0.0;
     for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
         const int64_t c1 = NM(chunk_end)(c0, n);
-        V vs = zero, va = zero, vb = zero, vd = zero;
-        for (int64_t i = c0; i < c1; i += VL) {
-            const int64_t k = c1 - i < VL ? c1 - i : VL;
+        ACC vs = AINIT(zero), va = vs, vb = vs, vd = vs;
+        FX_LANES(i, c0, c1, k, {
             const V z = NM(zload_lin)(x, i, k, vm, m);
             const V tv = k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, 0);
             const V wv = NM(wload)(w, i, k);
             const V wt = wv * tv;
-            vs += EXPM(NM(zload_exp)(x, i, k, vm));
-            va += SEL(SFX(fx_eq)(wt, zero), zero, wt * z);
-            vb += wt;
-            vd += SEL(SFX(fx_eq)(wv, zero), zero, wv * z);
-        }
-        s += HSUM(vs);
-        aa += HSUM(va);
-        bb += HSUM(vb);
-        dd += HSUM(vd);
+            vs = AADD(vs, EXPM(NM(zload_exp)(x, i, k, vm)));
+            va = AADD(va, SEL(SFX(fx_eq)(wt, zero), zero, wt * z));
+            vb = AADD(vb, wt);
+            vd = AADD(vd, SEL(SFX(fx_eq)(wv, zero), zero, wv * z));
+        });
+        s += HSUM(AGET(vs));
+        aa += HSUM(AGET(va));
+        bb += HSUM(AGET(vb));
+        dd += HSUM(AGET(vd));
     }
     *a = aa;
     *b = bb;
@@ -190,16 +219,15 @@ FX_INLINE double NM(row_entropy)(const XT *x, int64_t n, T m, double *q)
     double s = 0.0, qq = 0.0;
     for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
         const int64_t c1 = NM(chunk_end)(c0, n);
-        V vs = zero, vq = zero;
-        for (int64_t i = c0; i < c1; i += VL) {
-            const int64_t k = c1 - i < VL ? c1 - i : VL;
+        ACC vs = AINIT(zero), vq = vs;
+        FX_LANES(i, c0, c1, k, {
             const V z = NM(zload_exp)(x, i, k, vm);
             const V e = EXPM(z);
-            vs += e;
-            vq += SEL(SFX(fx_eq)(e, zero), zero, e * z);
-        }
-        s += HSUM(vs);
-        qq += HSUM(vq);
+            vs = AADD(vs, e);
+            vq = AADD(vq, SEL(SFX(fx_eq)(e, zero), zero, e * z));
+        });
+        s += HSUM(AGET(vs));
+        qq += HSUM(AGET(vq));
     }
     *q = qq;
     return s;
@@ -316,11 +344,13 @@ FX_INLINE void NM(small_store)(const T *buf, int64_t nr, int64_t n, XT *out, int
 /* Lanewise row max and sum of exp(x - max). */
 FX_INLINE V NM(small_stats)(const T *buf, int64_t n, VW *s)
 {
-    V m = SPLAT(-INFINITY);
-    for (int64_t c = 0; c < n; c++) m = VMAX(m, LOAD(buf + c * VL));
-    VW acc = __builtin_convertvector(SPLAT(0), VW);
-    for (int64_t c = 0; c < n; c++) acc += __builtin_convertvector(EXPM(LOAD(buf + c * VL) - m), VW);
-    *s = acc;
+    ACC am = AINIT(SPLAT(-INFINITY));
+    for (int64_t c = 0; c < n; c++) am = AMAX(am, LOAD(buf + c * VL));
+    const V m = AGET(am);
+    ACCW acc = AWINIT(__builtin_convertvector(SPLAT(0), VW));
+    for (int64_t c = 0; c < n; c++)
+        acc = AWADD(acc, __builtin_convertvector(EXPM(LOAD(buf + c * VL) - m), VW));
+    *s = AWGET(acc);
     return m;
 }
 
@@ -348,13 +378,15 @@ static void NM(ce_hard_small)(const fx_job *job, int64_t r0, int64_t r1)
         NM(small_load)(x, job->x_ld, nr, n, buf);
         VW sv;
         const V m = NM(small_stats)(buf, n, &sv);
-        VW dv = __builtin_convertvector(SPLAT(0), VW);
+        ACCW adv = AWINIT(__builtin_convertvector(SPLAT(0), VW));
         if (eps > 0) {
             for (int64_t c = 0; c < n; c++) {
                 const T wc = w ? w[c] : 1;
-                if (wc != 0) dv += __builtin_convertvector(SPLAT(wc) * (LOAD(buf + c * VL) - m), VW);
+                if (wc != 0)
+                    adv = AWADD(adv, __builtin_convertvector(SPLAT(wc) * (LOAD(buf + c * VL) - m), VW));
             }
         }
+        const VW dv = AWGET(adv);
         const VW lv = NM(small_log)(sv);
         for (int64_t j = 0; j < VL; j++) {
             k1[j] = 0;
@@ -522,14 +554,13 @@ static void KFN(ce_soft)(const fx_job *job, int64_t r0, int64_t r1)
             const double gs = job->gscale[r * job->gscale_step];
             const V vm = SPLAT(m), k1 = SPLAT((T)(gs * Bp / s));
             const V k2 = SPLAT((T)(gs * (1.0 - eps))), k3 = SPLAT((T)(gs * ec));
-            for (int64_t i = 0; i < n; i += VL) {
-                const int64_t k = n - i < VL ? n - i : VL;
+            FX_LANES(i, 0, n, k, {
                 const V e = EXPM(NM(zload_exp)(x, i, k, vm));
                 const V tv = k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, 0);
                 const V g = e * k1 - NM(wload)(w, i, k) * (tv * k2 + k3);
                 if (k == VL) XSTORE(out + i, g);
                 else XSTORE_TAIL(out + i, g, k);
-            }
+            });
         }
     }
 }
@@ -823,21 +854,20 @@ FX_INLINE void NM(kl_rows)(const fx_job *job, int kind, int64_t r0, int64_t r1)
         double sa = 0.0, sb = 0.0, u = 0.0, psum = 0.0;
         for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
             const int64_t c1 = NM(chunk_end)(c0, n);
-            V va = zero, vb = zero, vu = zero;
-            for (int64_t i = c0; i < c1; i += VL) {
-                const int64_t k = c1 - i < VL ? c1 - i : VL;
+            ACC va = AINIT(zero), vb = va, vu = va;
+            FX_LANES(i, c0, c1, k, {
                 const V za = (k == VL ? XLOAD(z + i) : XLOAD_TAIL(z + i, k, -INFINITY)) * vinv - vma;
-                va += EXPM(za);
+                va = AADD(va, EXPM(za));
                 if (kind == FX_KL_LOGITS) {
                     const V zb = (k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, -INFINITY)) * vinv - vmb;
                     const V eb = EXPM(zb);
-                    vb += eb;
-                    vu += SEL(SFX(fx_eq)(eb, zero), zero, eb * (zb - za));
+                    vb = AADD(vb, eb);
+                    vu = AADD(vu, SEL(SFX(fx_eq)(eb, zero), zero, eb * (zb - za)));
                 }
-            }
-            sa += HSUM(va);
-            sb += HSUM(vb);
-            u += HSUM(vu);
+            });
+            sa += HSUM(AGET(va));
+            sb += HSUM(AGET(vb));
+            u += HSUM(AGET(vu));
         }
         double loss;
         if (kind == FX_KL_LOGITS) {
@@ -861,8 +891,7 @@ FX_INLINE void NM(kl_rows)(const fx_job *job, int kind, int64_t r0, int64_t r1)
         if (!out) continue;
         const V k1 = SPLAT((T)(gs * Tt * psum / sa));
         const V k2 = SPLAT((T)(gs * Tt / (kind == FX_KL_LOGITS ? sb : 1.0)));
-        for (int64_t i = 0; i < n; i += VL) {
-            const int64_t k = n - i < VL ? n - i : VL;
+        FX_LANES(i, 0, n, k, {
             const V ea = EXPM((k == VL ? XLOAD(z + i) : XLOAD_TAIL(z + i, k, -INFINITY)) * vinv - vma);
             V p;
             if (kind == FX_KL_LOGITS) {
@@ -875,7 +904,7 @@ FX_INLINE void NM(kl_rows)(const fx_job *job, int kind, int64_t r0, int64_t r1)
             const V g = ea * k1 - p * k2;
             if (k == VL) XSTORE(out + i, g);
             else XSTORE_TAIL(out + i, g, k);
-        }
+        });
     }
 }
 
@@ -917,9 +946,8 @@ static void KFN(bce_logits)(const fx_job *job, int64_t r0, int64_t r1)
         double total = 0.0;
         for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
             const int64_t c1 = NM(chunk_end)(c0, n);
-            V acc = zero;
-            for (int64_t i = c0; i < c1; i += VL) {
-                const int64_t k = c1 - i < VL ? c1 - i : VL;
+            ACC acc = AINIT(zero);
+            FX_LANES(i, c0, c1, k, {
                 const V xv = k == VL ? XLOAD(x + i) : XLOAD_TAIL(x + i, k, 0);
                 const V tv = k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, 0);
                 const V wv = w ? (k == VL ? LOAD(w + i) : LOAD_TAIL(w + i, k, 0)) : NM(wload)(NULL, 0, k);
@@ -931,7 +959,7 @@ static void KFN(bce_logits)(const fx_job *job, int64_t r0, int64_t r1)
                    x >= 0, -pw t x for x < 0; no cancellation of huge terms. */
                 const V lin = SEL(neg, -(pv * tv) * xv, (one - tv) * xv);
                 const V l = wv * (lin + lw * SFX(fx_log1p_unit)(e));
-                acc += l;
+                acc = AADD(acc, l);
                 if (lo) {
                     if (k == VL) STORE(lo + i, l);
                     else STORE_TAIL(lo + i, l, k);
@@ -943,8 +971,8 @@ static void KFN(bce_logits)(const fx_job *job, int64_t r0, int64_t r1)
                     if (k == VL) XSTORE(out + i, g);
                     else XSTORE_TAIL(out + i, g, k);
                 }
-            }
-            total += HSUM(acc);
+            });
+            total += HSUM(AGET(acc));
         }
         job->row_out[r] = total;
     }
@@ -1009,5 +1037,15 @@ static void KFN(expm_array)(const XT *x, T *y, int64_t n)
 #undef HSUM
 #undef HMAX
 #undef EXPM
+#undef ACC
+#undef AINIT
+#undef AGET
+#undef AADD
+#undef AMAX
+#undef ACCW
+#undef AWINIT
+#undef AWGET
+#undef AWADD
 #undef CHUNK
+#undef FX_LANES
 #undef SMALL_C

@@ -27,6 +27,7 @@
 #define V fx_vf32
 #define VI fx_vi32
 #define VW fx_vw32
+#define WSFX(f) f##_w32
 #define VL 16
 #define SFX(f) f##_f32
 
@@ -98,6 +99,7 @@
 #undef V
 #undef VI
 #undef VW
+#undef WSFX
 #undef VL
 #undef SFX
 
@@ -105,6 +107,7 @@
 #define V fx_vf64
 #define VI fx_vi64
 #define VW fx_vf64
+#define WSFX(f) f##_f64
 #define VL 8
 #define SFX(f) f##_f64
 #define X16 0
@@ -132,6 +135,7 @@
 #undef V
 #undef VI
 #undef VW
+#undef WSFX
 #undef VL
 #undef SFX
 

@@ -106,6 +106,35 @@ FX_INLINE void fx_stream_f64(double *p, fx_vf64 v) { memcpy(p, &v, sizeof v); }
 FX_INLINE void fx_stream_fence(void) {}
 #endif
 
+/* Lanewise m ? a : b, for a mask m from a vector comparison (all bits set
+   or none). AVX2 has a one-instruction blend; the and/andnot/or form costs
+   three, and the exp kernel selects twice per vector. */
+#if defined(__AVX__) && !defined(__AVX512F__)
+FX_INLINE fx_vf32 fx_sel_f32(fx_vi32 m, fx_vf32 a, fx_vf32 b)
+{
+    union { fx_vf32 v; __m256 h[2]; } ua = {a}, ub = {b}, r;
+    union { fx_vi32 v; __m256 h[2]; } um = {m};
+    for (int k = 0; k < 2; k++) r.h[k] = _mm256_blendv_ps(ub.h[k], ua.h[k], um.h[k]);
+    return r.v;
+}
+FX_INLINE fx_vf64 fx_sel_f64(fx_vi64 m, fx_vf64 a, fx_vf64 b)
+{
+    union { fx_vf64 v; __m256d h[2]; } ua = {a}, ub = {b}, r;
+    union { fx_vi64 v; __m256d h[2]; } um = {m};
+    for (int k = 0; k < 2; k++) r.h[k] = _mm256_blendv_pd(ub.h[k], ua.h[k], um.h[k]);
+    return r.v;
+}
+#else
+FX_INLINE fx_vf32 fx_sel_f32(fx_vi32 m, fx_vf32 a, fx_vf32 b)
+{
+    return (fx_vf32)(((fx_vu32)a & (fx_vu32)m) | ((fx_vu32)b & ~(fx_vu32)m));
+}
+FX_INLINE fx_vf64 fx_sel_f64(fx_vi64 m, fx_vf64 a, fx_vf64 b)
+{
+    return (fx_vf64)(((fx_vu64)a & (fx_vu64)m) | ((fx_vu64)b & ~(fx_vu64)m));
+}
+#endif
+
 #define FX_DEFINE_VEC_HELPERS(SFX, T, V, VI, VU, VL)                           \
     FX_INLINE V fx_splat_##SFX(T s)                                        \
     {                                                                          \
@@ -131,11 +160,6 @@ FX_INLINE void fx_stream_fence(void) {}
     {                                                                          \
         for (int64_t j = 0; j < n; j++) p[j] = v[j];                           \
     }                                                                          \
-    /* Lanewise m ? a : b, for a mask m from a vector comparison. */          \
-    FX_INLINE V fx_sel_##SFX(VI m, V a, V b)                               \
-    {                                                                          \
-        return (V)(((VU)a & (VU)m) | ((VU)b & ~(VU)m));                        \
-    }                                                                          \
     /* Lanewise maximum that skips NaN in b; NaN rows are caught by the    */ \
     /* sum of exponentials, which NaN poisons.                              */ \
     FX_INLINE V fx_vmax_##SFX(V a, V b) { return fx_sel_##SFX(fx_lt_##SFX(a, b), b, a); } \
@@ -155,5 +179,48 @@ FX_INLINE void fx_stream_fence(void) {}
 
 FX_DEFINE_VEC_HELPERS(f32, float, fx_vf32, fx_vi32, fx_vu32, 16)
 FX_DEFINE_VEC_HELPERS(f64, double, fx_vf64, fx_vi64, fx_vu64, 8)
+
+/* Loop-carried vectors. A 64-byte vector that the ISA has no register for
+   (AVX2, SSE2) is kept in memory by GCC whenever its value crosses a loop
+   iteration, and every update goes through the stack and general registers
+   (the AVX2 sum-of-exponentials loop ran 1.4x slower for it). Accumulators
+   are therefore arrays of native vectors, which stay in registers; lane by
+   lane the arithmetic is the same, so the bits are too. */
+#define FX_DEFINE_ACC(SFX, V, NV, NP)                                          \
+    typedef struct { NV p[NP]; } fx_acc_##SFX;                                 \
+    FX_INLINE fx_acc_##SFX fx_acc_init_##SFX(V v)                              \
+    {                                                                          \
+        fx_acc_##SFX a;                                                        \
+        memcpy(&a, &v, sizeof v);                                              \
+        return a;                                                              \
+    }                                                                          \
+    FX_INLINE V fx_acc_get_##SFX(fx_acc_##SFX a)                               \
+    {                                                                          \
+        V v;                                                                   \
+        memcpy(&v, &a, sizeof v);                                              \
+        return v;                                                              \
+    }                                                                          \
+    FX_INLINE fx_acc_##SFX fx_acc_add_##SFX(fx_acc_##SFX a, V v)               \
+    {                                                                          \
+        const fx_acc_##SFX b = fx_acc_init_##SFX(v);                           \
+        for (int k = 0; k < NP; k++) a.p[k] += b.p[k];                         \
+        return a;                                                              \
+    }                                                                          \
+    /* fx_vmax's rule: b replaces a where a < b, so NaN in b is skipped. */   \
+    FX_INLINE fx_acc_##SFX fx_acc_max_##SFX(fx_acc_##SFX a, V v)               \
+    {                                                                          \
+        const fx_acc_##SFX b = fx_acc_init_##SFX(v);                           \
+        for (int k = 0; k < NP; k++) {                                         \
+            const NV lt = (NV)(a.p[k] < b.p[k]);                               \
+            a.p[k] = (NV)(((fx_nacc_bits)a.p[k] & ~(fx_nacc_bits)lt)           \
+                          | ((fx_nacc_bits)b.p[k] & (fx_nacc_bits)lt));        \
+        }                                                                      \
+        return a;                                                              \
+    }
+
+typedef int64_t fx_nacc_bits __attribute__((vector_size(FX_NBYTES)));
+FX_DEFINE_ACC(f32, fx_vf32, fx_nf32, FX_NPARTS)
+FX_DEFINE_ACC(f64, fx_vf64, fx_nf64, FX_NPARTS)
+FX_DEFINE_ACC(w32, fx_vw32, fx_nf64, 2 * FX_NPARTS)
 
 #endif
