@@ -135,7 +135,7 @@ FX_INLINE fx_vf64 fx_sel_f64(fx_vi64 m, fx_vf64 a, fx_vf64 b)
 }
 #endif
 
-#define FX_DEFINE_VEC_HELPERS(SFX, T, V, VI, VU, VL)                           \
+#define FX_DEFINE_VEC_HELPERS(SFX, T, V, VI, VU, NV, VL)                           \
     FX_INLINE V fx_splat_##SFX(T s)                                        \
     {                                                                          \
         V v;                                                                   \
@@ -155,7 +155,14 @@ FX_INLINE fx_vf64 fx_sel_f64(fx_vi64 m, fx_vf64 a, fx_vf64 b)
         for (int64_t j = 0; j < n; j++) v[j] = p[j];                           \
         return v;                                                              \
     }                                                                          \
-    FX_INLINE void fx_store_##SFX(T *p, V v) { memcpy(p, &v, sizeof v); }  \
+    /* By native parts: a whole-vector memcpy of a 64-byte vector the ISA  */ \
+    /* has no register for goes through the stack and general registers.   */ \
+    FX_INLINE void fx_store_##SFX(T *p, V v)                               \
+    {                                                                          \
+        union { V v; NV n[FX_NPARTS]; } u = {v};                               \
+        for (int k = 0; k < FX_NPARTS; k++)                                    \
+            memcpy((char *)p + k * FX_NBYTES, &u.n[k], FX_NBYTES);             \
+    }                                                                          \
     FX_INLINE void fx_store_tail_##SFX(T *p, V v, int64_t n)               \
     {                                                                          \
         for (int64_t j = 0; j < n; j++) p[j] = v[j];                           \
@@ -177,8 +184,8 @@ FX_INLINE fx_vf64 fx_sel_f64(fx_vi64 m, fx_vf64 a, fx_vf64 b)
         return m;                                                              \
     }
 
-FX_DEFINE_VEC_HELPERS(f32, float, fx_vf32, fx_vi32, fx_vu32, 16)
-FX_DEFINE_VEC_HELPERS(f64, double, fx_vf64, fx_vi64, fx_vu64, 8)
+FX_DEFINE_VEC_HELPERS(f32, float, fx_vf32, fx_vi32, fx_vu32, fx_nf32, 16)
+FX_DEFINE_VEC_HELPERS(f64, double, fx_vf64, fx_vi64, fx_vu64, fx_nf64, 8)
 
 /* Loop-carried vectors. A 64-byte vector that the ISA has no register for
    (AVX2, SSE2) is kept in memory by GCC whenever its value crosses a loop
