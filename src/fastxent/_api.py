@@ -490,6 +490,18 @@ def cross_entropy_with_grad(logits, labels, *, axis=-1, weight=None, ignore_inde
     ``out=`` takes an array shaped like ``logits`` (of its dtype) for the
     gradient; ``out=logits`` overwrites the logits in place.
     """
+    # The common call, as in cross_entropy: same bits as the general path.
+    if (type(reduction) is str and reduction == "mean" and weight is None
+            and type(axis) is int and axis == -1 and from_logits is True
+            and type(label_smoothing) in (int, float) and label_smoothing == 0
+            and base is None and type(ignore_index) is int and -2**63 <= ignore_index < 2**63
+            and type(grad_output) is float
+            and (num_threads is None or (type(num_threads) is int and 1 <= num_threads <= _MAX_THREADS))):
+        res = _core.cross_entropy_fast(logits, labels, ignore_index,
+                                       num_threads or _thread_override or 0,
+                                       True, grad_output, out)
+        if res is not None:
+            return res
     return _cross_entropy(logits, labels, axis, weight, ignore_index, reduction,
                           label_smoothing, from_logits, base, num_threads, True, grad_output, out)
 

@@ -264,12 +264,26 @@ _nan = float("nan")
 DEF _STACK_ROWS = 256
 
 
-def cross_entropy_fast(x, labels, int64_t ignore_index, int num_threads):
+cdef bint _overlaps(cnp.ndarray a, cnp.ndarray b):
+    """Whether the byte ranges of two contiguous arrays intersect."""
+    cdef char *pa = <char *>cnp.PyArray_DATA(a)
+    cdef char *pb = <char *>cnp.PyArray_DATA(b)
+    return pa < pb + cnp.PyArray_NBYTES(b) and pb < pa + cnp.PyArray_NBYTES(a)
+
+
+def cross_entropy_fast(x, labels, int64_t ignore_index, int num_threads,
+                       bint want_grad=False, double grad_output=1.0, out=None):
     """Mean cross entropy for the common case, or None when the case is not
     common: 2-D contiguous aligned native float32/float64 logits with C > 0,
-    at least one row, contiguous int64 labels all in range. Anything else
-    (and every error) goes through the general path in _api.py, which gives
-    the same bits: same kernel, same fixed-order sum."""
+    at least one row, contiguous int64 labels all in range (at least one
+    counted, when the gradient is wanted). Anything else (and every error)
+    goes through the general path in _api.py, which gives the same bits:
+    same kernel, same fixed-order sum, same gradient scale.
+
+    With want_grad, returns (loss, gradient): the gradient of the mean times
+    grad_output, written into out (None: a new array; else an array of x's
+    dtype and shape, C-contiguous, aligned, writeable, either x itself or
+    sharing no memory with x or labels)."""
     if type(x) is not np.ndarray or type(labels) is not np.ndarray:
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
@@ -288,9 +302,29 @@ def cross_entropy_fast(x, labels, int64_t ignore_index, int num_threads):
     cdef int64_t n = xa.shape[0], c = xa.shape[1], counted = 0
     if n == 0 or c == 0 or la.shape[0] != n:
         return None
+    cdef cnp.ndarray ga = None
+    if want_grad and out is not None:
+        if type(out) is not np.ndarray:
+            return None
+        ga = <cnp.ndarray>out
+        if (cnp.PyArray_NDIM(ga) != 2 or ga.shape[0] != n or ga.shape[1] != c
+                or cnp.PyArray_TYPE(ga) != tnum or not cnp.PyArray_IS_C_CONTIGUOUS(ga)
+                or not cnp.PyArray_ISALIGNED(ga) or not cnp.PyArray_ISNOTSWAPPED(ga)
+                or not cnp.PyArray_ISWRITEABLE(ga)):
+            return None
+        if _overlaps(ga, la) or (ga is not xa and _overlaps(ga, xa)):
+            return None
     cdef const int64_t *lab = <const int64_t *>cnp.PyArray_DATA(la)
     if fx_check_labels(lab, n, c, ignore_index, &counted) >= 0:
         return None
+    if want_grad and counted == 0:
+        return None
+    cdef double gs = 0.0
+    if want_grad:
+        if ga is None:
+            ga = cnp.PyArray_EMPTY(2, [n, c], tnum, 0)
+        # As _api._gscale: grad_output times the mean's factor 1 / counted.
+        gs = grad_output * (1.0 / <double>counted)
     cdef double stack_rows[_STACK_ROWS]
     cdef double *rows = stack_rows
     if n > _STACK_ROWS:
@@ -308,6 +342,11 @@ def cross_entropy_fast(x, labels, int64_t ignore_index, int num_threads):
     job.w_sum = <double>c
     job.row_out = rows
     job.temperature = 1.0
+    if want_grad:
+        job.out = cnp.PyArray_DATA(ga)
+        job.out_ld = c
+        job.gscale = &gs
+        job.gscale_step = 0
     cdef int nt = num_threads if num_threads > 0 else fx_max_threads()
     cdef int dt = FX_F32 if tnum == cnp.NPY_FLOAT32 else FX_F64
     cdef double total
@@ -317,7 +356,10 @@ def cross_entropy_fast(x, labels, int64_t ignore_index, int num_threads):
     if rows != stack_rows:
         free(rows)
     total = total / counted if counted else _nan
-    return _float32(total) if dt == FX_F32 else _float64(total)
+    loss = _float32(total) if dt == FX_F32 else _float64(total)
+    if want_grad:
+        return loss, ga
+    return loss
 
 
 def run_elementwise(int op, cnp.ndarray x, cnp.ndarray target, cnp.ndarray weight,
