@@ -118,6 +118,13 @@ FX_INLINE const char *NM(next_row)(const fx_job *job, int64_t r, int64_t r1)
     return (const char *)((const XT *)job->x + (r + 1) * job->x_ld);
 }
 
+/* Prefetch the VL elements of row pf that match x + i (L2 only). */
+FX_INLINE void NM(prefetch)(const char *pf, int64_t i)
+{
+    for (int b = 0; b < VL * (int)sizeof(XT); b += 64)
+        __builtin_prefetch(pf + i * (int64_t)sizeof(XT) + b, 0, 2);
+}
+
 /* The sum of exp(x_c - m) over one chunk [c0, c1) (c1 - c0 <= CHUNK), as
    one double: the unit that rows split across threads add in order. pf,
    when not NULL, is the row to prefetch, element for element alongside x. */
@@ -127,9 +134,10 @@ FX_INLINE double NM(chunk_sumexp_)(const XT *x, int64_t c0, int64_t c1, V vm, T 
     ACC a0 = AINIT(SPLAT(0)), a1 = a0;
     int64_t i = c0;
     for (; i + 2 * VL <= c1; i += 2 * VL) {
-        if (pf)
-            for (int b = 0; b < 2 * VL * (int)sizeof(XT); b += 64)
-                __builtin_prefetch(pf + i * (int64_t)sizeof(XT) + b, 0, 2);
+        if (pf) {
+            NM(prefetch)(pf, i);
+            NM(prefetch)(pf, i + VL);
+        }
         const V e0 = EXPM(XLOAD(x + i) - vm), e1 = EXPM(XLOAD(x + i + VL) - vm);
         a0 = AADD(a0, e0);
         a1 = AADD(a1, e1);
@@ -233,7 +241,7 @@ FX_INLINE double NM(row_soft)(const XT *x, const T *t, const T *w, int64_t n, T 
 /* Entropy statistics for a finite m:
      return  s = sum_c exp(x_c - m),  *q = sum_c exp(x_c - m) (x_c - m)
    with 0 * log 0 = 0: a class of probability 0 adds nothing. */
-FX_INLINE double NM(row_entropy)(const XT *x, int64_t n, T m, double *q)
+FX_INLINE double NM(row_entropy)(const XT *x, int64_t n, T m, double *q, const char *pf)
 {
     const V vm = SPLAT(m), zero = SPLAT(0);
     double s = 0.0, qq = 0.0;
@@ -241,6 +249,7 @@ FX_INLINE double NM(row_entropy)(const XT *x, int64_t n, T m, double *q)
         const int64_t c1 = NM(chunk_end)(c0, n);
         ACC vs = AINIT(zero), vq = vs;
         FX_LANES(i, c0, c1, k, {
+            if (pf) NM(prefetch)(pf, i);
             const V z = NM(zload_exp)(x, i, k, vm);
             const V e = EXPM(z);
             vs = AADD(vs, e);
@@ -785,7 +794,7 @@ static void KFN(entropy)(const fx_job *job, int64_t r0, int64_t r1)
             continue;
         }
         double q;
-        const double s = NM(row_entropy)(x, n, m, &q);
+        const double s = NM(row_entropy)(x, n, m, &q, NM(next_row)(job, r, r1));
         job->row_out[r] = log(s) - q / s;
     }
 }

@@ -107,3 +107,56 @@ def test_with_grad_bad_label_still_named():
     y[3] = 7
     with pytest.raises(ValueError, match="7"):
         fastxent.cross_entropy_with_grad(x, y)
+
+
+# ------------------------------------------------------------ building blocks
+
+BLOCKS = ["logsumexp", "entropy", "log_softmax", "softmax"]
+
+
+def _special(shape, dtype):
+    """Rows that exercise the kernels' non-finite branches."""
+    x, _ = _data(shape, dtype, ignore=False)
+    if shape[0] >= 4:
+        x[1] = -np.inf
+        x[2, 0] = np.nan
+        x[3, -1] = np.inf
+    return x
+
+
+@pytest.mark.parametrize("name", BLOCKS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES + [(6, 5)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("threads", [1, 2, None])
+def test_blocks_match_general_path(name, shape, dtype, threads):
+    fn = getattr(fastxent, name)
+    for x in (_data(shape, dtype)[0], _special(shape, dtype)):
+        fast = fn(x, num_threads=threads)
+        general = fn(x, axis=1, num_threads=threads)
+        assert fast.shape == general.shape
+        _same(fast, general)
+        if name in ("logsumexp", "entropy"):
+            assert fast.shape == (shape[0],)
+    x = _data(shape, dtype)[0]
+    assert_close(fn(x), getattr(ref, name)(x), dtype, ulps=16)
+
+
+@pytest.mark.parametrize("name", ["log_softmax", "softmax"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_blocks_out_buffer_and_in_place(name, dtype):
+    fn = getattr(fastxent, name)
+    x = _data((9, 40), dtype)[0]
+    expected = fn(x, axis=1)
+    out = np.full_like(x, np.nan)
+    assert fn(x, out=out) is out
+    _same(out, expected)
+    xc = x.copy()
+    assert fn(xc, out=xc) is xc
+    _same(xc, expected)
+    # Declined by the fast path, refused by the general one.
+    with pytest.raises(ValueError, match="overlaps"):
+        buf = np.zeros((10, 40), dtype)
+        buf[:9] = x
+        fn(buf[:9], out=buf[1:])
+    with pytest.raises(ValueError, match="dtype"):
+        fn(x, out=np.zeros(x.shape, np.float16))

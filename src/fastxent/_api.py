@@ -510,6 +510,12 @@ def cross_entropy_with_grad(logits, labels, *, axis=-1, weight=None, ignore_inde
 # Building blocks
 # --------------------------------------------------------------------------
 
+def _fast_ok(axis, num_threads):
+    """Whether a building block call may try _core.blocks_fast."""
+    return (type(axis) is int and axis == -1
+            and (num_threads is None or (type(num_threads) is int and 1 <= num_threads <= _MAX_THREADS)))
+
+
 def _row_values(op, x, axis, num_threads, name="x"):
     inp = _Input(x, axis, name, keep16=True)
     nt = _threads(num_threads)
@@ -520,6 +526,10 @@ def _row_values(op, x, axis, num_threads, name="x"):
 
 def logsumexp(x, *, axis=-1, num_threads=None):
     """``log(sum(exp(x)))`` along ``axis``: an array of the batch shape."""
+    if _fast_ok(axis, num_threads):
+        res = _core.blocks_fast(_core.LOGSUMEXP, x, None, num_threads or _thread_override or 0)
+        if res is not None:
+            return res
     inp, row = _row_values(_core.LOGSUMEXP, x, axis, num_threads)
     return inp.batch_result(row)
 
@@ -527,6 +537,10 @@ def logsumexp(x, *, axis=-1, num_threads=None):
 def entropy(logits, *, axis=-1, from_logits=True, base=None, num_threads=None):
     """Entropy of ``softmax(logits)`` (or of the probabilities themselves with
     ``from_logits=False``) along ``axis``: an array of the batch shape."""
+    if from_logits is True and base is None and _fast_ok(axis, num_threads):
+        res = _core.blocks_fast(_core.ENTROPY, logits, None, num_threads or _thread_override or 0)
+        if res is not None:
+            return res
     scale = _log_base_scale(base)
     op = _core.ENTROPY if from_logits else _core.ENTROPY_PROBS
     inp, row = _row_values(op, logits, axis, num_threads, "logits")
@@ -536,6 +550,10 @@ def entropy(logits, *, axis=-1, from_logits=True, base=None, num_threads=None):
 
 
 def _normalise(op, x, axis, out, num_threads):
+    if _fast_ok(axis, num_threads):
+        res = _core.blocks_fast(op, x, out, num_threads or _thread_override or 0)
+        if res is not None:
+            return res
     inp = _Input(x, axis, "x", keep16=True)
     nt = _threads(num_threads)
     rows_out = None

@@ -362,6 +362,74 @@ def cross_entropy_fast(x, labels, int64_t ignore_index, int num_threads,
     return loss
 
 
+def blocks_fast(int op, x, out, int num_threads):
+    """logsumexp / entropy (row values) or log_softmax / softmax (rows) for
+    the common case, or None: 2-D contiguous aligned native float32/float64
+    x with at least one row and one column, along the last axis; out as in
+    cross_entropy_fast. Everything else goes through the general path, which
+    runs the same kernel: same bits."""
+    if type(x) is not np.ndarray:
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    if cnp.PyArray_NDIM(xa) != 2:
+        return None
+    cdef int tnum = cnp.PyArray_TYPE(xa)
+    if tnum != cnp.NPY_FLOAT32 and tnum != cnp.NPY_FLOAT64:
+        return None
+    if (not cnp.PyArray_IS_C_CONTIGUOUS(xa) or not cnp.PyArray_ISALIGNED(xa)
+            or not cnp.PyArray_ISNOTSWAPPED(xa)):
+        return None
+    cdef int64_t n = xa.shape[0], c = xa.shape[1]
+    if n == 0 or c == 0:
+        return None
+    cdef bint rows = op == FX_LOG_SOFTMAX or op == FX_SOFTMAX
+    if not rows and (out is not None or (op != FX_LOGSUMEXP and op != FX_ENTROPY)):
+        return None
+    cdef cnp.ndarray ga = None
+    if rows:
+        if out is None:
+            ga = cnp.PyArray_EMPTY(2, [n, c], tnum, 0)
+        else:
+            if type(out) is not np.ndarray:
+                return None
+            ga = <cnp.ndarray>out
+            if (cnp.PyArray_NDIM(ga) != 2 or ga.shape[0] != n or ga.shape[1] != c
+                    or cnp.PyArray_TYPE(ga) != tnum or not cnp.PyArray_IS_C_CONTIGUOUS(ga)
+                    or not cnp.PyArray_ISALIGNED(ga) or not cnp.PyArray_ISNOTSWAPPED(ga)
+                    or not cnp.PyArray_ISWRITEABLE(ga)):
+                return None
+            if ga is not xa and _overlaps(ga, xa):
+                return None
+    cdef cnp.ndarray rv = None
+    cdef fx_job job
+    memset(&job, 0, sizeof(job))
+    job.n_rows = n
+    job.n_cols = c
+    job.x = cnp.PyArray_DATA(xa)
+    job.x_ld = c
+    job.temperature = 1.0
+    if rows:
+        job.out = cnp.PyArray_DATA(ga)
+        job.out_ld = c
+    else:
+        rv = cnp.PyArray_EMPTY(1, [n], cnp.NPY_FLOAT64, 0)
+        job.row_out = <double *>cnp.PyArray_DATA(rv)
+    cdef int nt = num_threads if num_threads > 0 else fx_max_threads()
+    cdef int dt = FX_F32 if tnum == cnp.NPY_FLOAT32 else FX_F64
+    with nogil:
+        fx_run(op, dt, &job, nt if nt > 0 else 1)
+    if rows or dt == FX_F64:
+        return ga if rows else rv
+    # float32 results, rounded once from the float64 row values as astype does.
+    cdef cnp.ndarray r32 = cnp.PyArray_EMPTY(1, [n], cnp.NPY_FLOAT32, 0)
+    cdef float *p32 = <float *>cnp.PyArray_DATA(r32)
+    cdef const double *p64 = <const double *>cnp.PyArray_DATA(rv)
+    cdef int64_t i
+    for i in range(n):
+        p32[i] = <float>p64[i]
+    return r32
+
+
 def run_elementwise(int op, cnp.ndarray x, cnp.ndarray target, cnp.ndarray weight,
                     cnp.ndarray pos_weight, cnp.ndarray loss_out, cnp.ndarray out,
                     cnp.ndarray row_out, cnp.ndarray gscale, cnp.ndarray gout,
