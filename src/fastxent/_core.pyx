@@ -271,6 +271,27 @@ cdef bint _overlaps(cnp.ndarray a, cnp.ndarray b):
     return pa < pb + cnp.PyArray_NBYTES(b) and pb < pa + cnp.PyArray_NBYTES(a)
 
 
+cdef cnp.ndarray _fast_out(out, int64_t n, int64_t c, int tnum, cnp.ndarray xa,
+                          cnp.ndarray la):
+    """out= for a fast path: a new (n, c) array when None, out itself when
+    it is an (n, c) array of type tnum, C-contiguous, aligned, native and
+    writeable that is x itself or shares no memory with x (nor with la,
+    when given); None otherwise (the general path then decides)."""
+    if out is None:
+        return cnp.PyArray_EMPTY(2, [n, c], tnum, 0)
+    if type(out) is not np.ndarray:
+        return None
+    cdef cnp.ndarray ga = <cnp.ndarray>out
+    if (cnp.PyArray_NDIM(ga) != 2 or ga.shape[0] != n or ga.shape[1] != c
+            or cnp.PyArray_TYPE(ga) != tnum or not cnp.PyArray_IS_C_CONTIGUOUS(ga)
+            or not cnp.PyArray_ISALIGNED(ga) or not cnp.PyArray_ISNOTSWAPPED(ga)
+            or not cnp.PyArray_ISWRITEABLE(ga)):
+        return None
+    if (la is not None and _overlaps(ga, la)) or (ga is not xa and _overlaps(ga, xa)):
+        return None
+    return ga
+
+
 def cross_entropy_fast(x, labels, int64_t ignore_index, int num_threads,
                        bint want_grad=False, double grad_output=1.0, out=None):
     """Mean cross entropy for the common case, or None when the case is not
@@ -303,16 +324,9 @@ def cross_entropy_fast(x, labels, int64_t ignore_index, int num_threads,
     if n == 0 or c == 0 or la.shape[0] != n:
         return None
     cdef cnp.ndarray ga = None
-    if want_grad and out is not None:
-        if type(out) is not np.ndarray:
-            return None
-        ga = <cnp.ndarray>out
-        if (cnp.PyArray_NDIM(ga) != 2 or ga.shape[0] != n or ga.shape[1] != c
-                or cnp.PyArray_TYPE(ga) != tnum or not cnp.PyArray_IS_C_CONTIGUOUS(ga)
-                or not cnp.PyArray_ISALIGNED(ga) or not cnp.PyArray_ISNOTSWAPPED(ga)
-                or not cnp.PyArray_ISWRITEABLE(ga)):
-            return None
-        if _overlaps(ga, la) or (ga is not xa and _overlaps(ga, xa)):
+    if want_grad:
+        ga = _fast_out(out, n, c, tnum, xa, la)
+        if ga is None:
             return None
     cdef const int64_t *lab = <const int64_t *>cnp.PyArray_DATA(la)
     if fx_check_labels(lab, n, c, ignore_index, &counted) >= 0:
@@ -321,8 +335,6 @@ def cross_entropy_fast(x, labels, int64_t ignore_index, int num_threads,
         return None
     cdef double gs = 0.0
     if want_grad:
-        if ga is None:
-            ga = cnp.PyArray_EMPTY(2, [n, c], tnum, 0)
         # As _api._gscale: grad_output times the mean's factor 1 / counted.
         gs = grad_output * (1.0 / <double>counted)
     cdef double stack_rows[_STACK_ROWS]
@@ -387,19 +399,9 @@ def blocks_fast(int op, x, out, int num_threads):
         return None
     cdef cnp.ndarray ga = None
     if rows:
-        if out is None:
-            ga = cnp.PyArray_EMPTY(2, [n, c], tnum, 0)
-        else:
-            if type(out) is not np.ndarray:
-                return None
-            ga = <cnp.ndarray>out
-            if (cnp.PyArray_NDIM(ga) != 2 or ga.shape[0] != n or ga.shape[1] != c
-                    or cnp.PyArray_TYPE(ga) != tnum or not cnp.PyArray_IS_C_CONTIGUOUS(ga)
-                    or not cnp.PyArray_ISALIGNED(ga) or not cnp.PyArray_ISNOTSWAPPED(ga)
-                    or not cnp.PyArray_ISWRITEABLE(ga)):
-                return None
-            if ga is not xa and _overlaps(ga, xa):
-                return None
+        ga = _fast_out(out, n, c, tnum, xa, None)
+        if ga is None:
+            return None
     cdef cnp.ndarray rv = None
     cdef fx_job job
     memset(&job, 0, sizeof(job))
