@@ -8,7 +8,7 @@
 #   scripts/sanitize.sh --rebuild ...        force a clean rebuild
 #
 # The package is built with FASTXENT_SANITIZE=1 (setup.py: -fsanitize=address,
-# undefined, -fno-sanitize-recover=undefined, -O1 -g) in a COPY of the
+# undefined, -fno-sanitize-recover=undefined, -O1 -g1) in a COPY of the
 # repository under /tmp (FASTXENT_SANITIZE_DIR, default
 # /tmp/fastxent-sanitize), with `setup.py build_ext --inplace`; the normal
 # editable install in the repository's src/ is not touched.  Tests run from
