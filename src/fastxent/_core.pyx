@@ -271,6 +271,34 @@ cdef bint _overlaps(cnp.ndarray a, cnp.ndarray b):
     return pa < pb + cnp.PyArray_NBYTES(b) and pb < pa + cnp.PyArray_NBYTES(a)
 
 
+cdef int _fast_dtype(x):
+    """x's type number when it is what the fast paths take: a 2-D
+    C-contiguous aligned native float32/float64 ndarray with at least one row
+    and one column; -1 otherwise."""
+    if type(x) is not np.ndarray:
+        return -1
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    if cnp.PyArray_NDIM(xa) != 2 or xa.shape[0] == 0 or xa.shape[1] == 0:
+        return -1
+    cdef int tnum = cnp.PyArray_TYPE(xa)
+    if tnum != cnp.NPY_FLOAT32 and tnum != cnp.NPY_FLOAT64:
+        return -1
+    if (not cnp.PyArray_IS_C_CONTIGUOUS(xa) or not cnp.PyArray_ISALIGNED(xa)
+            or not cnp.PyArray_ISNOTSWAPPED(xa)):
+        return -1
+    return tnum
+
+
+cdef void _fast_job(fx_job *job, cnp.ndarray xa):
+    """A job over the rows of a _fast_dtype array, nothing else set."""
+    memset(job, 0, sizeof(fx_job))
+    job.n_rows = xa.shape[0]
+    job.n_cols = xa.shape[1]
+    job.x = cnp.PyArray_DATA(xa)
+    job.x_ld = xa.shape[1]
+    job.temperature = 1.0
+
+
 cdef cnp.ndarray _fast_out(out, int64_t n, int64_t c, int tnum, cnp.ndarray xa,
                           cnp.ndarray la):
     """out= for a fast path: a new (n, c) array when None, out itself when
@@ -305,23 +333,17 @@ def cross_entropy_fast(x, labels, int64_t ignore_index, int num_threads,
     grad_output, written into out (None: a new array; else an array of x's
     dtype and shape, C-contiguous, aligned, writeable, either x itself or
     sharing no memory with x or labels)."""
-    if type(x) is not np.ndarray or type(labels) is not np.ndarray:
+    cdef int tnum = _fast_dtype(x)
+    if tnum < 0 or type(labels) is not np.ndarray:
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
     cdef cnp.ndarray la = <cnp.ndarray>labels
-    if cnp.PyArray_NDIM(xa) != 2 or cnp.PyArray_NDIM(la) != 1:
-        return None
-    cdef int tnum = cnp.PyArray_TYPE(xa)
-    if tnum != cnp.NPY_FLOAT32 and tnum != cnp.NPY_FLOAT64:
-        return None
-    if (not cnp.PyArray_IS_C_CONTIGUOUS(xa) or not cnp.PyArray_ISALIGNED(xa)
-            or not cnp.PyArray_ISNOTSWAPPED(xa)):
-        return None
-    if (cnp.PyArray_TYPE(la) != cnp.NPY_INT64 or not cnp.PyArray_IS_C_CONTIGUOUS(la)
-            or not cnp.PyArray_ISALIGNED(la) or not cnp.PyArray_ISNOTSWAPPED(la)):
+    if (cnp.PyArray_NDIM(la) != 1 or cnp.PyArray_TYPE(la) != cnp.NPY_INT64
+            or not cnp.PyArray_IS_C_CONTIGUOUS(la) or not cnp.PyArray_ISALIGNED(la)
+            or not cnp.PyArray_ISNOTSWAPPED(la)):
         return None
     cdef int64_t n = xa.shape[0], c = xa.shape[1], counted = 0
-    if n == 0 or c == 0 or la.shape[0] != n:
+    if la.shape[0] != n:
         return None
     cdef cnp.ndarray ga = None
     if want_grad:
@@ -344,16 +366,11 @@ def cross_entropy_fast(x, labels, int64_t ignore_index, int num_threads,
         if rows == NULL:
             raise MemoryError()
     cdef fx_job job
-    memset(&job, 0, sizeof(job))
-    job.n_rows = n
-    job.n_cols = c
-    job.x = cnp.PyArray_DATA(xa)
-    job.x_ld = c
+    _fast_job(&job, xa)
     job.labels = lab
     job.ignore_index = ignore_index
     job.w_sum = <double>c
     job.row_out = rows
-    job.temperature = 1.0
     if want_grad:
         job.out = cnp.PyArray_DATA(ga)
         job.out_ld = c
@@ -380,20 +397,11 @@ def blocks_fast(int op, x, out, int num_threads):
     x with at least one row and one column, along the last axis; out as in
     cross_entropy_fast. Everything else goes through the general path, which
     runs the same kernel: same bits."""
-    if type(x) is not np.ndarray:
+    cdef int tnum = _fast_dtype(x)
+    if tnum < 0:
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
-    if cnp.PyArray_NDIM(xa) != 2:
-        return None
-    cdef int tnum = cnp.PyArray_TYPE(xa)
-    if tnum != cnp.NPY_FLOAT32 and tnum != cnp.NPY_FLOAT64:
-        return None
-    if (not cnp.PyArray_IS_C_CONTIGUOUS(xa) or not cnp.PyArray_ISALIGNED(xa)
-            or not cnp.PyArray_ISNOTSWAPPED(xa)):
-        return None
     cdef int64_t n = xa.shape[0], c = xa.shape[1]
-    if n == 0 or c == 0:
-        return None
     cdef bint rows = op == FX_LOG_SOFTMAX or op == FX_SOFTMAX
     if not rows and (out is not None or (op != FX_LOGSUMEXP and op != FX_ENTROPY)):
         return None
@@ -404,12 +412,7 @@ def blocks_fast(int op, x, out, int num_threads):
             return None
     cdef cnp.ndarray rv = None
     cdef fx_job job
-    memset(&job, 0, sizeof(job))
-    job.n_rows = n
-    job.n_cols = c
-    job.x = cnp.PyArray_DATA(xa)
-    job.x_ld = c
-    job.temperature = 1.0
+    _fast_job(&job, xa)
     if rows:
         job.out = cnp.PyArray_DATA(ga)
         job.out_ld = c
