@@ -135,7 +135,7 @@ FX_INLINE fx_vf64 fx_sel_f64(fx_vi64 m, fx_vf64 a, fx_vf64 b)
 }
 #endif
 
-#define FX_DEFINE_VEC_HELPERS(SFX, T, V, VI, VU, NV, VL)                           \
+#define FX_DEFINE_VEC_HELPERS(SFX, T, V, NV, VL)                                  \
     FX_INLINE V fx_splat_##SFX(T s)                                        \
     {                                                                          \
         V v;                                                                   \
@@ -184,8 +184,8 @@ FX_INLINE fx_vf64 fx_sel_f64(fx_vi64 m, fx_vf64 a, fx_vf64 b)
         return m;                                                              \
     }
 
-FX_DEFINE_VEC_HELPERS(f32, float, fx_vf32, fx_vi32, fx_vu32, fx_nf32, 16)
-FX_DEFINE_VEC_HELPERS(f64, double, fx_vf64, fx_vi64, fx_vu64, fx_nf64, 8)
+FX_DEFINE_VEC_HELPERS(f32, float, fx_vf32, fx_nf32, 16)
+FX_DEFINE_VEC_HELPERS(f64, double, fx_vf64, fx_nf64, 8)
 
 /* Loop-carried vectors. A 64-byte vector that the ISA has no register for
    (AVX2, SSE2) is kept in memory by GCC whenever its value crosses a loop

@@ -397,6 +397,32 @@ def _with_grad(loss, out, rows_out, grad_rows, inp):
 
 
 # --------------------------------------------------------------------------
+# Fast paths: the common call goes straight to _core (which returns None for
+# anything it does not take); the general path gives the same bits.
+# --------------------------------------------------------------------------
+
+def _fast_ok(axis, num_threads):
+    """The last axis and a valid num_threads (or None)."""
+    return (type(axis) is int and axis == -1
+            and (num_threads is None or (type(num_threads) is int and 1 <= num_threads <= _MAX_THREADS)))
+
+
+def _ce_fast_ok(axis, weight, ignore_index, reduction, label_smoothing, from_logits, base,
+                num_threads):
+    """cross_entropy's default options (any ignore_index that fits in int64)."""
+    return (type(reduction) is str and reduction == "mean" and weight is None
+            and from_logits is True and base is None
+            and type(label_smoothing) in (int, float) and label_smoothing == 0
+            and type(ignore_index) is int and -2**63 <= ignore_index < 2**63
+            and _fast_ok(axis, num_threads))
+
+
+def _fast_threads(num_threads):
+    """The thread count a fast path passes to _core (0: OpenMP's maximum)."""
+    return num_threads or _thread_override or 0
+
+
+# --------------------------------------------------------------------------
 # Cross entropy
 # --------------------------------------------------------------------------
 
@@ -469,13 +495,9 @@ def cross_entropy(logits, labels, *, axis=-1, weight=None, ignore_index=-100,
     """
     # The common call (2-D float logits, int64 labels, default options) skips
     # the general checks; it gives the same bits as the general path.
-    if (type(reduction) is str and reduction == "mean" and weight is None
-            and type(axis) is int and axis == -1 and from_logits is True
-            and type(label_smoothing) in (int, float) and label_smoothing == 0
-            and base is None and type(ignore_index) is int and -2**63 <= ignore_index < 2**63
-            and (num_threads is None or (type(num_threads) is int and 1 <= num_threads <= _MAX_THREADS))):
-        res = _core.cross_entropy_fast(logits, labels, ignore_index,
-                                       num_threads or _thread_override or 0)
+    if _ce_fast_ok(axis, weight, ignore_index, reduction, label_smoothing, from_logits, base,
+                   num_threads):
+        res = _core.cross_entropy_fast(logits, labels, ignore_index, _fast_threads(num_threads))
         if res is not None:
             return res
     return _cross_entropy(logits, labels, axis, weight, ignore_index, reduction,
@@ -491,14 +513,9 @@ def cross_entropy_with_grad(logits, labels, *, axis=-1, weight=None, ignore_inde
     gradient; ``out=logits`` overwrites the logits in place.
     """
     # The common call, as in cross_entropy: same bits as the general path.
-    if (type(reduction) is str and reduction == "mean" and weight is None
-            and type(axis) is int and axis == -1 and from_logits is True
-            and type(label_smoothing) in (int, float) and label_smoothing == 0
-            and base is None and type(ignore_index) is int and -2**63 <= ignore_index < 2**63
-            and type(grad_output) is float
-            and (num_threads is None or (type(num_threads) is int and 1 <= num_threads <= _MAX_THREADS))):
-        res = _core.cross_entropy_fast(logits, labels, ignore_index,
-                                       num_threads or _thread_override or 0,
+    if type(grad_output) is float and _ce_fast_ok(axis, weight, ignore_index, reduction,
+                                                   label_smoothing, from_logits, base, num_threads):
+        res = _core.cross_entropy_fast(logits, labels, ignore_index, _fast_threads(num_threads),
                                        True, grad_output, out)
         if res is not None:
             return res
@@ -509,12 +526,6 @@ def cross_entropy_with_grad(logits, labels, *, axis=-1, weight=None, ignore_inde
 # --------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------
-
-def _fast_ok(axis, num_threads):
-    """Whether a building block call may try _core.blocks_fast."""
-    return (type(axis) is int and axis == -1
-            and (num_threads is None or (type(num_threads) is int and 1 <= num_threads <= _MAX_THREADS)))
-
 
 def _row_values(op, x, axis, num_threads, name="x"):
     inp = _Input(x, axis, name, keep16=True)
@@ -527,7 +538,7 @@ def _row_values(op, x, axis, num_threads, name="x"):
 def logsumexp(x, *, axis=-1, num_threads=None):
     """``log(sum(exp(x)))`` along ``axis``: an array of the batch shape."""
     if _fast_ok(axis, num_threads):
-        res = _core.blocks_fast(_core.LOGSUMEXP, x, None, num_threads or _thread_override or 0)
+        res = _core.blocks_fast(_core.LOGSUMEXP, x, None, _fast_threads(num_threads))
         if res is not None:
             return res
     inp, row = _row_values(_core.LOGSUMEXP, x, axis, num_threads)
@@ -538,7 +549,7 @@ def entropy(logits, *, axis=-1, from_logits=True, base=None, num_threads=None):
     """Entropy of ``softmax(logits)`` (or of the probabilities themselves with
     ``from_logits=False``) along ``axis``: an array of the batch shape."""
     if from_logits is True and base is None and _fast_ok(axis, num_threads):
-        res = _core.blocks_fast(_core.ENTROPY, logits, None, num_threads or _thread_override or 0)
+        res = _core.blocks_fast(_core.ENTROPY, logits, None, _fast_threads(num_threads))
         if res is not None:
             return res
     scale = _log_base_scale(base)
@@ -551,7 +562,7 @@ def entropy(logits, *, axis=-1, from_logits=True, base=None, num_threads=None):
 
 def _normalise(op, x, axis, out, num_threads):
     if _fast_ok(axis, num_threads):
-        res = _core.blocks_fast(op, x, out, num_threads or _thread_override or 0)
+        res = _core.blocks_fast(op, x, out, _fast_threads(num_threads))
         if res is not None:
             return res
     inp = _Input(x, axis, "x", keep16=True)
