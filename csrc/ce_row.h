@@ -18,9 +18,11 @@ typedef struct fx_ce_row {
     double loss, k1, k2, gy;
 } fx_ce_row;
 
-static inline fx_ce_row fx_ce_hard_row(double xy, double wy, double m, double s, double logs,
-                                       double d, double eps, int64_t n, double W, double gs,
-                                       int grad)
+/* exy = exp(x_y - m), used only when grad is set: the small-row kernels
+   evaluate it for a whole group of rows at once. */
+static inline fx_ce_row fx_ce_hard_row_e(double xy, double wy, double m, double s, double logs,
+                                         double d, double eps, int64_t n, double W, double gs,
+                                         int grad, double exy)
 {
     const double ec = eps / (double)n, c1 = (1.0 - eps) * wy;
     fx_ce_row o = {0.0, 0.0, 0.0, 0.0};
@@ -33,9 +35,17 @@ static inline fx_ce_row fx_ce_hard_row(double xy, double wy, double m, double s,
         o.k1 = gs * A / s;
         o.k2 = gs * ec;
         /* p_y - 1 formed in double from x_y, before any rounding. */
-        o.gy = gs * (exp(xy - m) / s * A - c1 - ec * wy);
+        o.gy = gs * (exy / s * A - c1 - ec * wy);
     }
     return o;
+}
+
+static inline fx_ce_row fx_ce_hard_row(double xy, double wy, double m, double s, double logs,
+                                       double d, double eps, int64_t n, double W, double gs,
+                                       int grad)
+{
+    return fx_ce_hard_row_e(xy, wy, m, s, logs, d, eps, n, W, gs, grad,
+                            grad ? exp(xy - m) : 0.0);
 }
 
 #endif

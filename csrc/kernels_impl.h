@@ -360,25 +360,48 @@ FX_INLINE void NM(row_zero)(XT *out, int64_t n)
 /* Rows [0, nr) of x (nr <= VL, rows ld apart) into buf; other lanes 0. */
 FX_INLINE void NM(small_load)(const XT *x, int64_t ld, int64_t nr, int64_t n, T *buf)
 {
+#if FX_HAVE_TILE && !X16 && VL == 16
+    if (nr == VL) {
+        for (int64_t c = 0; c < n; c += 8)
+            fx_tile_load16(x + c, ld, n - c < 8 ? n - c : 8, buf + c * VL);
+        return;
+    }
+#endif
     for (int64_t c = 0; c < n; c++)
         for (int64_t j = 0; j < VL; j++) buf[c * VL + j] = j < nr ? XGET(x, j * ld + c) : 0;
 }
 
 FX_INLINE void NM(small_store)(const T *buf, int64_t nr, int64_t n, XT *out, int64_t ld)
 {
+#if FX_HAVE_TILE && !X16 && VL == 16
+    if (nr == VL) {
+        for (int64_t c = 0; c < n; c += 8)
+            fx_tile_store16(buf + c * VL, n - c < 8 ? n - c : 8, out + c, ld);
+        return;
+    }
+#endif
     for (int64_t j = 0; j < nr; j++)
         for (int64_t c = 0; c < n; c++) XSET(out, j * ld + c, buf[c * VL + j]);
 }
 
-/* Lanewise row max and sum of exp(x - max). */
-FX_INLINE V NM(small_stats)(const T *buf, int64_t n, VW *s)
+/* Lanewise row max and sum of exp(x - max); with ebuf, the exponentials
+   are kept there too (laid out as buf). */
+FX_INLINE V NM(small_stats)(const T *buf, int64_t n, VW *s, T *ebuf)
 {
     ACC am = AINIT(SPLAT(-INFINITY));
     for (int64_t c = 0; c < n; c++) am = AMAX(am, LOAD(buf + c * VL));
     const V m = AGET(am);
     ACCW acc = AWINIT(__builtin_convertvector(SPLAT(0), VW));
-    for (int64_t c = 0; c < n; c++)
-        acc = AWADD(acc, __builtin_convertvector(EXPM(LOAD(buf + c * VL) - m), VW));
+    if (ebuf) {
+        for (int64_t c = 0; c < n; c++) {
+            const V e = EXPM(LOAD(buf + c * VL) - m);
+            STORE(ebuf + c * VL, e);
+            acc = AWADD(acc, __builtin_convertvector(e, VW));
+        }
+    } else {
+        for (int64_t c = 0; c < n; c++)
+            acc = AWADD(acc, __builtin_convertvector(EXPM(LOAD(buf + c * VL) - m), VW));
+    }
     *s = AWGET(acc);
     return m;
 }
@@ -398,7 +421,7 @@ static void NM(ce_hard_small)(const fx_job *job, int64_t r0, int64_t r1)
     const int64_t n = job->n_cols;
     const T *w = (const T *)job->w;
     const double eps = job->smoothing, W = job->w_sum;
-    T buf[SMALL_C * VL], k1[VL], k2[VL];
+    T buf[SMALL_C * VL], ebuf[SMALL_C * VL], k1[VL], k2[VL];
     double gy[VL]; /* the true class's gradient, formed in double */
     for (int64_t r = r0; r < r1; r += VL) {
         const int64_t nr = r1 - r < VL ? r1 - r : VL;
@@ -406,7 +429,7 @@ static void NM(ce_hard_small)(const fx_job *job, int64_t r0, int64_t r1)
         XT *out = job->out ? (XT *)job->out + r * job->out_ld : NULL;
         NM(small_load)(x, job->x_ld, nr, n, buf);
         VW sv;
-        const V m = NM(small_stats)(buf, n, &sv);
+        const V m = NM(small_stats)(buf, n, &sv, out ? ebuf : NULL);
         ACCW adv = AWINIT(__builtin_convertvector(SPLAT(0), VW));
         if (eps > 0) {
             for (int64_t c = 0; c < n; c++) {
@@ -417,6 +440,20 @@ static void NM(ce_hard_small)(const fx_job *job, int64_t r0, int64_t r1)
         }
         const VW dv = AWGET(adv);
         const VW lv = NM(small_log)(sv);
+        /* exp(x_y - m) of every row of the group by the vector kernel: a
+           libm call per row cost more than the row's other arithmetic. */
+        double exy[VL];
+        if (out) {
+            double xyv[VL], mv[VL];
+            for (int64_t j = 0; j < VL; j++) {
+                const int64_t y = j < nr ? job->labels[r + j] : job->ignore_index;
+                const int ok = y != job->ignore_index && isfinite(m[j]);
+                xyv[j] = ok ? (double)buf[y * VL + j] : 0.0;
+                mv[j] = ok ? (double)m[j] : 0.0;
+            }
+            for (int h = 0; h < VL / 8; h++)
+                fx_store_f64(exy + 8 * h, fx_expm_f64(fx_load_f64(xyv + 8 * h) - fx_load_f64(mv + 8 * h)));
+        }
         for (int64_t j = 0; j < VL; j++) {
             k1[j] = 0;
             k2[j] = 0;
@@ -427,10 +464,11 @@ static void NM(ce_hard_small)(const fx_job *job, int64_t r0, int64_t r1)
                 continue;
             }
             const double s = isfinite(m[j]) ? (double)sv[j] : NAN;
-            const fx_ce_row o = fx_ce_hard_row(
+            const fx_ce_row o = fx_ce_hard_row_e(
                 (double)buf[y * VL + j], w ? (double)w[y] : 1.0, (double)m[j], s,
                 isnan(s) ? s : (double)lv[j], (double)dv[j], eps, n, W,
-                out ? job->gscale[(r + j) * job->gscale_step] : 0.0, out != NULL);
+                out ? job->gscale[(r + j) * job->gscale_step] : 0.0, out != NULL,
+                out ? exy[j] : 0.0);
             job->row_out[r + j] = o.loss;
             k1[j] = (T)o.k1;
             k2[j] = (T)o.k2;
@@ -439,18 +477,15 @@ static void NM(ce_hard_small)(const fx_job *job, int64_t r0, int64_t r1)
         if (!out) continue;
         const V vk1 = LOAD(k1), vk2 = LOAD(k2);
         for (int64_t c = 0; c < n; c++) {
-            const V e = EXPM(LOAD(buf + c * VL) - m);
-            STORE(buf + c * VL, w ? e * vk1 - vk2 * SPLAT(w[c]) : e * vk1 - vk2);
+            const V e = LOAD(ebuf + c * VL);
+            STORE(ebuf + c * VL, w ? e * vk1 - vk2 * SPLAT(w[c]) : e * vk1 - vk2);
         }
+        NM(small_store)(ebuf, nr, n, out, job->out_ld);
         for (int64_t j = 0; j < nr; j++) {
             const int64_t y = job->labels[r + j];
             XT *orow = out + j * job->out_ld;
-            if (y == job->ignore_index) {
-                NM(row_zero)(orow, n);
-                continue;
-            }
-            for (int64_t c = 0; c < n; c++) XSET(orow, c, buf[c * VL + j]);
-            XSET(orow, y, (T)gy[j]);
+            if (y == job->ignore_index) NM(row_zero)(orow, n);
+            else XSET(orow, y, (T)gy[j]);
         }
     }
 }
@@ -464,7 +499,8 @@ static void NM(blocks_small)(const fx_job *job, int op, int64_t r0, int64_t r1)
         const int64_t nr = r1 - r < VL ? r1 - r : VL;
         NM(small_load)((const XT *)job->x + r * job->x_ld, job->x_ld, nr, n, buf);
         VW sv;
-        const V m = NM(small_stats)(buf, n, &sv);
+        /* softmax: the exponentials replace x in buf */
+        const V m = NM(small_stats)(buf, n, &sv, op == FX_SOFTMAX ? buf : NULL);
         const VW lv = NM(small_log)(sv);
         for (int64_t j = 0; j < VL; j++) {
             const double s = j < nr && isfinite(m[j]) ? (double)sv[j] : NAN;
@@ -483,8 +519,8 @@ static void NM(blocks_small)(const fx_job *job, int op, int64_t r0, int64_t r1)
         if (op == FX_LOGSUMEXP) continue;
         const V vk = LOAD(k);
         for (int64_t c = 0; c < n; c++) {
-            const V z = LOAD(buf + c * VL) - m;
-            STORE(buf + c * VL, op == FX_LOG_SOFTMAX ? z - vk : EXPM(z) * vk);
+            const V v = LOAD(buf + c * VL);
+            STORE(buf + c * VL, op == FX_LOG_SOFTMAX ? (v - m) - vk : v * vk);
         }
         NM(small_store)(buf, nr, n, (XT *)job->out + r * job->out_ld, job->out_ld);
     }

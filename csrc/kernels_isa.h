@@ -17,6 +17,7 @@
 #include "expm.h"
 #include "logm.h"
 #include "half.h"
+#include "tile.h"
 
 #define FX_CAT3_(a, b, c) a##_##b##_##c
 #define FX_CAT3(a, b, c) FX_CAT3_(a, b, c)

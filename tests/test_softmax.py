@@ -109,6 +109,16 @@ def test_small_widths_full_product(dtype, C, layout, out_kind, threads, isa, rng
     FamilyCase(rng, dtype, C, layout, n=37).check(out_kind, threads)
 
 
+# The small-row path's edge (C <= 32) and its 8-column tiles.
+@pytest.mark.parametrize("C", (23, 24, 31, 32, 33))
+@pytest.mark.parametrize("layout", ("contiguous", "strided"))
+@pytest.mark.parametrize("dtype", (np.float32, np.float64))
+def test_small_path_edge_widths(dtype, C, layout, isa, rng):
+    case = FamilyCase(rng, dtype, C, layout, n=53)
+    for out_kind in OUT_KINDS:
+        case.check(out_kind, 1)
+
+
 WIDE_CASES = [(C, layout, "none") for C in WIDE_WIDTHS for layout in LAYOUTS] + [
     (C, layout, out_kind)
     for C in WIDE_WIDTHS

@@ -227,7 +227,9 @@ def _all_results(x, y, soft, threads):
 
 
 @pytest.mark.parametrize(
-    "shape", [(513, 1000), (64, 17), (3, 50257), (1, 100003)], ids=["many_rows", "narrow", "vocab", "one_row"]
+    "shape",
+    [(513, 1000), (64, 17), (67, 32), (45, 5), (3, 50257), (1, 100003)],
+    ids=["many_rows", "narrow", "narrow32", "narrow5", "vocab", "one_row"],
 )
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_bitwise_identical_across_threads_and_isas(dtype, shape, rng):
