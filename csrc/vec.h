@@ -148,13 +148,6 @@ FX_INLINE fx_vf64 fx_sel_f64(fx_vi64 m, fx_vf64 a, fx_vf64 b)
         memcpy(&v, p, sizeof v);                                               \
         return v;                                                              \
     }                                                                          \
-    /* The first n (< VL) elements of p; the other lanes hold fill. */         \
-    FX_INLINE V fx_load_tail_##SFX(const T *p, int64_t n, T fill)          \
-    {                                                                          \
-        V v = fx_splat_##SFX(fill);                                            \
-        for (int64_t j = 0; j < n; j++) v[j] = p[j];                           \
-        return v;                                                              \
-    }                                                                          \
     /* By native parts: a whole-vector memcpy of a 64-byte vector the ISA  */ \
     /* has no register for goes through the stack and general registers.   */ \
     FX_INLINE void fx_store_##SFX(T *p, V v)                               \
@@ -163,29 +156,150 @@ FX_INLINE fx_vf64 fx_sel_f64(fx_vi64 m, fx_vf64 a, fx_vf64 b)
         for (int k = 0; k < FX_NPARTS; k++)                                    \
             memcpy((char *)p + k * FX_NBYTES, &u.n[k], FX_NBYTES);             \
     }                                                                          \
-    FX_INLINE void fx_store_tail_##SFX(T *p, V v, int64_t n)               \
-    {                                                                          \
-        for (int64_t j = 0; j < n; j++) p[j] = v[j];                           \
-    }                                                                          \
     /* Lanewise maximum that skips NaN in b; NaN rows are caught by the    */ \
     /* sum of exponentials, which NaN poisons.                              */ \
     FX_INLINE V fx_vmax_##SFX(V a, V b) { return fx_sel_##SFX(fx_lt_##SFX(a, b), b, a); } \
-    /* Lanes combined in a fixed order, in double. */                          \
-    FX_INLINE double fx_hsum_##SFX(V v)                                    \
-    {                                                                          \
-        double s = 0.0;                                                        \
-        for (int j = 0; j < VL; j++) s += (double)v[j];                        \
-        return s;                                                              \
-    }                                                                          \
-    FX_INLINE T fx_hmax_##SFX(V v)                                         \
-    {                                                                          \
-        T m = v[0];                                                            \
-        for (int j = 1; j < VL; j++) m = v[j] > m ? v[j] : m;                  \
-        return m;                                                              \
-    }
 
 FX_DEFINE_VEC_HELPERS(f32, float, fx_vf32, fx_nf32, 16)
 FX_DEFINE_VEC_HELPERS(f64, double, fx_vf64, fx_nf64, 8)
+
+/* Horizontal sums and maxima as trees over halves: lanes j and j + h are
+   combined for h = VL/2, VL/4, ..., 1. The order is fixed by lane
+   numbers, so every ISA gives the same bits, and the dependency chain is
+   log2(VL) operations instead of VL - 1 (a row's sum and max sit on its
+   critical path: a 128-class row spent more time in them than in its
+   exponentials). Sums are formed in double. */
+typedef double fx_d8 __attribute__((vector_size(64)));
+typedef double fx_d4 __attribute__((vector_size(32)));
+typedef double fx_d2 __attribute__((vector_size(16)));
+typedef float fx_f8 __attribute__((vector_size(32)));
+typedef float fx_f4 __attribute__((vector_size(16)));
+typedef float fx_f2 __attribute__((vector_size(8)));
+typedef int32_t fx_i8 __attribute__((vector_size(32)));
+typedef int32_t fx_i4 __attribute__((vector_size(16)));
+typedef int32_t fx_i2 __attribute__((vector_size(8)));
+typedef int64_t fx_l4 __attribute__((vector_size(32)));
+typedef int64_t fx_l2 __attribute__((vector_size(16)));
+
+/* Halve a vector of type W into two of type H and combine them with OP. */
+#define FX_HALVE(W, H, v, OP) ({ union { W w; H h[2]; } u_ = {v}; OP(u_.h[0], u_.h[1]); })
+#define FX_ADD2(a, b) ((a) + (b))
+/* b replaces a where a < b (fx_vmax's rule). */
+#define FX_MAX2(a, b, IT) ({ __typeof__(a) a_ = (a), b_ = (b); IT m_ = (IT)(a_ < b_);         \
+                             (__typeof__(a))(((IT)a_ & ~m_) | ((IT)b_ & m_)); })
+#define FX_MAX2_I8(a, b) FX_MAX2(a, b, fx_i8)
+#define FX_MAX2_I4(a, b) FX_MAX2(a, b, fx_i4)
+#define FX_MAX2_I2(a, b) FX_MAX2(a, b, fx_i2)
+#define FX_MAX2_L4(a, b) FX_MAX2(a, b, fx_l4)
+#define FX_MAX2_L2(a, b) FX_MAX2(a, b, fx_l2)
+
+FX_INLINE double fx_hsum_f32(fx_vf32 v)
+{
+    const fx_d8 a = FX_HALVE(fx_vw32, fx_d8, __builtin_convertvector(v, fx_vw32), FX_ADD2);
+    const fx_d4 b = FX_HALVE(fx_d8, fx_d4, a, FX_ADD2);
+    const fx_d2 c = FX_HALVE(fx_d4, fx_d2, b, FX_ADD2);
+    return c[0] + c[1];
+}
+FX_INLINE double fx_hsum_f64(fx_vf64 v)
+{
+    const fx_d4 b = FX_HALVE(fx_vf64, fx_d4, v, FX_ADD2);
+    const fx_d2 c = FX_HALVE(fx_d4, fx_d2, b, FX_ADD2);
+    return c[0] + c[1];
+}
+FX_INLINE float fx_hmax_f32(fx_vf32 v)
+{
+    const fx_f8 a = FX_HALVE(fx_vf32, fx_f8, v, FX_MAX2_I8);
+    const fx_f4 b = FX_HALVE(fx_f8, fx_f4, a, FX_MAX2_I4);
+    const fx_f2 c = FX_HALVE(fx_f4, fx_f2, b, FX_MAX2_I2);
+    return c[0] < c[1] ? c[1] : c[0];
+}
+FX_INLINE double fx_hmax_f64(fx_vf64 v)
+{
+    const fx_d4 b = FX_HALVE(fx_vf64, fx_d4, v, FX_MAX2_L4);
+    const fx_d2 c = FX_HALVE(fx_d4, fx_d2, b, FX_MAX2_L2);
+    return c[0] < c[1] ? c[1] : c[0];
+}
+
+/* Row tails: the first n (0 <= n < VL) elements of p, the other lanes
+   holding fill; and their store. Masked loads and stores where the ISA has
+   them: a vector assembled lane by lane goes through memory, and its
+   reload waits for every one of those stores (a store-forwarding stall;
+   rows of 40 or 56 floats ran 2x slower per element than rows of 48).
+   Masked-off lanes are never accessed, so nothing past p[n - 1] is read or
+   written. */
+#if defined(__AVX512F__)
+FX_INLINE fx_vf32 fx_load_tail_f32(const float *p, int64_t n, float fill)
+{
+    return (fx_vf32)_mm512_mask_loadu_ps(_mm512_set1_ps(fill), (__mmask16)((1u << n) - 1u), p);
+}
+FX_INLINE void fx_store_tail_f32(float *p, fx_vf32 v, int64_t n)
+{
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1u), (__m512)v);
+}
+FX_INLINE fx_vf64 fx_load_tail_f64(const double *p, int64_t n, double fill)
+{
+    return (fx_vf64)_mm512_mask_loadu_pd(_mm512_set1_pd(fill), (__mmask8)((1u << n) - 1u), p);
+}
+FX_INLINE void fx_store_tail_f64(double *p, fx_vf64 v, int64_t n)
+{
+    _mm512_mask_storeu_pd(p, (__mmask8)((1u << n) - 1u), (__m512d)v);
+}
+#elif defined(__AVX2__)
+/* Lanes [0, n - 8h) of part h. */
+FX_INLINE __m256i fx_tail_mask32(int64_t n, int h)
+{
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n - 8 * h)),
+                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+FX_INLINE __m256i fx_tail_mask64(int64_t n, int h)
+{
+    return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n - 4 * h), _mm256_setr_epi64x(0, 1, 2, 3));
+}
+FX_INLINE fx_vf32 fx_load_tail_f32(const float *p, int64_t n, float fill)
+{
+    union { fx_vf32 v; __m256 h[2]; } u;
+    for (int h = 0; h < 2; h++) {
+        const __m256i m = fx_tail_mask32(n, h);
+        u.h[h] = _mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p + 8 * h, m),
+                                  _mm256_castsi256_ps(m));
+    }
+    return u.v;
+}
+FX_INLINE void fx_store_tail_f32(float *p, fx_vf32 v, int64_t n)
+{
+    union { fx_vf32 v; __m256 h[2]; } u = {v};
+    for (int h = 0; h < 2; h++) _mm256_maskstore_ps(p + 8 * h, fx_tail_mask32(n, h), u.h[h]);
+}
+FX_INLINE fx_vf64 fx_load_tail_f64(const double *p, int64_t n, double fill)
+{
+    union { fx_vf64 v; __m256d h[2]; } u;
+    for (int h = 0; h < 2; h++) {
+        const __m256i m = fx_tail_mask64(n, h);
+        u.h[h] = _mm256_blendv_pd(_mm256_set1_pd(fill), _mm256_maskload_pd(p + 4 * h, m),
+                                  _mm256_castsi256_pd(m));
+    }
+    return u.v;
+}
+FX_INLINE void fx_store_tail_f64(double *p, fx_vf64 v, int64_t n)
+{
+    union { fx_vf64 v; __m256d h[2]; } u = {v};
+    for (int h = 0; h < 2; h++) _mm256_maskstore_pd(p + 4 * h, fx_tail_mask64(n, h), u.h[h]);
+}
+#else
+#define FX_DEFINE_TAIL(SFX, T, V)                                              \
+    FX_INLINE V fx_load_tail_##SFX(const T *p, int64_t n, T fill)          \
+    {                                                                          \
+        V v = fx_splat_##SFX(fill);                                            \
+        for (int64_t j = 0; j < n; j++) v[j] = p[j];                           \
+        return v;                                                              \
+    }                                                                          \
+    FX_INLINE void fx_store_tail_##SFX(T *p, V v, int64_t n)               \
+    {                                                                          \
+        for (int64_t j = 0; j < n; j++) p[j] = v[j];                           \
+    }
+FX_DEFINE_TAIL(f32, float, fx_vf32)
+FX_DEFINE_TAIL(f64, double, fx_vf64)
+#endif
 
 /* Loop-carried vectors. A 64-byte vector that the ISA has no register for
    (AVX2, SSE2) is kept in memory by GCC whenever its value crosses a loop
