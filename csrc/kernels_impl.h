@@ -355,7 +355,7 @@ FX_INLINE void NM(row_zero)(XT *out, int64_t n)
  * others, so a row's result does not depend on which rows share its group
  * (and so not on the thread count).
  * ---------------------------------------------------------------------- */
-#define SMALL_C 32
+#define SMALL_C 48
 
 /* Rows [0, nr) of x (nr <= VL, rows ld apart) into buf; other lanes 0. */
 FX_INLINE void NM(small_load)(const XT *x, int64_t ld, int64_t nr, int64_t n, T *buf)
@@ -416,6 +416,14 @@ FX_INLINE VW NM(small_log)(VW s)
     return __builtin_convertvector(SFX(fx_log_pos)(sf), VW);
 }
 
+/* A VW vector of doubles to memory by native parts (see fx_store). */
+FX_INLINE void NM(store_w)(double *p, VW v)
+{
+    union { VW v; fx_nf64 n[sizeof(VW) / FX_NBYTES]; } u = {v};
+    for (size_t k = 0; k < sizeof(VW) / FX_NBYTES; k++)
+        memcpy((char *)p + k * FX_NBYTES, &u.n[k], FX_NBYTES);
+}
+
 static void NM(ce_hard_small)(const fx_job *job, int64_t r0, int64_t r1)
 {
     const int64_t n = job->n_cols;
@@ -442,18 +450,43 @@ static void NM(ce_hard_small)(const fx_job *job, int64_t r0, int64_t r1)
         const VW lv = NM(small_log)(sv);
         /* exp(x_y - m) of every row of the group by the vector kernel: a
            libm call per row cost more than the row's other arithmetic. */
-        double exy[VL];
+        double xyv[VL], mv[VL], exy[VL], gsv[VL];
+        /* plain: every row labelled, with finite m and s, no weights, no
+           smoothing; fx_ce_hard_row's arithmetic then runs lanewise. */
+        int plain = nr == VL && !w && eps == 0;
+        for (int64_t j = 0; j < VL; j++) {
+            const int64_t y = j < nr ? job->labels[r + j] : job->ignore_index;
+            const int ok = y != job->ignore_index && isfinite(m[j]);
+            plain &= ok && !isnan(sv[j]);
+            xyv[j] = ok ? (double)buf[y * VL + j] : 0.0;
+            mv[j] = ok ? (double)m[j] : 0.0;
+            gsv[j] = out && j < nr ? job->gscale[(r + j) * job->gscale_step] : 0.0;
+        }
         if (out) {
-            double xyv[VL], mv[VL];
-            for (int64_t j = 0; j < VL; j++) {
-                const int64_t y = j < nr ? job->labels[r + j] : job->ignore_index;
-                const int ok = y != job->ignore_index && isfinite(m[j]);
-                xyv[j] = ok ? (double)buf[y * VL + j] : 0.0;
-                mv[j] = ok ? (double)m[j] : 0.0;
-            }
             for (int h = 0; h < VL / 8; h++)
                 fx_store_f64(exy + 8 * h, fx_expm_f64(fx_load_f64(xyv + 8 * h) - fx_load_f64(mv + 8 * h)));
         }
+        V vk1, vk2;
+        if (plain) {
+            /* The same operations, in the same order, as fx_ce_hard_row
+               with wy = 1 and eps = 0, so the same bits. */
+            const double ec = eps / (double)n, c1 = (1.0 - eps) * 1.0;
+            VW xw, mw;
+            memcpy(&xw, xyv, sizeof xw);
+            memcpy(&mw, mv, sizeof mw);
+            VW c1w;
+            for (int j = 0; j < (int)(sizeof(VW) / sizeof(double)); j++) c1w[j] = c1;
+            NM(store_w)(job->row_out + r, c1w * (lv - (xw - mw)));
+            if (out) {
+                const double A = c1 + ec * W;
+                VW gw, ew;
+                memcpy(&gw, gsv, sizeof gw);
+                memcpy(&ew, exy, sizeof ew);
+                vk1 = __builtin_convertvector(gw * A / sv, V);
+                vk2 = __builtin_convertvector(gw * ec, V);
+                NM(store_w)(gy, gw * (ew / sv * A - c1 - ec * 1.0));
+            }
+        } else {
         for (int64_t j = 0; j < VL; j++) {
             k1[j] = 0;
             k2[j] = 0;
@@ -467,15 +500,16 @@ static void NM(ce_hard_small)(const fx_job *job, int64_t r0, int64_t r1)
             const fx_ce_row o = fx_ce_hard_row_e(
                 (double)buf[y * VL + j], w ? (double)w[y] : 1.0, (double)m[j], s,
                 isnan(s) ? s : (double)lv[j], (double)dv[j], eps, n, W,
-                out ? job->gscale[(r + j) * job->gscale_step] : 0.0, out != NULL,
-                out ? exy[j] : 0.0);
+                gsv[j], out != NULL, out ? exy[j] : 0.0);
             job->row_out[r + j] = o.loss;
             k1[j] = (T)o.k1;
             k2[j] = (T)o.k2;
             gy[j] = o.gy;
         }
+        vk1 = LOAD(k1);
+        vk2 = LOAD(k2);
+        }
         if (!out) continue;
-        const V vk1 = LOAD(k1), vk2 = LOAD(k2);
         for (int64_t c = 0; c < n; c++) {
             const V e = LOAD(ebuf + c * VL);
             STORE(ebuf + c * VL, w ? e * vk1 - vk2 * SPLAT(w[c]) : e * vk1 - vk2);

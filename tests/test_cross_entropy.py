@@ -138,8 +138,8 @@ def test_small_widths_full_product(dtype, C, layout, out_kind, threads, isa, rng
     MatrixCase(rng, dtype, C, layout, n=37).check(out_kind, threads)
 
 
-# The small-row path's edge (C <= 32) and its 8-column tiles.
-@pytest.mark.parametrize("C", (23, 24, 31, 32, 33))
+# The small-row path's edge (C <= 48) and its 8-column tiles.
+@pytest.mark.parametrize("C", (23, 24, 31, 32, 47, 48, 49))
 @pytest.mark.parametrize("layout", ("contiguous", "strided"))
 @pytest.mark.parametrize("dtype", (np.float32, np.float64))
 def test_small_path_edge_widths(dtype, C, layout, isa, rng):
@@ -616,8 +616,8 @@ def test_very_negative_rows(dtype, isa, rng):
 @pytest.mark.parametrize("C", [7, 17, 1000])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_minus_inf_logit_on_other_class(dtype, C, isa, rng):
-    x = random_logits(rng, (6, C), dtype)
-    y = np.array([1, 0, 2, 3, 4, 5])
+    x = random_logits(rng, (22, C), dtype)  # a full small-row group and more
+    y = (np.arange(22) + 1) % 6
     x[0, 3] = -np.inf
     x[2, [0, C - 1]] = -np.inf
     x[4, :] = -np.inf
@@ -637,13 +637,22 @@ def test_minus_inf_logit_on_other_class(dtype, C, isa, rng):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_minus_inf_on_target_gives_inf(dtype, isa, rng):
-    x = random_logits(rng, (4, 9), dtype)
-    y = np.array([0, 1, 2, 3])
+    # 20 rows: a full group of the small-row kernel (16 rows) and a partial one.
+    x = random_logits(rng, (20, 9), dtype)
+    y = np.arange(20) % 9
     x[1, 1] = -np.inf
+    x[17, 8] = -np.inf
     got = fastxent.cross_entropy(x, y, reduction="none")
-    assert got[1] == np.inf
-    assert np.all(np.isfinite(got[[0, 2, 3]]))
+    assert got[1] == np.inf and got[17] == np.inf
+    assert np.all(np.isfinite(np.delete(got, [1, 17])))
     assert fastxent.cross_entropy(x, y) == np.inf
+    loss, grad = fastxent.cross_entropy_with_grad(x, y, reduction="none")
+    assert_bitwise_equal(loss, got, what="loss")
+    # p_y = 0: the true class's gradient is -1, the others p_c.
+    assert grad[1, 1] == -1 and grad[17, 8] == -1
+    ref_grad = ref.cross_entropy_with_grad(x, y, reduction="none")[1]
+    ct = compute_dtype(dtype)
+    assert_close(grad, ref_grad, ct, scale=grad_scale(ref_grad, 1e-6))
     # from_logits=False: a zero probability on the true class gives inf, no clipping.
     p = random_probs(rng, (3, 4), dtype)
     p[0, 2] = 0
@@ -654,11 +663,11 @@ def test_minus_inf_on_target_gives_inf(dtype, isa, rng):
 @pytest.mark.parametrize("C", [7, 1000])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_nan_poisons_its_row_only(dtype, C, isa, rng):
-    x = random_logits(rng, (7, C), dtype)
-    y = rng.integers(0, C, 7)
+    x = random_logits(rng, (19, C), dtype)  # a full small-row group and more
+    y = rng.integers(0, C, 19)
     x[2, C // 2] = np.nan
     ct = compute_dtype(dtype)
-    clean = np.delete(np.arange(7), 2)
+    clean = np.delete(np.arange(19), 2)
     got = fastxent.cross_entropy(x, y, reduction="none")
     assert np.isnan(got[2])
     assert np.all(np.isfinite(got[clean]))
@@ -670,7 +679,7 @@ def test_nan_poisons_its_row_only(dtype, C, isa, rng):
     assert_close(grad[clean], ref_grad, ct, scale=grad_scale(ref_grad, 1e-6))
     assert np.isnan(fastxent.cross_entropy(x, y))
     assert np.isnan(fastxent.cross_entropy(x, y, reduction="sum"))
-    soft = random_soft_labels(rng, (7, C), dtype)
+    soft = random_soft_labels(rng, (19, C), dtype)
     got = fastxent.cross_entropy(x, soft, reduction="none")
     assert np.isnan(got[2]) and np.all(np.isfinite(got[clean]))
 
