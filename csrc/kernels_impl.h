@@ -385,14 +385,25 @@ FX_INLINE void NM(small_store)(const T *buf, int64_t nr, int64_t n, XT *out, int
 }
 
 /* Lanewise row max and sum of exp(x - max); with ebuf, the exponentials
-   are kept there too (laid out as buf). */
-FX_INLINE V NM(small_stats)(const T *buf, int64_t n, VW *s, T *ebuf)
+   are kept there too (laid out as buf); with q, *q = sum_c e_c (x_c - m)
+   (a term with e_c = 0 counts 0), entropy's second sum. */
+FX_INLINE V NM(small_stats)(const T *buf, int64_t n, VW *s, T *ebuf, VW *q)
 {
     ACC am = AINIT(SPLAT(-INFINITY));
     for (int64_t c = 0; c < n; c++) am = AMAX(am, LOAD(buf + c * VL));
     const V m = AGET(am);
     ACCW acc = AWINIT(__builtin_convertvector(SPLAT(0), VW));
-    if (ebuf) {
+    if (q) {
+        ACCW accq = acc;
+        const V zero = SPLAT(0);
+        for (int64_t c = 0; c < n; c++) {
+            const V z = LOAD(buf + c * VL) - m;
+            const V e = EXPM(z);
+            acc = AWADD(acc, __builtin_convertvector(e, VW));
+            accq = AWADD(accq, __builtin_convertvector(SEL(SFX(fx_eq)(e, zero), zero, e * z), VW));
+        }
+        *q = AWGET(accq);
+    } else if (ebuf) {
         for (int64_t c = 0; c < n; c++) {
             const V e = EXPM(LOAD(buf + c * VL) - m);
             STORE(ebuf + c * VL, e);
@@ -437,7 +448,7 @@ static void NM(ce_hard_small)(const fx_job *job, int64_t r0, int64_t r1)
         XT *out = job->out ? (XT *)job->out + r * job->out_ld : NULL;
         NM(small_load)(x, job->x_ld, nr, n, buf);
         VW sv;
-        const V m = NM(small_stats)(buf, n, &sv, out ? ebuf : NULL);
+        const V m = NM(small_stats)(buf, n, &sv, out ? ebuf : NULL, NULL);
         ACCW adv = AWINIT(__builtin_convertvector(SPLAT(0), VW));
         if (eps > 0) {
             for (int64_t c = 0; c < n; c++) {
@@ -524,7 +535,7 @@ static void NM(ce_hard_small)(const fx_job *job, int64_t r0, int64_t r1)
     }
 }
 
-/* logsumexp, log-softmax and softmax of small rows. */
+/* logsumexp, log-softmax, softmax and entropy of small rows. */
 static void NM(blocks_small)(const fx_job *job, int op, int64_t r0, int64_t r1)
 {
     const int64_t n = job->n_cols;
@@ -534,11 +545,15 @@ static void NM(blocks_small)(const fx_job *job, int op, int64_t r0, int64_t r1)
         NM(small_load)((const XT *)job->x + r * job->x_ld, job->x_ld, nr, n, buf);
         VW sv;
         /* softmax: the exponentials replace x in buf */
-        const V m = NM(small_stats)(buf, n, &sv, op == FX_SOFTMAX ? buf : NULL);
+        VW qv;
+        const V m = NM(small_stats)(buf, n, &sv, op == FX_SOFTMAX ? buf : NULL,
+                                    op == FX_ENTROPY ? &qv : NULL);
         const VW lv = NM(small_log)(sv);
         for (int64_t j = 0; j < VL; j++) {
             const double s = j < nr && isfinite(m[j]) ? (double)sv[j] : NAN;
             const double logs = isnan(s) ? s : (double)lv[j];
+            /* H = log s - q / s (NaN where the softmax is undefined) */
+            if (op == FX_ENTROPY && j < nr) job->row_out[r + j] = logs - (double)qv[j] / s;
             if (op == FX_LOGSUMEXP && j < nr) {
                 double v = (double)m[j] + logs;
                 if (!isfinite(m[j])) { /* as the row kernel: inf, -inf or NaN */
@@ -550,7 +565,7 @@ static void NM(blocks_small)(const fx_job *job, int op, int64_t r0, int64_t r1)
             }
             k[j] = op == FX_LOG_SOFTMAX ? (T)logs : (T)(1.0 / s);
         }
-        if (op == FX_LOGSUMEXP) continue;
+        if (op == FX_LOGSUMEXP || op == FX_ENTROPY) continue;
         const V vk = LOAD(k);
         for (int64_t c = 0; c < n; c++) {
             const V v = LOAD(buf + c * VL);
@@ -854,6 +869,10 @@ static void KFN(softmax)(const fx_job *job, int64_t r0, int64_t r1)
 static void KFN(entropy)(const fx_job *job, int64_t r0, int64_t r1)
 {
     const int64_t n = job->n_cols;
+    if (n <= SMALL_C) {
+        NM(blocks_small)(job, FX_ENTROPY, r0, r1);
+        return;
+    }
     for (int64_t r = r0; r < r1; r++) {
         const XT *x = (const XT *)job->x + r * job->x_ld;
         T m = NM(row_max)(x, n);
