@@ -362,8 +362,13 @@ FX_INLINE void NM(small_load)(const XT *x, int64_t ld, int64_t nr, int64_t n, T 
 {
 #if FX_HAVE_TILE && !X16 && VL == 16
     if (nr == VL) {
-        for (int64_t c = 0; c < n; c += 8)
-            fx_tile_load16(x + c, ld, n - c < 8 ? n - c : 8, buf + c * VL);
+        /* A last partial tile of a row of 8 or more overlaps the one
+           before it: plain loads and stores, not masked ones (AMD's masked
+           stores are slow), and what is written twice is the same value. */
+        for (int64_t c = 0; c < n; c += 8) {
+            const int64_t c8 = n - c < 8 && n >= 8 ? n - 8 : c;
+            fx_tile_load16(x + c8, ld, n - c8 < 8 ? n - c8 : 8, buf + c8 * VL);
+        }
         return;
     }
 #endif
@@ -375,8 +380,10 @@ FX_INLINE void NM(small_store)(const T *buf, int64_t nr, int64_t n, XT *out, int
 {
 #if FX_HAVE_TILE && !X16 && VL == 16
     if (nr == VL) {
-        for (int64_t c = 0; c < n; c += 8)
-            fx_tile_store16(buf + c * VL, n - c < 8 ? n - c : 8, out + c, ld);
+        for (int64_t c = 0; c < n; c += 8) {
+            const int64_t c8 = n - c < 8 && n >= 8 ? n - 8 : c;
+            fx_tile_store16(buf + c8 * VL, n - c8 < 8 ? n - c8 : 8, out + c8, ld);
+        }
         return;
     }
 #endif
