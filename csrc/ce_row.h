@@ -5,8 +5,11 @@
  * smoothing, d = sum_c w_c (x_c - m):
  *   loss = (1-eps) w_y (log s - (x_y - m)) + eps/C (W log s - d)
  *   gradient = exp(x - m) k1 - k2 w, except at the true class: gy
- * The row, small-row and split-row kernels all take them from here, so the
- * three paths give the same bits.
+ * The row, small-row and split-row kernels all take them from here. The
+ * row and split-row kernels pass exp(x_y - m) from libm, the small-row
+ * kernel from the vector kernel (a whole group at once): each path is
+ * deterministic and the same on every ISA, but the last bit of the true
+ * class's gradient may differ between a row of C <= 48 and a longer one.
  */
 #ifndef FASTXENT_CE_ROW_H
 #define FASTXENT_CE_ROW_H
