@@ -83,10 +83,13 @@ typedef struct fx_isa {
     fx_rows_fn fn[FX_NUM_OPS][FX_NUM_DTYPES];
     /* Pieces of one row, for rows split across threads (parallel.c). */
     double (*range_max[FX_NUM_DTYPES])(const void *x, int64_t c0, int64_t c1);
+    /* st: where to keep exp(x - m) of the chunks (the row's output), or NULL */
     void (*chunk_sums[FX_NUM_DTYPES])(const void *x, int64_t n, int64_t k0, int64_t k1,
-                                      double m, double *sums);
+                                      double m, double *sums, void *st);
+    /* stashed: out already holds exp(x - m) (chunk_sums' st); scale it */
     void (*range_write[FX_NUM_DTYPES])(int op, const void *x, void *out, const void *w,
-                                       int64_t c0, int64_t c1, double m, double k1, double k2);
+                                       int64_t c0, int64_t c1, double m, double k1, double k2,
+                                       int stashed);
     void (*expm_f32)(const float *x, float *y, int64_t n);
     void (*expm_f64)(const double *x, double *y, int64_t n);
 } fx_isa;

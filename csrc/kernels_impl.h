@@ -757,20 +757,35 @@ static double KFN(range_max)(const void *x, int64_t c0, int64_t c1)
     return (double)NM(row_max)((const XT *)x + c0, c1 - c0);
 }
 
-static void KFN(chunk_sums)(const void *x, int64_t n, int64_t k0, int64_t k1, double m, double *sums)
+static void KFN(chunk_sums)(const void *x, int64_t n, int64_t k0, int64_t k1, double m, double *sums,
+                            void *st)
 {
     const V vm = SPLAT((T)m);
+#if X16
+    (void)st; /* 16-bit outputs are not stashed (parallel.c never asks) */
+    T *stp = NULL;
+#else
+    T *stp = (T *)st;
+#endif
     for (int64_t k = k0; k < k1; k++)
-        sums[k] = NM(chunk_sumexp)((const XT *)x, k * CHUNK, NM(chunk_end)(k * CHUNK, n), vm, NULL, NULL);
+        sums[k] = NM(chunk_sumexp)((const XT *)x, k * CHUNK, NM(chunk_end)(k * CHUNK, n), vm, stp, NULL);
 }
 
 /* log-softmax: out = (x - m) - k1; otherwise out = exp(x - m) k1 - k2 w. */
 static void KFN(range_write)(int op, const void *xv, void *outv, const void *wv, int64_t c0,
-                             int64_t c1, double m, double k1, double k2)
+                             int64_t c1, double m, double k1, double k2, int stashed)
 {
     const XT *x = (const XT *)xv + c0;
     XT *out = (XT *)outv + c0;
     const int64_t n = c1 - c0;
+#if !X16
+    if (stashed) { /* the row kernels' second step after stashing */
+        NM(row_scale)(out, wv ? (const T *)wv + c0 : NULL, n, (T)k1, (T)k2);
+        return;
+    }
+#else
+    (void)stashed;
+#endif
     if (op != FX_LOG_SOFTMAX) {
         NM(row_write_grad)(x, out, wv ? (const T *)wv + c0 : NULL, n, (T)m, (T)k1, (T)k2);
         return;

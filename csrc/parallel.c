@@ -62,6 +62,10 @@ int fx_has_kernel(int op, int dtype)
    threads: below this, one thread per row is as fast. */
 #define FX_SPLIT_MIN 65536
 
+/* Largest row (bytes) whose exponentials the split-row driver keeps in
+   the output between passes (the row kernels' STREAM_BYTES). */
+#define FX_STASH_MAX (32.0 * 1024 * 1024)
+
 static int fx_splittable(int op, int dtype, const fx_job *job)
 {
     if (job->n_cols < FX_SPLIT_MIN) return 0;
@@ -103,6 +107,13 @@ static void fx_run_split_row(int op, int dtype, const fx_job *job, int64_t r, in
     double part[64];
     if (nt > 64) nt = 64;
     double m = -INFINITY;
+    /* As the row kernels: float32/float64 outputs keep exp(x - m) from the
+       sums pass and are then scaled, one exp per element instead of two
+       (except rows too big for the cache, whose output the row kernels
+       stream). x_y is read first: out may be x. */
+    const int stash = out && (op == FX_CE_HARD || op == FX_SOFTMAX)
+                      && (dtype == FX_F32 || dtype == FX_F64) && (double)n * isz <= FX_STASH_MAX;
+    const double xy = is_ce ? fx_get(dtype, x, y) : 0.0;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt)
 #endif
@@ -124,7 +135,7 @@ static void fx_run_split_row(int op, int dtype, const fx_job *job, int64_t r, in
             for (int64_t i = 0; i < team; i++) m = part[i] > m ? part[i] : m;
         }
         if (isfinite(m)) {
-            fx_active->chunk_sums[dtype](x, n, k0, k1, m, sums);
+            fx_active->chunk_sums[dtype](x, n, k0, k1, m, sums, stash ? out : NULL);
         }
     }
     if (!isfinite(m)) { /* the row kernel's IEEE rules for this row */
@@ -145,7 +156,7 @@ static void fx_run_split_row(int op, int dtype, const fx_job *job, int64_t r, in
         k1 = 1.0 / s;
     } else { /* FX_CE_HARD, no smoothing: as ce_hard in kernels_impl.h */
         w = job->w;
-        const fx_ce_row o = fx_ce_hard_row(fx_get(dtype, x, y), w ? fx_get(dtype, w, y) : 1.0, m, s,
+        const fx_ce_row o = fx_ce_hard_row(xy, w ? fx_get(dtype, w, y) : 1.0, m, s,
                                            log(s), 0.0, job->smoothing, n, job->w_sum,
                                            out ? job->gscale[r * job->gscale_step] : 0.0,
                                            out != NULL);
@@ -169,7 +180,7 @@ static void fx_run_split_row(int op, int dtype, const fx_job *job, int64_t r, in
         const int64_t t = 0, team = 1;
 #endif
         const int64_t c0 = n * t / team, c1 = n * (t + 1) / team;
-        if (c0 < c1) fx_active->range_write[dtype](op, x, out, w, c0, c1, m, k1, k2);
+        if (c0 < c1) fx_active->range_write[dtype](op, x, out, w, c0, c1, m, k1, k2, stash);
     }
     if (is_ce) fx_set(dtype, out, y, gy);
 }
