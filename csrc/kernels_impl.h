@@ -969,6 +969,91 @@ static void NM(kl_row_scalar)(const fx_job *job, int kind, const XT *z, const T 
     }
 }
 
+/* The target's terms of a KL row with a probability (or log-probability)
+   target, in double:
+     return  sum_c p_c,   *acc = sum_c p_c (log p_c - za_c)  (p_c = 0: 0)
+   with za_c = z_c / T - ma rounded to the compute dtype. Eight lanes at a
+   time with the project's double log and exp (logm.h, expm.h: about 1 ulp);
+   a block with a target they do not cover (zero is covered; subnormal,
+   negative, infinite or NaN p, or log p > 0) and the row's last n % 8
+   elements go through the C library, element by element. Lanes are added
+   in a fixed order, so the bits do not depend on the ISA. */
+FX_INLINE double NM(kl_target_terms)(int kind, const XT *z, const T *t, int64_t n, T inv_t, T ma,
+                                     double *acc_out)
+{
+    const fx_vf64 zero = fx_splat_f64(0.0), one = fx_splat_f64(1.0);
+    fx_acc_f64 vacc = fx_acc_init_f64(zero), vps = vacc;
+    double acc = 0.0, psum = 0.0;
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) {
+        typedef T t8 __attribute__((vector_size(8 * sizeof(T))));
+        t8 t8v;
+        memcpy(&t8v, t + c, sizeof t8v);
+        const fx_vf64 tv = __builtin_convertvector(t8v, fx_vf64);
+#if X16
+        fx_vf64 za;
+        for (int j = 0; j < 8; j++) za[j] = (double)(XGET(z, c + j) * inv_t - ma);
+#else
+        t8 z8v;
+        memcpy(&z8v, z + c, sizeof z8v);
+        const fx_vf64 za = __builtin_convertvector(z8v * inv_t - ma, fx_vf64);
+#endif
+        fx_vf64 p, lp;
+        if (kind == FX_KL_PROBS) {
+            p = tv;
+            const fx_vi64 z0 = fx_eq_f64(p, zero);
+            const fx_vf64 ps = fx_sel_f64(z0, one, p);
+            /* every lane zero or normal and finite */
+            const fx_vi64 ok = fx_lt_f64(ps, fx_splat_f64(INFINITY))
+                               & ~fx_lt_f64(ps, fx_splat_f64(0x1p-1022));
+            int all = 1;
+            for (int j = 0; j < 8; j++) all &= ok[j] != 0;
+            if (!all) goto scalar;
+            lp = fx_log_pos_f64(ps);
+        } else {
+            lp = tv;
+            /* log p <= 0 (NaN fails too): exp(log p) by the vector kernel */
+            const fx_vi64 pos = fx_lt_f64(zero, lp) | ~fx_eq_f64(lp, lp);
+            int any = 0;
+            for (int j = 0; j < 8; j++) any |= pos[j] != 0;
+            if (any) goto scalar;
+            p = fx_expm_f64(lp);
+        }
+        vps = fx_acc_add_f64(vps, p);
+        vacc = fx_acc_add_f64(vacc, fx_sel_f64(fx_eq_f64(p, zero), zero, p * (lp - za)));
+        continue;
+    scalar:
+        for (int j = 0; j < 8; j++) {
+            double pj, lpj;
+            if (kind == FX_KL_PROBS) { pj = tv[j]; lpj = log(pj); }
+            else { lpj = tv[j]; pj = exp(lpj); }
+            psum += pj;
+            if (pj != 0) acc += pj * (lpj - za[j]);
+        }
+    }
+    for (; c < n; c++) {
+        const double za = (double)(XGET(z, c) * inv_t - ma);
+        double p, lp;
+        if (kind == FX_KL_PROBS) { p = t[c]; lp = log(p); }
+        else { lp = t[c]; p = exp(lp); }
+        psum += p;
+        if (p != 0) acc += p * (lp - za);
+    }
+    *acc_out = fx_hsum_f64(fx_acc_get_f64(vacc)) + acc;
+    return fx_hsum_f64(fx_acc_get_f64(vps)) + psum;
+}
+
+/* exp of log-probability lanes for the gradient (which is rounded to T):
+   the vector kernel where every lane is <= 0, the C library otherwise. */
+FX_INLINE V NM(kl_exp_target)(V lp)
+{
+    int any = 0;
+    for (int j = 0; j < VL; j++) any |= !(lp[j] <= 0);
+    if (!any) return EXPM(lp);
+    for (int j = 0; j < VL; j++) lp[j] = (T)exp((double)lp[j]);
+    return lp;
+}
+
 FX_INLINE void NM(kl_rows)(const fx_job *job, int kind, int64_t r0, int64_t r1)
 {
     const int64_t n = job->n_cols;
@@ -1017,17 +1102,8 @@ FX_INLINE void NM(kl_rows)(const fx_job *job, int kind, int64_t r0, int64_t r1)
             psum = 1.0;
             loss = u / sb - log(sb) + log(sa);
         } else {
-            /* The target's logs (or exps) in double with the C library:
-               exact for any target, at scalar speed. */
-            double acc = 0.0;
-            for (int64_t c = 0; c < n; c++) {
-                const double za = (double)(XGET(z, c) * inv_t - ma);
-                double p, lp;
-                if (kind == FX_KL_PROBS) { p = t[c]; lp = log(p); }
-                else { lp = t[c]; p = exp(lp); }
-                psum += p;
-                if (p != 0) acc += p * (lp - za);
-            }
+            double acc;
+            psum = NM(kl_target_terms)(kind, z, t, n, inv_t, ma, &acc);
             loss = acc + psum * log(sa);
         }
         job->row_out[r] = Tt * Tt * loss;
@@ -1041,8 +1117,7 @@ FX_INLINE void NM(kl_rows)(const fx_job *job, int kind, int64_t r0, int64_t r1)
                 p = EXPM((k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, -INFINITY)) * vinv - vmb);
             } else {
                 p = k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, 0);
-                if (kind == FX_KL_LOG_PROBS)
-                    for (int64_t j = 0; j < k; j++) p[j] = (T)exp((double)p[j]);
+                if (kind == FX_KL_LOG_PROBS) p = NM(kl_exp_target)(p);
             }
             const V g = ea * k1 - p * k2;
             if (k == VL) XSTORE(out + i, g);

@@ -767,6 +767,37 @@ def test_mixed_target_dtype(rng):
     assert_close(fastxent.kl_div(x64, p32), ref.kl_div(x64, p32), np.float64)
 
 
+@pytest.mark.parametrize("kind", ["probs", "log_probs"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_target_terms_vector_and_library_blocks(dtype, kind, isa, rng):
+    """Targets are taken 8 at a time by the vector log/exp; a block holding a
+    value they do not cover (subnormal p, log p > 0, NaN) goes through the C
+    library. Rows mix both kinds of block and a tail (C = 37)."""
+    C = 37
+    z = random_logits(rng, (6, C), dtype)
+    p = random_probs(rng, (6, C), dtype)
+    p[0, 3] = 0.0  # zero: vector block
+    p[1, 9] = np.finfo(dtype).smallest_subnormal * 4  # library block
+    p[2, 36] = 0.0  # tail
+    p[3, :] = 0.0
+    p[3, 20] = 1.0  # one-hot
+    with np.errstate(divide="ignore"):
+        t = p if kind == "probs" else np.log(p)
+    if kind == "log_probs":
+        t[4, 17] = 0.25  # log p > 0: not a probability, still computed
+    ct = compute_dtype(dtype)
+    got = fastxent.kl_div(z, t, target_kind=kind, reduction="none")
+    want = ref.kl_div(z, t, target_kind=kind, reduction="none")
+    assert_close(got, want, ct)
+    loss, grad = fastxent.kl_div_with_grad(z, t, target_kind=kind, reduction="sum")
+    ref_loss, ref_grad = ref.kl_div_with_grad(z, t, target_kind=kind, reduction="sum")
+    assert_close(loss, ref_loss, ct)
+    assert_close(grad, ref_grad, ct, scale=grad_scale(ref_grad, 1e-3))
+    t[5, 30] = np.nan  # NaN poisons its row only
+    got = fastxent.kl_div(z, t, target_kind=kind, reduction="none")
+    assert np.isnan(got[5]) and np.all(np.isfinite(got[:5]))
+
+
 # ------------------------------------------------------------ determinism
 
 
@@ -778,6 +809,8 @@ def test_bitwise_identical_across_threads_and_isas(dtype, shape, rng):
     z[0, 0] = -np.inf
     t = make_target(rng, "logits", shape, dtype, zeros=True)
     p = make_target(rng, "probs", shape, dtype, zeros=True)
+    with np.errstate(divide="ignore"):
+        lp = np.log(p)
     previous = _core.get_isa()
     baseline = None
     try:
@@ -789,6 +822,7 @@ def test_bitwise_identical_across_threads_and_isas(dtype, shape, rng):
                     "logits": fastxent.kl_div(z, t, target_kind="logits", temperature=2.0,
                                               reduction="none", **kw),
                     "probs_grad": fastxent.kl_div_with_grad(z, p, **kw),
+                    "log_probs_grad": fastxent.kl_div_with_grad(z, lp, target_kind="log_probs", **kw),
                     "logits_grad": fastxent.kl_div_with_grad(z, t, target_kind="logits", **kw),
                 }
                 if baseline is None:
