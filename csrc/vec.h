@@ -331,31 +331,15 @@ FX_DEFINE_TAIL(f64, double, fx_vf64)
     FX_INLINE fx_acc_##SFX fx_acc_max_##SFX(fx_acc_##SFX a, V v)               \
     {                                                                          \
         const fx_acc_##SFX b = fx_acc_init_##SFX(v);                           \
-        for (int k = 0; k < NP; k++) a.p[k] = FX_NMAX_##SFX(a.p[k], b.p[k]);   \
+        for (int k = 0; k < NP; k++) {                                         \
+            const NV lt = (NV)(a.p[k] < b.p[k]);                               \
+            a.p[k] = (NV)(((fx_nacc_bits)a.p[k] & ~(fx_nacc_bits)lt)           \
+                          | ((fx_nacc_bits)b.p[k] & (fx_nacc_bits)lt));        \
+        }                                                                      \
         return a;                                                              \
     }
 
-/* One native part of the rule above. x86's max(y, x) is "y > x ? y : x",
-   which is exactly "x < y ? y : x" with NaN and signed zeros included: one
-   instruction where compare-and-blend took two or four. */
-#if defined(__AVX512F__)
-#define FX_NMAX_f32(a, b) ((fx_nf32)_mm512_max_ps((__m512)(b), (__m512)(a)))
-#define FX_NMAX_f64(a, b) ((fx_nf64)_mm512_max_pd((__m512d)(b), (__m512d)(a)))
-#elif defined(__AVX__)
-#define FX_NMAX_f32(a, b) ((fx_nf32)_mm256_max_ps((__m256)(b), (__m256)(a)))
-#define FX_NMAX_f64(a, b) ((fx_nf64)_mm256_max_pd((__m256d)(b), (__m256d)(a)))
-#elif defined(__SSE2__)
-#define FX_NMAX_f32(a, b) ((fx_nf32)_mm_max_ps((__m128)(b), (__m128)(a)))
-#define FX_NMAX_f64(a, b) ((fx_nf64)_mm_max_pd((__m128d)(b), (__m128d)(a)))
-#else
 typedef int64_t fx_nacc_bits __attribute__((vector_size(FX_NBYTES)));
-#define FX_NMAX_GENERIC(NV, a, b) ({ const NV a_ = (a), b_ = (b); const NV lt_ = (NV)(a_ < b_); \
-    (NV)(((fx_nacc_bits)a_ & ~(fx_nacc_bits)lt_) | ((fx_nacc_bits)b_ & (fx_nacc_bits)lt_)); })
-#define FX_NMAX_f32(a, b) FX_NMAX_GENERIC(fx_nf32, a, b)
-#define FX_NMAX_f64(a, b) FX_NMAX_GENERIC(fx_nf64, a, b)
-#endif
-#define FX_NMAX_w32 FX_NMAX_f64
-
 FX_DEFINE_ACC(f32, fx_vf32, fx_nf32, FX_NPARTS)
 FX_DEFINE_ACC(f64, fx_vf64, fx_nf64, FX_NPARTS)
 FX_DEFINE_ACC(w32, fx_vw32, fx_nf64, 2 * FX_NPARTS)
