@@ -1200,6 +1200,66 @@ static void KFN(bce_logits)(const fx_job *job, int64_t r0, int64_t r1)
  * logs clamped at -100; the gradient is torch's backward formula
  *   grad = gs gout w (lw p - pw t) / max(p (1 - p), 1e-12).
  * Plain double loops with the C library's log and log1p. */
+#if !X16
+typedef T NM(t8) __attribute__((vector_size(8 * sizeof(T))));
+
+FX_INLINE fx_vf64 NM(load8)(const T *p)
+{
+    NM(t8) v;
+    memcpy(&v, p, sizeof v);
+    return __builtin_convertvector(v, fx_vf64);
+}
+
+/* Every one of the 8 probabilities at p in [0, 1] (NaN is not). */
+FX_INLINE int NM(bce_probs_covered)(const T *p)
+{
+    const fx_vf64 v = NM(load8)(p);
+    const fx_vi64 bad = fx_lt_f64(v, fx_splat_f64(0.0)) | fx_lt_f64(fx_splat_f64(1.0), v)
+                        | ~fx_eq_f64(v, v);
+    int any = 0;
+    for (int j = 0; j < 8; j++) any |= bad[j] != 0;
+    return !any;
+}
+
+/* log(x) for 0 <= x <= 1, clamped at -100 as torch does (e^-100 is about
+   3.7e-44: smaller x, zero included, give -100). */
+FX_INLINE fx_vf64 NM(log_clamped)(fx_vf64 x)
+{
+    const fx_vi64 tiny = fx_lt_f64(x, fx_splat_f64(3.720075976020836e-44));
+    const fx_vf64 l = fx_log_pos_f64(fx_sel_f64(tiny, fx_splat_f64(1.0), x));
+    return fx_sel_f64(tiny, fx_splat_f64(-100.0), l);
+}
+
+/* Eight elements of binary cross entropy from probabilities p in [0, 1],
+   in double: the scalar loop's formulas, with the project's log
+   (logm.h). log1p(-p): for p <= 1/2, u = 1 - p rounded and
+   log1p(-p) = log(u) + ((-p) - (u - 1)) / u, which restores what the
+   rounding of u lost (u is never below 1/2); for p > 1/2, 1 - p is exact.
+   With g, the gradient (before grad_output) goes there. */
+FX_INLINE fx_vf64 NM(bce_probs_8)(const T *pp, const T *tp, const T *wp, const T *pwp, fx_vf64 *g,
+                                  double gs)
+{
+    const fx_vf64 one = fx_splat_f64(1.0);
+    const fx_vf64 pc = NM(load8)(pp), tc = NM(load8)(tp);
+    const fx_vf64 wc = wp ? NM(load8)(wp) : one, pwc = pwp ? NM(load8)(pwp) : one;
+    const fx_vf64 lp = NM(log_clamped)(pc);
+    const fx_vf64 u = one - pc;
+    const fx_vi64 low = fx_lt_f64(pc, fx_splat_f64(0.5)) | fx_eq_f64(pc, fx_splat_f64(0.5));
+    const fx_vf64 lu = NM(log_clamped)(u);
+    const fx_vf64 corr = fx_sel_f64(low, (-pc - (u - one)) / u, fx_splat_f64(0.0));
+    const fx_vf64 l1p = lu + corr;
+    const fx_vf64 l = -wc * (pwc * tc * lp + (one - tc) * l1p);
+    if (g) {
+        const double eps = (double)1e-12f;
+        const fx_vf64 lw = one + (pwc - one) * tc;
+        const fx_vf64 den = pc * (one - pc);
+        const fx_vf64 dm = fx_sel_f64(fx_lt_f64(den, fx_splat_f64(eps)), fx_splat_f64(eps), den);
+        *g = fx_splat_f64(gs) * wc * (lw * pc - pwc * tc) / dm;
+    }
+    return l;
+}
+#endif
+
 static void KFN(bce_probs)(const fx_job *job, int64_t r0, int64_t r1)
 {
     const int64_t n = job->n_cols;
@@ -1214,7 +1274,30 @@ static void KFN(bce_probs)(const fx_job *job, int64_t r0, int64_t r1)
         XT *out = job->out ? (XT *)job->out + r * job->out_ld : NULL;
         const double gs = out ? job->gscale[r * job->gscale_step] : 0.0;
         double total = 0.0;
-        for (int64_t c = 0; c < n; c++) {
+        int64_t c = 0;
+#if !X16
+        fx_acc_f64 vtot = fx_acc_init_f64(fx_splat_f64(0.0));
+        for (; c + 8 <= n; c += 8) {
+            /* A block with a probability outside [0, 1] (or NaN) ends the
+               vector loop: the rest of the row takes the C library. */
+            if (!NM(bce_probs_covered)(p + c)) break;
+            fx_vf64 g;
+            const fx_vf64 l = NM(bce_probs_8)(p + c, t + c, w ? w + c : NULL, pw ? pw + c : NULL,
+                                              out ? &g : NULL, gs);
+            vtot = fx_acc_add_f64(vtot, l);
+            if (lo) {
+                const NM(t8) lt = __builtin_convertvector(l, NM(t8));
+                memcpy(lo + c, &lt, sizeof lt);
+            }
+            if (out) {
+                if (go) g = g * NM(load8)(go + c);
+                const NM(t8) gt = __builtin_convertvector(g, NM(t8));
+                memcpy(out + c, &gt, sizeof gt);
+            }
+        }
+        total = fx_hsum_f64(fx_acc_get_f64(vtot));
+#endif
+        for (; c < n; c++) {
             const double pc = XGET(p, c), tc = t[c];
             const double wc = w ? (double)w[c] : 1.0, pwc = pw ? (double)pw[c] : 1.0;
             /* Clamped at -100 like torch; a NaN probability stays NaN (fmax

@@ -619,6 +619,33 @@ def test_nan_poisons_its_element_only(dtype, C, from_logits, where, isa, rng):
     assert np.isnan(loss) and np.array_equal(np.isnan(grad), poisoned)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_probability_edges_in_vector_blocks(dtype, isa, rng):
+    """Probabilities are taken 8 at a time with the project's log; 0, 1, 1/2,
+    the neighbours of 1/2 (where log1p(-p) changes method), the tiniest
+    values (log clamped at -100, as torch) and 1 - ulp sit inside vector
+    blocks of 37-wide rows, and match the reference elementwise."""
+    C = 37
+    p = random_probabilities(rng, (4, C), dtype)
+    tiny = np.finfo(dtype).smallest_subnormal
+    edges = [0.0, 1.0, 0.5, np.nextafter(dtype(0.5), dtype(0)), np.nextafter(dtype(0.5), dtype(1)),
+             tiny, 1e-30, np.nextafter(dtype(1), dtype(0)), 1e-3, 0.999]
+    p[0, : len(edges)] = edges
+    p[1, 8 : 8 + len(edges)] = edges[::-1]
+    t = random_bce_target(rng, (4, C), dtype)
+    ct = compute_dtype(dtype)
+    kw = dict(from_logits=False, reduction="none")
+    got = fastxent.binary_cross_entropy(p, t, **kw)
+    want = ref.binary_cross_entropy(p, t, **kw)
+    assert np.all(np.isfinite(got))
+    assert_close(got, want, ct)
+    loss, grad = fastxent.binary_cross_entropy_with_grad(p, t, **kw)
+    assert_bitwise_equal(loss, got, what="loss")
+    ref_grad = ref.binary_cross_entropy_with_grad(p, t, **kw)[1]
+    check_grad(grad, p, dtype, None, ref_grad,
+               grad_magnitude(p, t, None, None, False, 1.0, None, p.shape), "grad")
+
+
 def test_seeds():
     """x = 0 costs ln 2 whatever the target; a confident right answer ~0."""
     x = np.array([0.0, 0.0, 0.0, 10.0, -10.0])
