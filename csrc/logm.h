@@ -81,6 +81,19 @@ FX_INLINE fx_vf32 fx_log_pos_f32(fx_vf32 x)
     return ef * fx_splat_f32(0.693147180559945309f) + fx_log1p_series_f32(m - fx_splat_f32(1.0f));
 }
 
+/* *ps = p with its zeros replaced by 1; whether every lane of p is zero or
+   positive, normal and finite, so that fx_log_pos_f64(*ps) is the log of
+   every nonzero lane (callers give zero lanes their own value). */
+FX_INLINE int fx_log_domain_f64(fx_vf64 p, fx_vf64 *ps)
+{
+    const fx_vi64 z0 = fx_eq_f64(p, fx_splat_f64(0.0));
+    *ps = fx_sel_f64(z0, fx_splat_f64(1.0), p);
+    const fx_vi64 ok = fx_lt_f64(*ps, fx_splat_f64(INFINITY)) & ~fx_lt_f64(*ps, fx_splat_f64(0x1p-1022));
+    int all = 1;
+    for (int j = 0; j < 8; j++) all &= ok[j] != 0;
+    return all;
+}
+
 FX_INLINE fx_vf64 fx_log_pos_f64(fx_vf64 x)
 {
     const fx_vu64 bits = (fx_vu64)x;

@@ -181,6 +181,27 @@ def test_entropy_base_and_probabilities(dtype, C, base, isa, rng):
     assert_close(got, ref.entropy(p, from_logits=False, base=base), ct, what="probs vs reference")
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_entropy_of_probabilities_vector_and_library_blocks(dtype, isa, rng):
+    """Probabilities are taken 8 at a time with the project's log; zeros stay
+    in the vector path, a block holding a subnormal (or NaN) goes through the
+    C library, and a 37-wide row has a tail."""
+    scipy_special = pytest.importorskip("scipy.special")
+    p = random_probs(rng, (5, 37), dtype)
+    p[0, [0, 9, 36]] = 0
+    p[1, 17] = np.finfo(dtype).smallest_subnormal * 8
+    p[2, :] = 0
+    p[2, 20] = 1  # one-hot: entropy 0
+    ct = compute_dtype(dtype)
+    got = fastxent.entropy(p, from_logits=False)
+    expected = scipy_special.entr(p.astype(np.float64)).sum(axis=-1)
+    assert_close(got, expected, ct, what="vs scipy entr")
+    assert got[2] == 0
+    p[3, 5] = np.nan
+    got = fastxent.entropy(p, from_logits=False)
+    assert np.isnan(got[3]) and np.all(np.isfinite(np.delete(got, 3)))
+
+
 def test_entropy_of_uniform_and_one_hot():
     for C in (1, 2, 7, 1000):
         np.testing.assert_allclose(fastxent.entropy(np.zeros((2, C))), math.log(C), rtol=1e-14, atol=0)
