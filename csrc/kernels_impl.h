@@ -68,6 +68,18 @@ FX_INLINE int64_t NM(chunk_end)(int64_t c0, int64_t n)
     return c0 + CHUNK < n ? c0 + CHUNK : n;
 }
 
+/* Eight elements widened to double, for the kernels that take logs or
+   exps of their inputs in double (entropy of probabilities, KL targets,
+   BCE from probabilities). */
+typedef T NM(t8) __attribute__((vector_size(8 * sizeof(T))));
+
+FX_INLINE fx_vf64 NM(load8)(const T *p)
+{
+    NM(t8) v;
+    memcpy(&v, p, sizeof v);
+    return __builtin_convertvector(v, fx_vf64);
+}
+
 /* max_c x_c, skipping NaN; -inf for an empty or all-NaN row. */
 FX_INLINE T NM(row_max)(const XT *x, int64_t n)
 {
@@ -925,10 +937,7 @@ static void KFN(entropy_probs)(const fx_job *job, int64_t r0, int64_t r1)
         const fx_vf64 zero = fx_splat_f64(0.0);
         fx_acc_f64 vh = fx_acc_init_f64(zero);
         for (; c + 8 <= n; c += 8) {
-            typedef T t8 __attribute__((vector_size(8 * sizeof(T))));
-            t8 pv8;
-            memcpy(&pv8, p + c, sizeof pv8);
-            const fx_vf64 pv = __builtin_convertvector(pv8, fx_vf64);
+            const fx_vf64 pv = NM(load8)(p + c);
             fx_vf64 ps;
             if (!fx_log_domain_f64(pv, &ps)) {
                 for (int j = 0; j < 8; j++)
@@ -1009,15 +1018,12 @@ FX_INLINE double NM(kl_target_terms)(int kind, const XT *z, const T *t, int64_t 
     double acc = 0.0, psum = 0.0;
     int64_t c = 0;
     for (; c + 8 <= n; c += 8) {
-        typedef T t8 __attribute__((vector_size(8 * sizeof(T))));
-        t8 t8v;
-        memcpy(&t8v, t + c, sizeof t8v);
-        const fx_vf64 tv = __builtin_convertvector(t8v, fx_vf64);
+        const fx_vf64 tv = NM(load8)(t + c);
 #if X16
         fx_vf64 za;
         for (int j = 0; j < 8; j++) za[j] = (double)(XGET(z, c + j) * inv_t - ma);
 #else
-        t8 z8v;
+        NM(t8) z8v;
         memcpy(&z8v, z + c, sizeof z8v);
         const fx_vf64 za = __builtin_convertvector(z8v * inv_t - ma, fx_vf64);
 #endif
@@ -1218,15 +1224,6 @@ static void KFN(bce_logits)(const fx_job *job, int64_t r0, int64_t r1)
  *   grad = gs gout w (lw p - pw t) / max(p (1 - p), 1e-12).
  * Plain double loops with the C library's log and log1p. */
 #if !X16
-typedef T NM(t8) __attribute__((vector_size(8 * sizeof(T))));
-
-FX_INLINE fx_vf64 NM(load8)(const T *p)
-{
-    NM(t8) v;
-    memcpy(&v, p, sizeof v);
-    return __builtin_convertvector(v, fx_vf64);
-}
-
 /* Every one of the 8 probabilities at p in [0, 1] (NaN is not). */
 FX_INLINE int NM(bce_probs_covered)(const T *p)
 {
