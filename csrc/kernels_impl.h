@@ -405,32 +405,60 @@ FX_INLINE void NM(small_store)(const T *buf, int64_t nr, int64_t n, XT *out, int
 
 /* Lanewise row max and sum of exp(x - max); with ebuf, the exponentials
    are kept there too (laid out as buf); with q, *q = sum_c e_c (x_c - m)
-   (a term with e_c = 0 counts 0), entropy's second sum. */
+   (a term with e_c = 0 counts 0), entropy's second sum.
+   A group's work is short, so its dependency chains set the pace: the
+   maxima run in two chains (even and odd columns), and the sums take the
+   columns in pairs, each pair added in T and then into the double sum
+   (half the chain and half the conversions; for float32 the pair's one
+   rounding is below what the float32 log of s keeps). */
 FX_INLINE V NM(small_stats)(const T *buf, int64_t n, VW *s, T *ebuf, VW *q)
 {
-    ACC am = AINIT(SPLAT(-INFINITY));
-    for (int64_t c = 0; c < n; c++) am = AMAX(am, LOAD(buf + c * VL));
-    const V m = AGET(am);
+    ACC am0 = AINIT(SPLAT(-INFINITY)), am1 = am0;
+    int64_t c = 0;
+    for (; c + 2 <= n; c += 2) {
+        am0 = AMAX(am0, LOAD(buf + c * VL));
+        am1 = AMAX(am1, LOAD(buf + (c + 1) * VL));
+    }
+    if (c < n) am0 = AMAX(am0, LOAD(buf + c * VL));
+    const V m = AGET(AMAX(am0, AGET(am1)));
     ACCW acc = AWINIT(__builtin_convertvector(SPLAT(0), VW));
+    const V zero = SPLAT(0);
     if (q) {
         ACCW accq = acc;
-        const V zero = SPLAT(0);
-        for (int64_t c = 0; c < n; c++) {
-            const V z = LOAD(buf + c * VL) - m;
-            const V e = EXPM(z);
-            acc = AWADD(acc, __builtin_convertvector(e, VW));
-            accq = AWADD(accq, __builtin_convertvector(SEL(SFX(fx_eq)(e, zero), zero, e * z), VW));
+#define FX_TERM(c, e, t)                                                       \
+    const V d##e = LOAD(buf + (c) * VL) - m, e = EXPM(d##e);                   \
+    const V t = SEL(SFX(fx_eq)(e, zero), zero, e * d##e)
+        for (c = 0; c + 2 <= n; c += 2) {
+            FX_TERM(c, e0, t0);
+            FX_TERM(c + 1, e1, t1);
+            acc = AWADD(acc, __builtin_convertvector(e0 + e1, VW));
+            accq = AWADD(accq, __builtin_convertvector(t0 + t1, VW));
         }
+        if (c < n) {
+            FX_TERM(c, e0, t0);
+            acc = AWADD(acc, __builtin_convertvector(e0, VW));
+            accq = AWADD(accq, __builtin_convertvector(t0, VW));
+        }
+#undef FX_TERM
         *q = AWGET(accq);
     } else if (ebuf) {
-        for (int64_t c = 0; c < n; c++) {
-            const V e = EXPM(LOAD(buf + c * VL) - m);
-            STORE(ebuf + c * VL, e);
-            acc = AWADD(acc, __builtin_convertvector(e, VW));
+        for (c = 0; c + 2 <= n; c += 2) {
+            const V e0 = EXPM(LOAD(buf + c * VL) - m), e1 = EXPM(LOAD(buf + (c + 1) * VL) - m);
+            STORE(ebuf + c * VL, e0);
+            STORE(ebuf + (c + 1) * VL, e1);
+            acc = AWADD(acc, __builtin_convertvector(e0 + e1, VW));
+        }
+        if (c < n) {
+            const V e0 = EXPM(LOAD(buf + c * VL) - m);
+            STORE(ebuf + c * VL, e0);
+            acc = AWADD(acc, __builtin_convertvector(e0, VW));
         }
     } else {
-        for (int64_t c = 0; c < n; c++)
-            acc = AWADD(acc, __builtin_convertvector(EXPM(LOAD(buf + c * VL) - m), VW));
+        for (c = 0; c + 2 <= n; c += 2) {
+            const V e0 = EXPM(LOAD(buf + c * VL) - m), e1 = EXPM(LOAD(buf + (c + 1) * VL) - m);
+            acc = AWADD(acc, __builtin_convertvector(e0 + e1, VW));
+        }
+        if (c < n) acc = AWADD(acc, __builtin_convertvector(EXPM(LOAD(buf + c * VL) - m), VW));
     }
     *s = AWGET(acc);
     return m;
@@ -454,6 +482,27 @@ FX_INLINE void NM(store_w)(double *p, VW v)
         memcpy((char *)p + k * FX_NBYTES, &u.n[k], FX_NBYTES);
 }
 
+/* Whether a full group is plain as far as its labels and statistics go:
+   every row labelled (no ignore_index), every m finite, no s NaN; if so,
+   x_y and m of each lane, in double, to xyv and mv. Labels are in range or
+   ignore_index (the caller's check), and ignore_index is never looked up. */
+FX_INLINE int NM(plain_group)(const int64_t *lab, int64_t ig, const T *buf, V m, VW sv,
+                              double *xyv, double *mv)
+{
+    T xy[VL];
+    int bad = 0;
+    for (int64_t j = 0; j < VL; j++) {
+        const int64_t y = lab[j];
+        bad |= y == ig;
+        xy[j] = buf[(y == ig ? 0 : y) * VL + j];
+    }
+    /* m - m is NaN where m is not finite; s lanes are finite or NaN. */
+    if (bad || isnan(HSUM((m - m) + __builtin_convertvector(sv, V)))) return 0;
+    NM(store_w)(xyv, __builtin_convertvector(LOAD(xy), VW));
+    NM(store_w)(mv, __builtin_convertvector(m, VW));
+    return 1;
+}
+
 static void NM(ce_hard_small)(const fx_job *job, int64_t r0, int64_t r1)
 {
     const int64_t n = job->n_cols;
@@ -468,29 +517,35 @@ static void NM(ce_hard_small)(const fx_job *job, int64_t r0, int64_t r1)
         NM(small_load)(x, job->x_ld, nr, n, buf);
         VW sv;
         const V m = NM(small_stats)(buf, n, &sv, out ? ebuf : NULL, NULL);
-        ACCW adv = AWINIT(__builtin_convertvector(SPLAT(0), VW));
+        VW dv = __builtin_convertvector(SPLAT(0), VW);
         if (eps > 0) {
+            ACCW adv = AWINIT(dv);
             for (int64_t c = 0; c < n; c++) {
                 const T wc = w ? w[c] : 1;
                 if (wc != 0)
                     adv = AWADD(adv, __builtin_convertvector(SPLAT(wc) * (LOAD(buf + c * VL) - m), VW));
             }
+            dv = AWGET(adv);
         }
-        const VW dv = AWGET(adv);
         const VW lv = NM(small_log)(sv);
         /* exp(x_y - m) of every row of the group by the vector kernel: a
            libm call per row cost more than the row's other arithmetic. */
         double xyv[VL], mv[VL], exy[VL], gsv[VL];
         /* plain: every row labelled, with finite m and s, no weights, no
            smoothing; fx_ce_hard_row's arithmetic then runs lanewise. */
-        int plain = nr == VL && !w && eps == 0;
-        for (int64_t j = 0; j < VL; j++) {
-            const int64_t y = j < nr ? job->labels[r + j] : job->ignore_index;
-            const int ok = y != job->ignore_index && isfinite(m[j]);
-            plain &= ok && !isnan(sv[j]);
-            xyv[j] = ok ? (double)buf[y * VL + j] : 0.0;
-            mv[j] = ok ? (double)m[j] : 0.0;
-            gsv[j] = out && j < nr ? job->gscale[(r + j) * job->gscale_step] : 0.0;
+        const int plain = nr == VL && !w && eps == 0
+                          && NM(plain_group)(job->labels + r, job->ignore_index, buf, m, sv, xyv, mv);
+        if (!plain) {
+            for (int64_t j = 0; j < VL; j++) {
+                const int64_t y = j < nr ? job->labels[r + j] : job->ignore_index;
+                const int ok = y != job->ignore_index && isfinite(m[j]);
+                xyv[j] = ok ? (double)buf[y * VL + j] : 0.0;
+                mv[j] = ok ? (double)m[j] : 0.0;
+            }
+        }
+        if (out) {
+            for (int64_t j = 0; j < VL; j++)
+                gsv[j] = j < nr ? job->gscale[(r + j) * job->gscale_step] : 0.0;
         }
         if (out) {
             for (int h = 0; h < VL / 8; h++)
