@@ -148,20 +148,61 @@ FX_INLINE fx_vf64 fx_sel_f64(fx_vi64 m, fx_vf64 a, fx_vf64 b)
         memcpy(&v, p, sizeof v);                                               \
         return v;                                                              \
     }                                                                          \
-    /* By native parts: a whole-vector memcpy of a 64-byte vector the ISA  */ \
-    /* has no register for goes through the stack and general registers.   */ \
-    FX_INLINE void fx_store_##SFX(T *p, V v)                               \
-    {                                                                          \
-        union { V v; NV n[FX_NPARTS]; } u = {v};                               \
-        for (int k = 0; k < FX_NPARTS; k++)                                    \
-            memcpy((char *)p + k * FX_NBYTES, &u.n[k], FX_NBYTES);             \
-    }                                                                          \
     /* Lanewise maximum that skips NaN in b; NaN rows are caught by the    */ \
     /* sum of exponentials, which NaN poisons.                              */ \
     FX_INLINE V fx_vmax_##SFX(V a, V b) { return fx_sel_##SFX(fx_lt_##SFX(a, b), b, a); } \
 
 FX_DEFINE_VEC_HELPERS(f32, float, fx_vf32, fx_nf32, 16)
 FX_DEFINE_VEC_HELPERS(f64, double, fx_vf64, fx_nf64, 8)
+
+/* Stores by native parts taken with __builtin_shufflevector, which GCC
+   maps onto the registers holding them. A 64-byte vector the ISA has no
+   register for, stored whole (memcpy) or through a union of parts, went
+   through the stack in 16- and 8-byte pieces, and a following 32-byte load
+   of them could not be forwarded: the AVX2 gradient-scaling loops stalled
+   on every vector. */
+#if FX_NPARTS == 1
+FX_INLINE void fx_store_f32(float *p, fx_vf32 v) { memcpy(p, &v, sizeof v); }
+FX_INLINE void fx_store_f64(double *p, fx_vf64 v) { memcpy(p, &v, sizeof v); }
+#elif FX_NPARTS == 2
+FX_INLINE void fx_store_f32(float *p, fx_vf32 v)
+{
+    const fx_nf32 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+    const fx_nf32 b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    memcpy(p, &a, sizeof a);
+    memcpy(p + 8, &b, sizeof b);
+}
+FX_INLINE void fx_store_f64(double *p, fx_vf64 v)
+{
+    const fx_nf64 a = __builtin_shufflevector(v, v, 0, 1, 2, 3);
+    const fx_nf64 b = __builtin_shufflevector(v, v, 4, 5, 6, 7);
+    memcpy(p, &a, sizeof a);
+    memcpy(p + 4, &b, sizeof b);
+}
+#else
+FX_INLINE void fx_store_f32(float *p, fx_vf32 v)
+{
+    const fx_nf32 a = __builtin_shufflevector(v, v, 0, 1, 2, 3);
+    const fx_nf32 b = __builtin_shufflevector(v, v, 4, 5, 6, 7);
+    const fx_nf32 c = __builtin_shufflevector(v, v, 8, 9, 10, 11);
+    const fx_nf32 d = __builtin_shufflevector(v, v, 12, 13, 14, 15);
+    memcpy(p, &a, sizeof a);
+    memcpy(p + 4, &b, sizeof b);
+    memcpy(p + 8, &c, sizeof c);
+    memcpy(p + 12, &d, sizeof d);
+}
+FX_INLINE void fx_store_f64(double *p, fx_vf64 v)
+{
+    const fx_nf64 a = __builtin_shufflevector(v, v, 0, 1);
+    const fx_nf64 b = __builtin_shufflevector(v, v, 2, 3);
+    const fx_nf64 c = __builtin_shufflevector(v, v, 4, 5);
+    const fx_nf64 d = __builtin_shufflevector(v, v, 6, 7);
+    memcpy(p, &a, sizeof a);
+    memcpy(p + 2, &b, sizeof b);
+    memcpy(p + 4, &c, sizeof c);
+    memcpy(p + 6, &d, sizeof d);
+}
+#endif
 
 /* Horizontal sums and maxima as trees over halves: lanes j and j + h are
    combined for h = VL/2, VL/4, ..., 1. The order is fixed by lane
