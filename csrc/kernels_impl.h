@@ -477,9 +477,14 @@ FX_INLINE VW NM(small_log)(VW s)
 /* A VW vector of doubles to memory by native parts (see fx_store). */
 FX_INLINE void NM(store_w)(double *p, VW v)
 {
+#if VL == 16 && FX_NPARTS == 2
+    /* AVX2: by shuffles, as fx_store (the parts are reloaded as vectors) */
+    FX_STORE4(p, v, fx_nf64, 4);
+#else
     union { VW v; fx_nf64 n[sizeof(VW) / FX_NBYTES]; } u = {v};
     for (size_t k = 0; k < sizeof(VW) / FX_NBYTES; k++)
         memcpy((char *)p + k * FX_NBYTES, &u.n[k], FX_NBYTES);
+#endif
 }
 
 /* Whether a full group is plain as far as its labels and statistics go:
@@ -623,6 +628,22 @@ static void NM(blocks_small)(const fx_job *job, int op, int64_t r0, int64_t r1)
         const V m = NM(small_stats)(buf, n, &sv, op == FX_SOFTMAX ? buf : NULL,
                                     op == FX_ENTROPY ? &qv : NULL);
         const VW lv = NM(small_log)(sv);
+        V vk;
+        /* A full group of rows with finite m and s (as in plain_group):
+           the per-row arithmetic of the loop below, lanewise (same bits). */
+        if (nr == VL && !isnan(HSUM((m - m) + __builtin_convertvector(sv, V)))) {
+            if (op == FX_ENTROPY) {
+                NM(store_w)(job->row_out + r, lv - qv / sv);
+                continue;
+            }
+            if (op == FX_LOGSUMEXP) {
+                NM(store_w)(job->row_out + r, __builtin_convertvector(m, VW) + lv);
+                continue;
+            }
+            vk = op == FX_LOG_SOFTMAX
+                     ? __builtin_convertvector(lv, V)
+                     : __builtin_convertvector(__builtin_convertvector(SPLAT(1), VW) / sv, V);
+        } else {
         for (int64_t j = 0; j < VL; j++) {
             const double s = j < nr && isfinite(m[j]) ? (double)sv[j] : NAN;
             const double logs = isnan(s) ? s : (double)lv[j];
@@ -640,7 +661,8 @@ static void NM(blocks_small)(const fx_job *job, int op, int64_t r0, int64_t r1)
             k[j] = op == FX_LOG_SOFTMAX ? (T)logs : (T)(1.0 / s);
         }
         if (op == FX_LOGSUMEXP || op == FX_ENTROPY) continue;
-        const V vk = LOAD(k);
+        vk = LOAD(k);
+        }
         for (int64_t c = 0; c < n; c++) {
             const V v = LOAD(buf + c * VL);
             STORE(buf + c * VL, op == FX_LOG_SOFTMAX ? (v - m) - vk : v * vk);

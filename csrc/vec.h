@@ -161,47 +161,29 @@ FX_DEFINE_VEC_HELPERS(f64, double, fx_vf64, fx_nf64, 8)
    on every vector. (Only stores: splitting operands the same way, in
    fx_sel for instance, made the exp kernel 1.1-1.4x slower; the masked
    tail stores and streaming stores below split the same way.) */
+#define FX_I2(o) (o), (o) + 1
+#define FX_I4(o) FX_I2(o), FX_I2((o) + 2)
+#define FX_I8(o) FX_I4(o), FX_I4((o) + 4)
+/* Part k (of L lanes, L = 2, 4 or 8) of v, as the native type NV. */
+#define FX_PART(v, NV, L, k) ((NV)__builtin_shufflevector(v, v, FX_I##L((k) * L)))
+/* v to p as 2 or 4 native parts of L lanes. */
+#define FX_PUT_PART(p, v, NV, L, k)                                            \
+    ({                                                                         \
+        const NV q_ = FX_PART(v, NV, L, k);                                    \
+        memcpy((p) + (k) * L, &q_, sizeof q_);                                 \
+    })
+#define FX_STORE2(p, v, NV, L) (FX_PUT_PART(p, v, NV, L, 0), FX_PUT_PART(p, v, NV, L, 1))
+#define FX_STORE4(p, v, NV, L)                                                 \
+    (FX_STORE2(p, v, NV, L), FX_PUT_PART(p, v, NV, L, 2), FX_PUT_PART(p, v, NV, L, 3))
 #if FX_NPARTS == 1
 FX_INLINE void fx_store_f32(float *p, fx_vf32 v) { memcpy(p, &v, sizeof v); }
 FX_INLINE void fx_store_f64(double *p, fx_vf64 v) { memcpy(p, &v, sizeof v); }
 #elif FX_NPARTS == 2
-FX_INLINE void fx_store_f32(float *p, fx_vf32 v)
-{
-    const fx_nf32 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
-    const fx_nf32 b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    memcpy(p, &a, sizeof a);
-    memcpy(p + 8, &b, sizeof b);
-}
-FX_INLINE void fx_store_f64(double *p, fx_vf64 v)
-{
-    const fx_nf64 a = __builtin_shufflevector(v, v, 0, 1, 2, 3);
-    const fx_nf64 b = __builtin_shufflevector(v, v, 4, 5, 6, 7);
-    memcpy(p, &a, sizeof a);
-    memcpy(p + 4, &b, sizeof b);
-}
+FX_INLINE void fx_store_f32(float *p, fx_vf32 v) { FX_STORE2(p, v, fx_nf32, 8); }
+FX_INLINE void fx_store_f64(double *p, fx_vf64 v) { FX_STORE2(p, v, fx_nf64, 4); }
 #else
-FX_INLINE void fx_store_f32(float *p, fx_vf32 v)
-{
-    const fx_nf32 a = __builtin_shufflevector(v, v, 0, 1, 2, 3);
-    const fx_nf32 b = __builtin_shufflevector(v, v, 4, 5, 6, 7);
-    const fx_nf32 c = __builtin_shufflevector(v, v, 8, 9, 10, 11);
-    const fx_nf32 d = __builtin_shufflevector(v, v, 12, 13, 14, 15);
-    memcpy(p, &a, sizeof a);
-    memcpy(p + 4, &b, sizeof b);
-    memcpy(p + 8, &c, sizeof c);
-    memcpy(p + 12, &d, sizeof d);
-}
-FX_INLINE void fx_store_f64(double *p, fx_vf64 v)
-{
-    const fx_nf64 a = __builtin_shufflevector(v, v, 0, 1);
-    const fx_nf64 b = __builtin_shufflevector(v, v, 2, 3);
-    const fx_nf64 c = __builtin_shufflevector(v, v, 4, 5);
-    const fx_nf64 d = __builtin_shufflevector(v, v, 6, 7);
-    memcpy(p, &a, sizeof a);
-    memcpy(p + 2, &b, sizeof b);
-    memcpy(p + 4, &c, sizeof c);
-    memcpy(p + 6, &d, sizeof d);
-}
+FX_INLINE void fx_store_f32(float *p, fx_vf32 v) { FX_STORE4(p, v, fx_nf32, 4); }
+FX_INLINE void fx_store_f64(double *p, fx_vf64 v) { FX_STORE4(p, v, fx_nf64, 2); }
 #endif
 
 /* Horizontal sums and maxima as trees over halves: lanes j and j + h are
