@@ -359,7 +359,7 @@ FX_INLINE void NM(row_zero)(XT *out, int64_t n)
 }
 
 /* ------------------------------------------------------------------------
- * Small rows (n <= SMALL_C): one row per lane. A row of 10 classes fills a
+ * Small rows (see NM(small) for which): one row per lane. A row of 10 classes fills a
  * vector badly and pays the per-row costs (horizontal sums, tails) for
  * little work; instead VL rows are transposed into buf (column c of the
  * group at buf + c*VL) and every step runs lanewise over rows, sums
@@ -367,40 +367,97 @@ FX_INLINE void NM(row_zero)(XT *out, int64_t n)
  * others, so a row's result does not depend on which rows share its group
  * (and so not on the thread count).
  * ---------------------------------------------------------------------- */
-#define SMALL_C 48
+#define SMALL_C 128 /* the buffers' capacity in columns */
 
-/* Rows [0, nr) of x (nr <= VL, rows ld apart) into buf; other lanes 0. */
+/* Whether rows of n classes take the small-row path, by type and op, from
+   same-process A/B runs of both paths (AVX2, Zen 3). float32 up to 128
+   for cross entropy (at 49-64 the row path took 2-3x as long, at 128
+   1.15x) and 112 for the softmax family (at 128 the row path was up to
+   10% faster there). float64 rows hold 8 lanes, and past 48 the row path
+   won. 16-bit rows: as float64 (not measured further). */
+FX_INLINE int NM(small)(const fx_job *job, int op)
+{
+    const int64_t n = job->n_cols;
+#if X16
+    return n <= 48;
+#else
+    if (VL == 8) return n <= 48;
+    return n <= (op == FX_CE_HARD ? 128 : 112);
+#endif
+}
+
+/* Rows [0, nr) of x (nr <= VL, rows ld apart) into buf; other lanes 0.
+   16-bit rows are first widened a vector at a time into float32 rows
+   (n apart) in tmp: element by element, every conversion cost a vector's. */
 FX_INLINE void NM(small_load)(const XT *x, int64_t ld, int64_t nr, int64_t n, T *buf)
 {
-#if FX_HAVE_TILE && !X16 && VL == 16
+#if X16
+    float tmp[VL * SMALL_C + VL];
+    if (ld == n && nr == VL) { /* one block of VL * n, whole vectors */
+        for (int64_t i = 0; i < VL * n; i += VL) STORE(tmp + i, XLOAD(x + i));
+    } else {
+        for (int64_t j = 0; j < nr; j++)
+            for (int64_t c = 0; c < n; c += VL)
+                STORE(tmp + j * n + c,
+                      n - c >= VL ? XLOAD(x + j * ld + c) : XLOAD_TAIL(x + j * ld + c, n - c, 0));
+    }
+    const T *xs = tmp;
+    const int64_t lds = n;
+#else
+    const T *xs = x;
+    const int64_t lds = ld;
+#endif
+#if FX_HAVE_TILE && VL == 16
     if (nr == VL) {
         /* A last partial tile of a row of 8 or more overlaps the one
            before it: plain loads and stores, not masked ones (AMD's masked
            stores are slow), and what is written twice is the same value. */
         for (int64_t c = 0; c < n; c += 8) {
             const int64_t c8 = n - c < 8 && n >= 8 ? n - 8 : c;
-            fx_tile_load16(x + c8, ld, n - c8 < 8 ? n - c8 : 8, buf + c8 * VL);
+            fx_tile_load16(xs + c8, lds, n - c8 < 8 ? n - c8 : 8, buf + c8 * VL);
         }
         return;
     }
 #endif
     for (int64_t c = 0; c < n; c++)
-        for (int64_t j = 0; j < VL; j++) buf[c * VL + j] = j < nr ? XGET(x, j * ld + c) : 0;
+        for (int64_t j = 0; j < VL; j++) buf[c * VL + j] = j < nr ? xs[j * lds + c] : 0;
 }
 
+/* The inverse, for rows [0, nr); 16-bit rows through float32 rows in tmp. */
 FX_INLINE void NM(small_store)(const T *buf, int64_t nr, int64_t n, XT *out, int64_t ld)
 {
-#if FX_HAVE_TILE && !X16 && VL == 16
+#if X16
+    float tmp[VL * SMALL_C + VL];
+    memset(tmp + nr * n, 0, VL * sizeof(float)); /* read, unused, by the last tail */
+    T *os = tmp;
+    const int64_t lds = n;
+#else
+    T *os = out;
+    const int64_t lds = ld;
+#endif
+#if FX_HAVE_TILE && VL == 16
     if (nr == VL) {
         for (int64_t c = 0; c < n; c += 8) {
             const int64_t c8 = n - c < 8 && n >= 8 ? n - 8 : c;
-            fx_tile_store16(buf + c8 * VL, n - c8 < 8 ? n - c8 : 8, out + c8, ld);
+            fx_tile_store16(buf + c8 * VL, n - c8 < 8 ? n - c8 : 8, os + c8, lds);
         }
+    } else
+#endif
+    {
+        for (int64_t j = 0; j < nr; j++)
+            for (int64_t c = 0; c < n; c++) os[j * lds + c] = buf[c * VL + j];
+    }
+#if X16
+    if (ld == n && nr == VL) {
+        for (int64_t i = 0; i < VL * n; i += VL) XSTORE(out + i, LOAD(tmp + i));
         return;
     }
-#endif
     for (int64_t j = 0; j < nr; j++)
-        for (int64_t c = 0; c < n; c++) XSET(out, j * ld + c, buf[c * VL + j]);
+        for (int64_t c = 0; c < n; c += VL) {
+            if (n - c >= VL) XSTORE(out + j * ld + c, LOAD(tmp + j * n + c));
+            else XSTORE_TAIL(out + j * ld + c, LOAD(tmp + j * n + c), n - c);
+        }
+#endif
 }
 
 /* Lanewise row max and sum of exp(x - max); with ebuf, the exponentials
@@ -681,7 +738,7 @@ static void NM(blocks_small)(const fx_job *job, int op, int64_t r0, int64_t r1)
 static void KFN(ce_hard)(const fx_job *job, int64_t r0, int64_t r1)
 {
     const int64_t n = job->n_cols;
-    if (n <= SMALL_C) {
+    if (NM(small)(job, FX_CE_HARD)) {
         NM(ce_hard_small)(job, r0, r1);
         return;
     }
@@ -887,7 +944,7 @@ static void KFN(range_write)(int op, const void *xv, void *outv, const void *wv,
 
 static void KFN(logsumexp)(const fx_job *job, int64_t r0, int64_t r1)
 {
-    if (job->n_cols <= SMALL_C) {
+    if (NM(small)(job, FX_LOGSUMEXP)) {
         NM(blocks_small)(job, FX_LOGSUMEXP, r0, r1);
         return;
     }
@@ -912,7 +969,7 @@ static void KFN(logsumexp)(const fx_job *job, int64_t r0, int64_t r1)
 static void KFN(log_softmax)(const fx_job *job, int64_t r0, int64_t r1)
 {
     const int64_t n = job->n_cols;
-    if (n <= SMALL_C) {
+    if (NM(small)(job, FX_LOG_SOFTMAX)) {
         NM(blocks_small)(job, FX_LOG_SOFTMAX, r0, r1);
         return;
     }
@@ -943,7 +1000,7 @@ static void KFN(log_softmax)(const fx_job *job, int64_t r0, int64_t r1)
 static void KFN(softmax)(const fx_job *job, int64_t r0, int64_t r1)
 {
     const int64_t n = job->n_cols;
-    if (n <= SMALL_C) {
+    if (NM(small)(job, FX_SOFTMAX)) {
         NM(blocks_small)(job, FX_SOFTMAX, r0, r1);
         return;
     }
@@ -980,7 +1037,7 @@ static void KFN(softmax)(const fx_job *job, int64_t r0, int64_t r1)
 static void KFN(entropy)(const fx_job *job, int64_t r0, int64_t r1)
 {
     const int64_t n = job->n_cols;
-    if (n <= SMALL_C) {
+    if (NM(small)(job, FX_ENTROPY)) {
         NM(blocks_small)(job, FX_ENTROPY, r0, r1);
         return;
     }

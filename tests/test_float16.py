@@ -261,6 +261,18 @@ def test_every_function(name, C, dtype16, isa, rng):
             check_case(name, rng, dtype16, C, layout, n=9)
 
 
+# 37 rows: two full 16-row groups of the small-row path (contiguous rows
+# are widened and narrowed as one block) and a partial one.
+@pytest.mark.parametrize("C", [10, 33, 48])
+@pytest.mark.parametrize("name", list(CASES) + ["blocks"])
+def test_every_function_full_small_groups(name, C, dtype16, isa, rng):
+    for layout in LAYOUTS16:
+        if name == "blocks":
+            check_blocks(rng, dtype16, C, layout, n=37)
+        else:
+            check_case(name, rng, dtype16, C, layout, n=37)
+
+
 @pytest.mark.parametrize("name", list(CASES) + ["blocks"])
 def test_every_function_vocab_width(name, dtype16, isa, rng):
     # One thread count per ISA (they are compared bitwise below).
