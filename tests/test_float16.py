@@ -251,26 +251,16 @@ def check_blocks(rng, dtype, C, layout, n, threads_list=THREADS):
 # ------------------------------------------------------------ the matrix
 
 
-@pytest.mark.parametrize("C", [1, 7, 17, 1000])
-@pytest.mark.parametrize("name", list(CASES) + ["blocks"])
-def test_every_function(name, C, dtype16, isa, rng):
-    for layout in LAYOUTS16:
-        if name == "blocks":
-            check_blocks(rng, dtype16, C, layout, n=9)
-        else:
-            check_case(name, rng, dtype16, C, layout, n=9)
-
-
 # 37 rows: two full 16-row groups of the small-row path (contiguous rows
 # are widened and narrowed as one block) and a partial one.
-@pytest.mark.parametrize("C", [10, 33, 48])
+@pytest.mark.parametrize("C,n", [(1, 9), (7, 9), (17, 9), (1000, 9), (10, 37), (33, 37), (48, 37)])
 @pytest.mark.parametrize("name", list(CASES) + ["blocks"])
-def test_every_function_full_small_groups(name, C, dtype16, isa, rng):
+def test_every_function(name, C, n, dtype16, isa, rng):
     for layout in LAYOUTS16:
         if name == "blocks":
-            check_blocks(rng, dtype16, C, layout, n=37)
+            check_blocks(rng, dtype16, C, layout, n=n)
         else:
-            check_case(name, rng, dtype16, C, layout, n=37)
+            check_case(name, rng, dtype16, C, layout, n=n)
 
 
 @pytest.mark.parametrize("name", list(CASES) + ["blocks"])
