@@ -9,7 +9,8 @@
  * row and split-row kernels pass exp(x_y - m) from libm, the small-row
  * kernel from the vector kernel (a whole group at once): each path is
  * deterministic and the same on every ISA, but the last bit of the true
- * class's gradient may differ between a row of C <= 48 and a longer one.
+ * class's gradient may differ between a row short enough for the
+ * small-row kernel and a longer one.
  */
 #ifndef FASTXENT_CE_ROW_H
 #define FASTXENT_CE_ROW_H

@@ -367,23 +367,18 @@ FX_INLINE void NM(row_zero)(XT *out, int64_t n)
  * others, so a row's result does not depend on which rows share its group
  * (and so not on the thread count).
  * ---------------------------------------------------------------------- */
-#define SMALL_C 128 /* the buffers' capacity in columns */
+#define SMALL_C 48
 
-/* Whether rows of n classes take the small-row path, by type and op, from
-   same-process A/B runs of both paths (AVX2, Zen 3). float32 up to 128
-   for cross entropy (at 49-64 the row path took 2-3x as long, at 128
-   1.15x) and 112 for the softmax family (at 128 the row path was up to
-   10% faster there). float64 rows hold 8 lanes, and past 48 the row path
-   won. 16-bit rows: as float64 (not measured further). */
+/* Whether rows of n classes take the small-row path. 48 for every type:
+   float32 cross entropy at 64-128 classes ran 15-30% faster this way
+   while the data sat in L2, but 1.2-1.4x slower with a gradient or
+   log-softmax once it came from L3 (a group's loads and stores walk 16
+   rows at once, which the hardware prefetchers do not follow; a software
+   prefetch of the next group did not recover it). */
 FX_INLINE int NM(small)(const fx_job *job, int op)
 {
-    const int64_t n = job->n_cols;
-#if X16
-    return n <= 48;
-#else
-    if (VL == 8) return n <= 48;
-    return n <= (op == FX_CE_HARD ? 128 : 112);
-#endif
+    (void)op;
+    return job->n_cols <= SMALL_C;
 }
 
 /* Rows [0, nr) of x (nr <= VL, rows ld apart) into buf; other lanes 0.
