@@ -153,9 +153,9 @@ FX_INLINE double NM(chunk_sumexp_)(const XT *x, int64_t c0, int64_t c1, V vm, T 
         const V e0 = EXPM(XLOAD(x + i) - vm), e1 = EXPM(XLOAD(x + i + VL) - vm);
         a0 = AADD(a0, e0);
         a1 = AADD(a1, e1);
-        if (st) {
-            STORE(st + i, e0);
-            STORE(st + i + VL, e1);
+        if (st) { /* see fx_store_union */
+            SFX(fx_store_union)(st + i, e0);
+            SFX(fx_store_union)(st + i + VL, e1);
         }
     }
     for (; i < c1; i += VL) {
