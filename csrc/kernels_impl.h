@@ -359,13 +359,13 @@ FX_INLINE void NM(row_zero)(XT *out, int64_t n)
 }
 
 /* ------------------------------------------------------------------------
- * Small rows (see NM(small) for which): one row per lane. A row of 10 classes fills a
- * vector badly and pays the per-row costs (horizontal sums, tails) for
- * little work; instead VL rows are transposed into buf (column c of the
- * group at buf + c*VL) and every step runs lanewise over rows, sums
- * accumulating in double. Each lane's arithmetic is independent of the
- * others, so a row's result does not depend on which rows share its group
- * (and so not on the thread count).
+ * Small rows (n <= SMALL_C, see NM(small)): one row per lane. A row of 10
+ * classes fills a vector badly and pays the per-row costs (horizontal
+ * sums, tails) for little work; instead VL rows are transposed into buf
+ * (column c of the group at buf + c*VL) and every step runs lanewise over
+ * rows, sums accumulating in double. Each lane's arithmetic is independent
+ * of the others, so a row's result does not depend on which rows share its
+ * group (and so not on the thread count).
  * ---------------------------------------------------------------------- */
 #define SMALL_C 48
 
@@ -375,11 +375,7 @@ FX_INLINE void NM(row_zero)(XT *out, int64_t n)
    log-softmax once it came from L3 (a group's loads and stores walk 16
    rows at once, which the hardware prefetchers do not follow; a software
    prefetch of the next group did not recover it). */
-FX_INLINE int NM(small)(const fx_job *job, int op)
-{
-    (void)op;
-    return job->n_cols <= SMALL_C;
-}
+FX_INLINE int NM(small)(const fx_job *job) { return job->n_cols <= SMALL_C; }
 
 /* Rows [0, nr) of x (nr <= VL, rows ld apart) into buf; other lanes 0.
    16-bit rows are first widened a vector at a time into float32 rows
@@ -733,7 +729,7 @@ static void NM(blocks_small)(const fx_job *job, int op, int64_t r0, int64_t r1)
 static void KFN(ce_hard)(const fx_job *job, int64_t r0, int64_t r1)
 {
     const int64_t n = job->n_cols;
-    if (NM(small)(job, FX_CE_HARD)) {
+    if (NM(small)(job)) {
         NM(ce_hard_small)(job, r0, r1);
         return;
     }
@@ -939,7 +935,7 @@ static void KFN(range_write)(int op, const void *xv, void *outv, const void *wv,
 
 static void KFN(logsumexp)(const fx_job *job, int64_t r0, int64_t r1)
 {
-    if (NM(small)(job, FX_LOGSUMEXP)) {
+    if (NM(small)(job)) {
         NM(blocks_small)(job, FX_LOGSUMEXP, r0, r1);
         return;
     }
@@ -964,7 +960,7 @@ static void KFN(logsumexp)(const fx_job *job, int64_t r0, int64_t r1)
 static void KFN(log_softmax)(const fx_job *job, int64_t r0, int64_t r1)
 {
     const int64_t n = job->n_cols;
-    if (NM(small)(job, FX_LOG_SOFTMAX)) {
+    if (NM(small)(job)) {
         NM(blocks_small)(job, FX_LOG_SOFTMAX, r0, r1);
         return;
     }
@@ -995,7 +991,7 @@ static void KFN(log_softmax)(const fx_job *job, int64_t r0, int64_t r1)
 static void KFN(softmax)(const fx_job *job, int64_t r0, int64_t r1)
 {
     const int64_t n = job->n_cols;
-    if (NM(small)(job, FX_SOFTMAX)) {
+    if (NM(small)(job)) {
         NM(blocks_small)(job, FX_SOFTMAX, r0, r1);
         return;
     }
@@ -1032,7 +1028,7 @@ static void KFN(softmax)(const fx_job *job, int64_t r0, int64_t r1)
 static void KFN(entropy)(const fx_job *job, int64_t r0, int64_t r1)
 {
     const int64_t n = job->n_cols;
-    if (NM(small)(job, FX_ENTROPY)) {
+    if (NM(small)(job)) {
         NM(blocks_small)(job, FX_ENTROPY, r0, r1);
         return;
     }

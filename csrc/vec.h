@@ -51,6 +51,27 @@ typedef int32_t fx_ni32 __attribute__((vector_size(FX_NBYTES)));
 typedef double fx_nf64 __attribute__((vector_size(FX_NBYTES)));
 typedef int64_t fx_ni64 __attribute__((vector_size(FX_NBYTES)));
 
+/* Stores by native parts taken with __builtin_shufflevector, which GCC
+   maps onto the registers holding them. A 64-byte vector the ISA has no
+   register for, stored whole (memcpy) or through a union of parts, went
+   through the stack in 16- and 8-byte pieces, and a following 32-byte load
+   of them could not be forwarded: the AVX2 gradient-scaling loops stalled
+   on every vector. Only stores split this way: splitting operands (in
+   fx_sel, for instance) made the exp kernel 1.1-1.4x slower. */
+#define FX_I2(o) (o), (o) + 1
+#define FX_I4(o) FX_I2(o), FX_I2((o) + 2)
+#define FX_I8(o) FX_I4(o), FX_I4((o) + 4)
+/* Part k (of L lanes, L = 2, 4 or 8) of v, as the native type NV. */
+#define FX_PART(v, NV, L, k) ((NV)__builtin_shufflevector(v, v, FX_I##L((k) * L)))
+/* v to p as 2 or 4 native parts of L lanes. */
+#define FX_PUT_PART(p, v, NV, L, k)                                            \
+    ({                                                                         \
+        const NV q_ = FX_PART(v, NV, L, k);                                    \
+        memcpy((p) + (k) * L, &q_, sizeof q_);                                 \
+    })
+#define FX_STORE2(p, v, NV, L) (FX_PUT_PART(p, v, NV, L, 0), FX_PUT_PART(p, v, NV, L, 1))
+#define FX_STORE4(p, v, NV, L)                                                 \
+    (FX_STORE2(p, v, NV, L), FX_PUT_PART(p, v, NV, L, 2), FX_PUT_PART(p, v, NV, L, 3))
 #define FX_DEFINE_CMP(SFX, V, VI, NV, NVI, NAME, OP)                           \
     FX_INLINE VI fx_##NAME##_##SFX(V a, V b)                               \
     {                                                                          \
@@ -77,8 +98,8 @@ FX_INLINE void fx_stream_f32(float *p, fx_vf32 v)
 #if defined(__AVX512F__)
     _mm512_stream_ps(p, (__m512)v);
 #elif defined(__AVX__)
-    _mm256_stream_ps(p, (__m256)__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7));
-    _mm256_stream_ps(p + 8, (__m256)__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+    _mm256_stream_ps(p, (__m256)FX_PART(v, fx_nf32, 8, 0));
+    _mm256_stream_ps(p + 8, (__m256)FX_PART(v, fx_nf32, 8, 1));
 #else
     union { fx_vf32 v; __m128 q[4]; } u = {v};
     for (int k = 0; k < 4; k++) _mm_stream_ps(p + 4 * k, u.q[k]);
@@ -89,8 +110,8 @@ FX_INLINE void fx_stream_f64(double *p, fx_vf64 v)
 #if defined(__AVX512F__)
     _mm512_stream_pd(p, (__m512d)v);
 #elif defined(__AVX__)
-    _mm256_stream_pd(p, (__m256d)__builtin_shufflevector(v, v, 0, 1, 2, 3));
-    _mm256_stream_pd(p + 4, (__m256d)__builtin_shufflevector(v, v, 4, 5, 6, 7));
+    _mm256_stream_pd(p, (__m256d)FX_PART(v, fx_nf64, 4, 0));
+    _mm256_stream_pd(p + 4, (__m256d)FX_PART(v, fx_nf64, 4, 1));
 #else
     union { fx_vf64 v; __m128d q[4]; } u = {v};
     for (int k = 0; k < 4; k++) _mm_stream_pd(p + 2 * k, u.q[k]);
@@ -153,28 +174,6 @@ FX_INLINE fx_vf64 fx_sel_f64(fx_vi64 m, fx_vf64 a, fx_vf64 b)
 FX_DEFINE_VEC_HELPERS(f32, float, fx_vf32, fx_nf32, 16)
 FX_DEFINE_VEC_HELPERS(f64, double, fx_vf64, fx_nf64, 8)
 
-/* Stores by native parts taken with __builtin_shufflevector, which GCC
-   maps onto the registers holding them. A 64-byte vector the ISA has no
-   register for, stored whole (memcpy) or through a union of parts, went
-   through the stack in 16- and 8-byte pieces, and a following 32-byte load
-   of them could not be forwarded: the AVX2 gradient-scaling loops stalled
-   on every vector. (Only stores: splitting operands the same way, in
-   fx_sel for instance, made the exp kernel 1.1-1.4x slower; the masked
-   tail stores and streaming stores below split the same way.) */
-#define FX_I2(o) (o), (o) + 1
-#define FX_I4(o) FX_I2(o), FX_I2((o) + 2)
-#define FX_I8(o) FX_I4(o), FX_I4((o) + 4)
-/* Part k (of L lanes, L = 2, 4 or 8) of v, as the native type NV. */
-#define FX_PART(v, NV, L, k) ((NV)__builtin_shufflevector(v, v, FX_I##L((k) * L)))
-/* v to p as 2 or 4 native parts of L lanes. */
-#define FX_PUT_PART(p, v, NV, L, k)                                            \
-    ({                                                                         \
-        const NV q_ = FX_PART(v, NV, L, k);                                    \
-        memcpy((p) + (k) * L, &q_, sizeof q_);                                 \
-    })
-#define FX_STORE2(p, v, NV, L) (FX_PUT_PART(p, v, NV, L, 0), FX_PUT_PART(p, v, NV, L, 1))
-#define FX_STORE4(p, v, NV, L)                                                 \
-    (FX_STORE2(p, v, NV, L), FX_PUT_PART(p, v, NV, L, 2), FX_PUT_PART(p, v, NV, L, 3))
 #if FX_NPARTS == 1
 FX_INLINE void fx_store_f32(float *p, fx_vf32 v) { memcpy(p, &v, sizeof v); }
 FX_INLINE void fx_store_f64(double *p, fx_vf64 v) { memcpy(p, &v, sizeof v); }
@@ -304,8 +303,8 @@ FX_INLINE fx_vf32 fx_load_tail_f32(const float *p, int64_t n, float fill)
 }
 FX_INLINE void fx_store_tail_f32(float *p, fx_vf32 v, int64_t n)
 {
-    _mm256_maskstore_ps(p, fx_tail_mask32(n, 0), (__m256)__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7));
-    _mm256_maskstore_ps(p + 8, fx_tail_mask32(n, 1), (__m256)__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+    _mm256_maskstore_ps(p, fx_tail_mask32(n, 0), (__m256)FX_PART(v, fx_nf32, 8, 0));
+    _mm256_maskstore_ps(p + 8, fx_tail_mask32(n, 1), (__m256)FX_PART(v, fx_nf32, 8, 1));
 }
 FX_INLINE fx_vf64 fx_load_tail_f64(const double *p, int64_t n, double fill)
 {
@@ -319,8 +318,8 @@ FX_INLINE fx_vf64 fx_load_tail_f64(const double *p, int64_t n, double fill)
 }
 FX_INLINE void fx_store_tail_f64(double *p, fx_vf64 v, int64_t n)
 {
-    _mm256_maskstore_pd(p, fx_tail_mask64(n, 0), (__m256d)__builtin_shufflevector(v, v, 0, 1, 2, 3));
-    _mm256_maskstore_pd(p + 4, fx_tail_mask64(n, 1), (__m256d)__builtin_shufflevector(v, v, 4, 5, 6, 7));
+    _mm256_maskstore_pd(p, fx_tail_mask64(n, 0), (__m256d)FX_PART(v, fx_nf64, 4, 0));
+    _mm256_maskstore_pd(p + 4, fx_tail_mask64(n, 1), (__m256d)FX_PART(v, fx_nf64, 4, 1));
 }
 #else
 #define FX_DEFINE_TAIL(SFX, T, V)                                              \
