@@ -535,6 +535,14 @@ FX_INLINE void NM(store_w)(double *p, VW v)
 #endif
 }
 
+/* Whether every lane of a group has a finite m and a sum s that is not
+   NaN: m - m is NaN where m is not finite, and s lanes are finite or NaN,
+   so one tree sum tells. */
+FX_INLINE int NM(finite_group)(V m, VW sv)
+{
+    return !isnan(HSUM((m - m) + __builtin_convertvector(sv, V)));
+}
+
 /* Whether a full group is plain as far as its labels and statistics go:
    every row labelled (no ignore_index), every m finite, no s NaN; if so,
    x_y and m of each lane, in double, to xyv and mv. Labels are in range or
@@ -549,8 +557,7 @@ FX_INLINE int NM(plain_group)(const int64_t *lab, int64_t ig, const T *buf, V m,
         bad |= y == ig;
         xy[j] = buf[(y == ig ? 0 : y) * VL + j];
     }
-    /* m - m is NaN where m is not finite; s lanes are finite or NaN. */
-    if (bad || isnan(HSUM((m - m) + __builtin_convertvector(sv, V)))) return 0;
+    if (bad || !NM(finite_group)(m, sv)) return 0;
     NM(store_w)(xyv, __builtin_convertvector(LOAD(xy), VW));
     NM(store_w)(mv, __builtin_convertvector(m, VW));
     return 1;
@@ -599,8 +606,6 @@ static void NM(ce_hard_small)(const fx_job *job, int64_t r0, int64_t r1)
         if (out) {
             for (int64_t j = 0; j < VL; j++)
                 gsv[j] = j < nr ? job->gscale[(r + j) * job->gscale_step] : 0.0;
-        }
-        if (out) {
             for (int h = 0; h < VL / 8; h++)
                 fx_store_f64(exy + 8 * h, fx_expm_f64(fx_load_f64(xyv + 8 * h) - fx_load_f64(mv + 8 * h)));
         }
@@ -679,7 +684,7 @@ static void NM(blocks_small)(const fx_job *job, int op, int64_t r0, int64_t r1)
         V vk;
         /* A full group of rows with finite m and s (as in plain_group):
            the per-row arithmetic of the loop below, lanewise (same bits). */
-        if (nr == VL && !isnan(HSUM((m - m) + __builtin_convertvector(sv, V)))) {
+        if (nr == VL && NM(finite_group)(m, sv)) {
             if (op == FX_ENTROPY) {
                 NM(store_w)(job->row_out + r, lv - qv / sv);
                 continue;
@@ -1161,10 +1166,7 @@ FX_INLINE double NM(kl_target_terms)(int kind, const XT *z, const T *t, int64_t 
         } else {
             lp = tv;
             /* log p <= 0 (NaN fails too): exp(log p) by the vector kernel */
-            const fx_vi64 pos = fx_lt_f64(zero, lp) | ~fx_eq_f64(lp, lp);
-            int any = 0;
-            for (int j = 0; j < 8; j++) any |= pos[j] != 0;
-            if (any) goto scalar;
+            if (fx_any_f64(fx_lt_f64(zero, lp) | ~fx_eq_f64(lp, lp))) goto scalar;
             p = fx_expm_f64(lp);
         }
         vps = fx_acc_add_f64(vps, p);
@@ -1195,9 +1197,8 @@ FX_INLINE double NM(kl_target_terms)(int kind, const XT *z, const T *t, int64_t 
    the vector kernel where every lane is <= 0, the C library otherwise. */
 FX_INLINE V NM(kl_exp_target)(V lp)
 {
-    int any = 0;
-    for (int j = 0; j < VL; j++) any |= !(lp[j] <= 0);
-    if (!any) return EXPM(lp);
+    const V zero = SPLAT(0);
+    if (!SFX(fx_any)(SFX(fx_lt)(zero, lp) | ~SFX(fx_eq)(lp, lp))) return EXPM(lp);
     for (int j = 0; j < VL; j++) lp[j] = (T)exp((double)lp[j]);
     return lp;
 }
@@ -1355,9 +1356,7 @@ FX_INLINE int NM(bce_probs_covered)(const T *p)
     const fx_vf64 v = NM(load8)(p);
     const fx_vi64 bad = fx_lt_f64(v, fx_splat_f64(0.0)) | fx_lt_f64(fx_splat_f64(1.0), v)
                         | ~fx_eq_f64(v, v);
-    int any = 0;
-    for (int j = 0; j < 8; j++) any |= bad[j] != 0;
-    return !any;
+    return !fx_any_f64(bad);
 }
 
 /* log(x) for 0 <= x <= 1, clamped at -100 as torch does (e^-100 is about

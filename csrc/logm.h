@@ -89,9 +89,7 @@ FX_INLINE int fx_log_domain_f64(fx_vf64 p, fx_vf64 *ps)
     const fx_vi64 z0 = fx_eq_f64(p, fx_splat_f64(0.0));
     *ps = fx_sel_f64(z0, fx_splat_f64(1.0), p);
     const fx_vi64 ok = fx_lt_f64(*ps, fx_splat_f64(INFINITY)) & ~fx_lt_f64(*ps, fx_splat_f64(0x1p-1022));
-    int all = 1;
-    for (int j = 0; j < 8; j++) all &= ok[j] != 0;
-    return all;
+    return !fx_any_f64(~ok);
 }
 
 FX_INLINE fx_vf64 fx_log_pos_f64(fx_vf64 x)

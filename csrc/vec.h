@@ -86,6 +86,20 @@ FX_DEFINE_CMP(f32, fx_vf32, fx_vi32, fx_nf32, fx_ni32, eq, ==)
 FX_DEFINE_CMP(f64, fx_vf64, fx_vi64, fx_nf64, fx_ni64, lt, <)
 FX_DEFINE_CMP(f64, fx_vf64, fx_vi64, fx_nf64, fx_ni64, eq, ==)
 
+/* Whether any lane of a comparison result is set. */
+FX_INLINE int fx_any_f32(fx_vi32 m)
+{
+    int any = 0;
+    for (int j = 0; j < 16; j++) any |= m[j] != 0;
+    return any;
+}
+FX_INLINE int fx_any_f64(fx_vi64 m)
+{
+    int any = 0;
+    for (int j = 0; j < 8; j++) any |= m[j] != 0;
+    return any;
+}
+
 /* Streaming (non-temporal) stores of a 64-byte vector to a 64-byte
    aligned address: large outputs are written without first reading their
    lines into the cache (no read-for-ownership), which is what bounds a
