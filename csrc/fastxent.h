@@ -74,6 +74,9 @@ typedef struct fx_job {
 /* Elements summed per chunk of a row (kernels_impl.h); a row split across
    threads is split at chunk boundaries. */
 #define FX_CHUNK 1024
+/* Outputs larger than this (bytes) are streamed past the cache by the row
+   kernels, and not used to keep exponentials by the split-row driver. */
+#define FX_STREAM_BYTES (32LL << 20)
 
 /* Rows [r0, r1) of one operation. */
 typedef void (*fx_rows_fn)(const fx_job *job, int64_t r0, int64_t r1);

@@ -318,14 +318,12 @@ FX_INLINE void NM(row_scale)(T *out, const T *w, int64_t n, T k1, T k2)
 }
 
 #if !X16
-/* Outputs larger than this (bytes, all rows) are written with streaming
-   stores: they cannot stay in the cache anyway, and skipping the
+/* Outputs larger than FX_STREAM_BYTES (all rows) are written with
+   streaming stores: they cannot stay in the cache anyway, and skipping the
    read-for-ownership halves the memory traffic of the write. */
-#define STREAM_BYTES (32LL << 20)
-
 FX_INLINE int NM(streaming)(const fx_job *job)
 {
-    return job->n_rows * job->n_cols * (int64_t)sizeof(T) > STREAM_BYTES;
+    return job->n_rows * job->n_cols * (int64_t)sizeof(T) > FX_STREAM_BYTES;
 }
 
 /* out_c = e_c * k1 - k2 * w_c from stashed exponentials e (or, with

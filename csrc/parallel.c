@@ -62,10 +62,6 @@ int fx_has_kernel(int op, int dtype)
    threads: below this, one thread per row is as fast. */
 #define FX_SPLIT_MIN 65536
 
-/* Largest row (bytes) whose exponentials the split-row driver keeps in
-   the output between passes (the row kernels' STREAM_BYTES). */
-#define FX_STASH_MAX (32.0 * 1024 * 1024)
-
 static int fx_splittable(int op, int dtype, const fx_job *job)
 {
     if (job->n_cols < FX_SPLIT_MIN) return 0;
@@ -112,7 +108,8 @@ static void fx_run_split_row(int op, int dtype, const fx_job *job, int64_t r, in
        (except rows too big for the cache, whose output the row kernels
        stream). x_y is read first: out may be x. */
     const int stash = out && (op == FX_CE_HARD || op == FX_SOFTMAX)
-                      && (dtype == FX_F32 || dtype == FX_F64) && (double)n * isz <= FX_STASH_MAX;
+                      && (dtype == FX_F32 || dtype == FX_F64)
+                      && (double)n * isz <= (double)FX_STREAM_BYTES;
     const double xy = is_ce ? fx_get(dtype, x, y) : 0.0;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt)
