@@ -26,7 +26,15 @@ import pytest
 import fastxent
 from fastxent import _core
 
-from conftest import AVAILABLE_ISAS, assert_bitwise_equal, random_logits, random_soft_labels
+from fastxent import reference as ref
+
+from conftest import (
+    AVAILABLE_ISAS,
+    assert_bitwise_equal,
+    assert_close,
+    random_logits,
+    random_soft_labels,
+)
 
 REQUIRE_OPENMP = os.environ.get("FASTXENT_REQUIRE_OPENMP", "") not in ("", "0")
 OPENMP = _core.openmp_enabled()
@@ -233,8 +241,8 @@ def _all_results(x, y, soft, threads):
 
 @pytest.mark.parametrize(
     "shape",
-    [(513, 1000), (64, 17), (67, 32), (45, 5), (3, 50257), (1, 100003)],
-    ids=["many_rows", "narrow", "narrow32", "narrow5", "vocab", "one_row"],
+    [(513, 1000), (64, 17), (67, 32), (45, 5), (37, 100), (29, 256), (3, 50257), (1, 100003)],
+    ids=["many_rows", "narrow", "narrow32", "narrow5", "mid", "mid256", "vocab", "one_row"],
 )
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_bitwise_identical_across_threads_and_isas(dtype, shape, rng):
@@ -257,6 +265,53 @@ def test_bitwise_identical_across_threads_and_isas(dtype, shape, rng):
                     assert_bitwise_equal(value, baseline[key], what=f"{key} isa={name} threads={threads}")
     finally:
         _core.set_isa(previous)
+
+
+@pytest.mark.parametrize("C", [49, 64, 100, 129, 256, 512])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_rows_alone_match_rows_in_a_batch(dtype, C, isa, rng):
+    """Rows of up to 1 KiB are taken two at a time by the forward kernels;
+    a row alone is never paired, so it must give the bits it gives in a
+    batch, next to any neighbour: an ignored label, rows whose max is -inf,
+    +inf or NaN (which send their pair down the one-row path), an odd row
+    count. Each one-row result is also checked against the reference, so a
+    pair that swapped or mixed its two rows cannot pass."""
+    x = random_logits(rng, (11, C), dtype)
+    x[1, :] = -np.inf
+    x[4, 3] = np.inf
+    x[6, 5] = np.nan
+    x[8, :] = -1e4
+    y = rng.integers(0, C, 11)
+    y[2] = -100
+    y[9] = -100
+    batch = {
+        "ce": fastxent.cross_entropy(x, y, reduction="none"),
+        "lse": fastxent.logsumexp(x),
+        "log_softmax": fastxent.log_softmax(x),
+        "entropy": fastxent.entropy(x),
+    }
+    for i in range(len(x)):
+        xi, yi = x[i : i + 1], y[i : i + 1]
+        alone = {
+            "ce": fastxent.cross_entropy(xi, yi, reduction="none"),
+            "lse": fastxent.logsumexp(xi),
+            "log_softmax": fastxent.log_softmax(xi),
+            "entropy": fastxent.entropy(xi),
+        }
+        for key, value in alone.items():
+            assert_bitwise_equal(batch[key][i : i + 1], value, what=f"{key} row {i} C={C}")
+    ct = np.float64 if dtype == np.float64 else np.float32
+    finite = [0, 3, 5, 7, 8, 10]
+    assert_close(batch["ce"][finite], ref.cross_entropy(x[finite], y[finite], reduction="none"), ct)
+    assert_close(batch["lse"][finite], ref.logsumexp(x[finite]), ct)
+    if dtype == np.float16:  # log_softmax keeps the input's dtype: half an ulp of rounding
+        got = batch["log_softmax"][finite].astype(np.float64)
+        np.testing.assert_allclose(got, ref.log_softmax(x[finite]), rtol=2.0**-10)
+    else:
+        assert_close(batch["log_softmax"][finite], ref.log_softmax(x[finite]), ct)
+    assert batch["ce"][2] == 0 and batch["ce"][9] == 0
+    assert batch["lse"][1] == -np.inf and batch["lse"][4] == np.inf and np.isnan(batch["lse"][6])
+    assert np.isnan(batch["ce"][[1, 4, 6]]).all()
 
 
 # -------------------------------------------------------------- concurrency
