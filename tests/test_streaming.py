@@ -1,8 +1,9 @@
-"""Outputs larger than the cache are written with streaming stores (and the
-gradient's exponentials stashed in a scratch row): the bits must be those
-of the cached path, which small calls take. Each big call is compared with
-the same rows computed a few at a time, including outputs that start off a
-64-byte boundary (the streaming loop's scalar head and tail)."""
+"""Outputs larger than the cache: log_softmax writes them with streaming
+stores, and every big call must give the bits of the same rows computed a
+few at a time (small calls, cached stores), including outputs that start
+off a 64-byte boundary (the streaming loop's scalar head and tail).
+Gradients and softmax of the same size stay on cached stores (streaming
+them was slower), and are held to the same bits."""
 import numpy as np
 import pytest
 
