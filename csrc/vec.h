@@ -85,6 +85,8 @@ FX_DEFINE_CMP(f32, fx_vf32, fx_vi32, fx_nf32, fx_ni32, lt, <)
 FX_DEFINE_CMP(f32, fx_vf32, fx_vi32, fx_nf32, fx_ni32, eq, ==)
 FX_DEFINE_CMP(f64, fx_vf64, fx_vi64, fx_nf64, fx_ni64, lt, <)
 FX_DEFINE_CMP(f64, fx_vf64, fx_vi64, fx_nf64, fx_ni64, eq, ==)
+/* Integer compares go the same way (the 16-bit stores' rounding). */
+FX_DEFINE_CMP(i32, fx_vi32, fx_vi32, fx_ni32, fx_ni32, lt, <)
 
 /* Whether any lane of a comparison result is set. */
 FX_INLINE int fx_any_f32(fx_vi32 m)
