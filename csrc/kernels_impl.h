@@ -428,15 +428,25 @@ FX_INLINE void NM(row_zero)(XT *out, int64_t n)
  * of the others, so a row's result does not depend on which rows share its
  * group (and so not on the thread count).
  * ---------------------------------------------------------------------- */
-#define SMALL_C 48
+#define SMALL_C 63
 
-/* Whether rows of n classes take the small-row path. 48 for every type:
-   float32 cross entropy at 64-128 classes ran 15-30% faster this way
-   while the data sat in L2, but 1.2-1.4x slower with a gradient or
-   log-softmax once it came from L3 (a group's loads and stores walk 16
-   rows at once, which the hardware prefetchers do not follow; a software
-   prefetch of the next group did not recover it). */
-FX_INLINE int NM(small)(const fx_job *job) { return job->n_cols <= SMALL_C; }
+/* Whether rows of n classes take the small-row path: up to 63 for float32
+   and 16-bit rows, up to 48 for float64 rows and for log_softmax
+   (small_lsm). At 64 classes and more the row kernels win (no row tail;
+   float32 cross entropy at 64-128 classes was 15-30% faster in the small
+   path while the data sat in L2, but 1.2-1.4x slower with a gradient or
+   log-softmax once it came from L3: a group walks 16 rows at once, which
+   the hardware prefetchers do not follow). At 49-63 classes a row's tail
+   costs the row kernels a whole vector: with 16 MiB of logits the small
+   path took float32 rows there in 0.55-0.85x the time (gradients,
+   softmax, the forward ops) and 16-bit rows in about half; not float64
+   (1.2-1.5x slower with outputs) or log_softmax (1.03-1.19x slower). */
+FX_INLINE int NM(small)(const fx_job *job)
+{
+    return job->n_cols <= (sizeof(T) == 8 ? 48 : SMALL_C);
+}
+
+FX_INLINE int NM(small_lsm)(const fx_job *job) { return job->n_cols <= 48; }
 
 /* Rows [0, nr) of x (nr <= VL, rows ld apart) into buf; other lanes 0.
    16-bit rows are first widened a vector at a time into float32 rows
@@ -1081,7 +1091,7 @@ FX_INLINE void NM(log_softmax_row)(const fx_job *job, int64_t r, int64_t r1, int
 
 static void KFN(log_softmax)(const fx_job *job, int64_t r0, int64_t r1)
 {
-    if (NM(small)(job)) {
+    if (NM(small_lsm)(job)) {
         NM(blocks_small)(job, FX_LOG_SOFTMAX, r0, r1);
         return;
     }

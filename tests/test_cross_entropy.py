@@ -138,9 +138,10 @@ def test_small_widths_full_product(dtype, C, layout, out_kind, threads, isa, rng
     MatrixCase(rng, dtype, C, layout, n=37).check(out_kind, threads)
 
 
-# The small-row path's edge (C <= 48) and its 8-column tiles; the row
-# kernels' row pairs (up to 1 KiB a row) with an odd row count.
-@pytest.mark.parametrize("C", (23, 24, 31, 32, 47, 48, 49, 64, 129, 256))
+# The small-row path's edges (48: float64 and log_softmax; 63: float32)
+# and its 8-column tiles; the row kernels' row pairs (up to 1 KiB a row)
+# with an odd row count.
+@pytest.mark.parametrize("C", (23, 24, 31, 32, 47, 48, 49, 56, 63, 64, 129, 256))
 @pytest.mark.parametrize("layout", ("contiguous", "strided"))
 @pytest.mark.parametrize("dtype", (np.float32, np.float64))
 def test_small_path_edge_widths(dtype, C, layout, isa, rng):

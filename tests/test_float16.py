@@ -253,7 +253,9 @@ def check_blocks(rng, dtype, C, layout, n, threads_list=THREADS):
 
 # 37 rows: two full 16-row groups of the small-row path (contiguous rows
 # are widened and narrowed as one block) and a partial one.
-@pytest.mark.parametrize("C,n", [(1, 9), (7, 9), (17, 9), (1000, 9), (10, 37), (33, 37), (48, 37)])
+@pytest.mark.parametrize(
+    "C,n", [(1, 9), (7, 9), (17, 9), (1000, 9), (10, 37), (33, 37), (48, 37), (63, 37), (64, 9)]
+)
 @pytest.mark.parametrize("name", list(CASES) + ["blocks"])
 def test_every_function(name, C, n, dtype16, isa, rng):
     for layout in LAYOUTS16:
