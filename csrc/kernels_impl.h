@@ -431,7 +431,7 @@ FX_INLINE void NM(row_zero)(XT *out, int64_t n)
 #define SMALL_C 63
 
 /* Whether rows of n classes take the small-row path: up to 63 for float32
-   and 16-bit rows, up to 48 for float64 rows and for log_softmax
+   and 16-bit rows, up to 48 for float64 rows and for float32 log_softmax
    (small_lsm). At 64 classes and more the row kernels win (no row tail;
    float32 cross entropy at 64-128 classes was 15-30% faster in the small
    path while the data sat in L2, but 1.2-1.4x slower with a gradient or
@@ -440,13 +440,15 @@ FX_INLINE void NM(row_zero)(XT *out, int64_t n)
    costs the row kernels a whole vector: with 16 MiB of logits the small
    path took float32 rows there in 0.55-0.85x the time (gradients,
    softmax, the forward ops) and 16-bit rows in about half; not float64
-   (1.2-1.5x slower with outputs) or log_softmax (1.03-1.19x slower). */
+   (1.2-1.5x slower with outputs) or float32 log_softmax (1.03-1.19x
+   slower). */
 FX_INLINE int NM(small)(const fx_job *job)
 {
     return job->n_cols <= (sizeof(T) == 8 ? 48 : SMALL_C);
 }
 
-FX_INLINE int NM(small_lsm)(const fx_job *job) { return job->n_cols <= 48; }
+/* 16-bit log_softmax rows of 49-63 classes: 0.32-0.53x the time here. */
+FX_INLINE int NM(small_lsm)(const fx_job *job) { return job->n_cols <= (X16 ? SMALL_C : 48); }
 
 /* Rows [0, nr) of x (nr <= VL, rows ld apart) into buf; other lanes 0.
    16-bit rows are first widened a vector at a time into float32 rows
