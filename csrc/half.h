@@ -15,6 +15,13 @@
 
 typedef uint16_t fx_vh16 __attribute__((vector_size(FX_VBYTES / 2))); /* 16 lanes */
 
+/* a < b for magnitudes (top bit clear), as signed integers by native
+   parts (fx_lt_i32): GCC compares 64-byte integer vectors lane by lane,
+   and log_softmax and gradients with 16-bit outputs ran 3-5x slower than
+   float32. */
+#define FX_MAG_LT(a, b) ((fx_vu32)fx_lt_i32((fx_vi32)(a), (fx_vi32){0} + (int32_t)(b)))
+#define FX_MAG_GT(a, b) ((fx_vu32)fx_lt_i32((fx_vi32){0} + (int32_t)(b), (fx_vi32)(a)))
+
 /* IEEE binary16 -> binary32, exact. The F16C / AVX-512 instruction where
    the build has it (same result: the conversion is exact); integer
    operations otherwise. */
@@ -38,19 +45,12 @@ FX_INLINE fx_vf32 fx_f16_to_f32(fx_vh16 h)
     const fx_vu32 sign = (u & 0x8000u) << 16;
     const fx_vu32 em = u & 0x7fffu;
     fx_vu32 o = (em << 13) + ((127u - 15u) << 23); /* normal: rebias */
-    o += (fx_vu32)(em >= 0x7c00u) & ((128u - 16u) << 23); /* inf, NaN */
-    const fx_vu32 sub = (fx_vu32)(em < 0x0400u);           /* subnormal, 0 */
+    o += ~FX_MAG_LT(em, 0x7c00u) & ((128u - 16u) << 23); /* inf, NaN */
+    const fx_vu32 sub = FX_MAG_LT(em, 0x0400u);           /* subnormal, 0 */
     const fx_vf32 subf = __builtin_convertvector((fx_vi32)em, fx_vf32) * fx_splat_f32(0x1p-24f);
     return (fx_vf32)(((sub & (fx_vu32)subf) | (~sub & o)) | sign);
 }
 #endif
-
-/* a < b for magnitudes (top bit clear), as signed integers by native
-   parts (fx_lt_i32): GCC compared 64-byte vectors lane by lane, and
-   log_softmax and gradients with 16-bit outputs ran 3-5x slower than
-   float32. */
-#define FX_MAG_LT(a, b) ((fx_vu32)fx_lt_i32((fx_vi32)(a), (fx_vi32)(a) * 0 + (int32_t)(b)))
-#define FX_MAG_GT(a, b) ((fx_vu32)fx_lt_i32((fx_vi32)(a) * 0 + (int32_t)(b), (fx_vi32)(a)))
 
 /* binary32 -> binary16, round to nearest even; NaN -> quiet NaN. */
 FX_INLINE fx_vh16 fx_f32_to_f16(fx_vf32 f)
