@@ -74,8 +74,9 @@ typedef struct fx_job {
 /* Elements summed per chunk of a row (kernels_impl.h); a row split across
    threads is split at chunk boundaries. */
 #define FX_CHUNK 1024
-/* Outputs larger than this (bytes) are streamed past the cache by the row
-   kernels, and not used to keep exponentials by the split-row driver. */
+/* log_softmax outputs larger than this (bytes) are streamed past the cache
+   by the row kernels; a split row this large does not keep exponentials in
+   its output (they would come back from memory). */
 #define FX_STREAM_BYTES (32LL << 20)
 
 /* Rows [r0, r1) of one operation. */

@@ -222,15 +222,6 @@ FX_INLINE void NM(row_max2)(const XT *xa, const XT *xb, int64_t n, T *ma, T *mb)
     *mb = HMAX(AGET(b)) + (T)0;
 }
 
-/* The rows to prefetch while rows r and r + 1 of [r0, r1) are in their
-   sum pass: the next pair. */
-FX_INLINE void NM(next_pair)(const fx_job *job, int64_t r, int64_t r1, const char **pa,
-                             const char **pb)
-{
-    *pa = NM(next_row)(job, r + 1, r1);
-    *pb = NM(next_row)(job, r + 2, r1);
-}
-
 /* (m, s) of rows r and r + 1 of [r0, r1), when both maxima are finite
    (else 0, and the caller takes the rows one at a time). */
 FX_INLINE int NM(pair_stats)(const fx_job *job, int64_t r, int64_t r1, T *m, double *s)
@@ -238,8 +229,8 @@ FX_INLINE int NM(pair_stats)(const fx_job *job, int64_t r, int64_t r1, T *m, dou
     const XT *xa = (const XT *)job->x + r * job->x_ld, *xb = xa + job->x_ld;
     NM(row_max2)(xa, xb, job->n_cols, &m[0], &m[1]);
     if (!isfinite(m[0]) || !isfinite(m[1])) return 0;
-    const char *pa, *pb;
-    NM(next_pair)(job, r, r1, &pa, &pb);
+    /* The next pair is prefetched during the sum pass. */
+    const char *pa = NM(next_row)(job, r + 1, r1), *pb = NM(next_row)(job, r + 2, r1);
     /* Never with a stash: gradients and softmax (which stash exponentials)
        were 1.05-1.3x slower paired. */
     s[0] = NM(chunk_sumexp_)(xa, 0, job->n_cols, SPLAT(m[0]), NULL, pa, xb, SPLAT(m[1]), pb,
@@ -1104,7 +1095,7 @@ static void KFN(log_softmax)(const fx_job *job, int64_t r0, int64_t r1)
     int64_t r = r0;
     /* Pairs below PAIR_BYTES: at float32 256 classes (1 KiB) with 16 MiB
        of logits, log_softmax was 1.07-1.1x slower paired. */
-    if (NM(paired)(job) && job->n_cols * (int64_t)sizeof(XT) < PAIR_BYTES)
+    if (job->n_cols * (int64_t)sizeof(XT) < PAIR_BYTES)
         for (; r + 1 < r1; r += 2) {
             T m[2];
             double s[2];

@@ -105,8 +105,8 @@ static void fx_run_split_row(int op, int dtype, const fx_job *job, int64_t r, in
     double m = -INFINITY;
     /* As the row kernels: float32/float64 outputs keep exp(x - m) from the
        sums pass and are then scaled, one exp per element instead of two
-       (except rows too big for the cache, whose output the row kernels
-       stream). x_y is read first: out may be x. */
+       (except rows too big for the cache, whose kept exponentials would
+       come back from memory). x_y is read first: out may be x. */
     const int stash = out && (op == FX_CE_HARD || op == FX_SOFTMAX)
                       && (dtype == FX_F32 || dtype == FX_F64)
                       && (double)n * isz <= (double)FX_STREAM_BYTES;

@@ -202,9 +202,8 @@ FX_INLINE void fx_store_f64(double *p, fx_vf64 v) { FX_STORE4(p, v, fx_nf64, 2);
 #endif
 
 /* The union copy fx_store used before, kept for one loop: in the exp loop
-   that stashes exponentials (chunk_sumexp_) GCC 12 schedules it better,
-   and the shuffled store made the streaming gradient of 1024x32000 1.25x
-   slower (in-cache gradients were 1.3x faster with it there as well). */
+   that stashes exponentials (chunk_sumexp_) GCC 12 schedules it better
+   (gradients were 1.3x faster with it there). */
 #define FX_DEFINE_STORE_UNION(SFX, T, V, NV)                                   \
     FX_INLINE void fx_store_union_##SFX(T *p, V v)                         \
     {                                                                          \
