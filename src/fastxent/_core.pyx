@@ -1,3 +1,5 @@
+# cython: autotestdict=False
+
 # The thin binding: arrays in, one C job out, the GIL released around it.
 #
 # fastxent._api validates every value (labels, options, dtypes, shapes,
