@@ -468,7 +468,7 @@ def test_callback_stops_and_sees_state():
     seen = []
 
     def cb(state):
-        seen.append((state.iteration, state.gamma, state.best, state.nfev))
+        seen.append((state.iteration, state.gamma, state.best, state.nfev, state.param_change))
         return state.iteration == 3
 
     res = cem.minimize(sphere, cem.Normal(np.ones(2), 1.0), n_samples=40, rng=0, callback=cb)
@@ -476,6 +476,7 @@ def test_callback_stops_and_sees_state():
     assert [s[0] for s in seen] == [1, 2, 3]
     assert seen[-1][3] == 120
     np.testing.assert_array_equal([s[1] for s in seen], res.history["gamma"])
+    np.testing.assert_array_equal([s[4] for s in seen], res.history["param_change"])
 
 
 def test_max_iter_and_injection():
@@ -513,6 +514,34 @@ def test_progress_without_tqdm(capsys, monkeypatch):
     cem.rare_event(bridge_length, cem.Exponential(BRIDGE_MEANS), 1.0, n_samples=200, rng=0, progress=True)
     err = capsys.readouterr().err
     assert "cem.rare_event: iteration 1/100" in err and "gamma=" in err and err.endswith("\n")
+
+
+def _load_example(name):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name, args, expect", [
+    ("cem_rare_event", ["--n-final", "20000"], "inside the CI: True"),
+    ("cem_maxcut", ["--n", "100", "--n-samples", "300"], "planted cut found: True"),
+])
+def test_examples_run_and_plot(name, args, expect, tmp_path, capsys):
+    png = tmp_path / "plot.png"
+    _load_example(name).main(args + ["--plot", str(png)])
+    out = capsys.readouterr().out
+    assert expect in out
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "no plot" in out
+    else:
+        assert png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_submodule_import():

@@ -538,9 +538,10 @@ class CEMState:
 
     iteration: int
     gamma: float  # this iteration's level (worst elite score)
-    best: float  # best score so far
-    x: Any  # best point so far
+    best: float  # best score so far (rare_event: best of this iteration)
+    x: Any  # best point so far (rare_event: None)
     family: Family  # the updated sampling distribution
+    param_change: float  # largest absolute change of a parameter in this update
     nfev: int  # objective evaluations so far
 
 
@@ -844,7 +845,7 @@ def _optimize(f, family, sign, *, n_samples, elite_frac, smoothing, max_iter, to
                 still = 0
             prev_gamma = gamma
             if callback is not None and callback(CEMState(it, sign * gamma, sign * best_s, best_x,
-                                                          family, nfev)):
+                                                          family, change, nfev)):
                 stop_reason = "callback"
                 break
             if family.spread() <= tol:
@@ -971,7 +972,7 @@ def rare_event(S: Callable, family: Family, gamma: float, *, n_samples: int = 10
             levels.append(level)
             changes.append(change)
             bar.update(it, level, float(np.max(s)))
-            if callback is not None and callback(CEMState(it, level, float(np.max(s)), None, family, nfev)):
+            if callback is not None and callback(CEMState(it, level, float(np.max(s)), None, family, change, nfev)):
                 stop = "callback"
                 break
             if level >= gamma:
