@@ -22,13 +22,12 @@ PNG (--plot, or the temporary directory).
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import time
 
 import numpy as np
 
 from fastxent import cem
+from _figures import default_path, pyplot, save  # examples/_figures.py
 
 
 def planted_instance(n, rng):
@@ -61,7 +60,7 @@ def main(argv=None):
     parser.add_argument("--smoothing", type=float, default=0.7)
     parser.add_argument("--min-prob", type=float, default=0.0, help="floor on every probability")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--plot", default=os.path.join(tempfile.gettempdir(), "fastxent-cem-maxcut.png"))
+    parser.add_argument("--plot", default=default_path("cem-maxcut"))
     args = parser.parse_args(argv)
 
     n, m = args.n, args.n // 2
@@ -89,13 +88,8 @@ def main(argv=None):
 
 
 def plot(res, trace, optimum, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.2))
     it = np.arange(1, res.nit + 1)
@@ -111,10 +105,8 @@ def plot(res, trace, optimum, path):
     b.set_ylabel("node")
     b.set_title("p_i (probability of node 0's side)")
     fig.colorbar(image, ax=b)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path)
     plt.close(fig)
-    print(f"convergence plot written to {path}")
 
 
 if __name__ == "__main__":

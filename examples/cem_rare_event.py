@@ -22,12 +22,11 @@ plotted to a PNG (--plot, or the temporary directory).
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 
 import numpy as np
 
 from fastxent import cem
+from _figures import default_path, pyplot, save  # examples/_figures.py
 
 MEANS = np.array([0.25, 0.4, 0.1, 0.3, 0.2])
 EXACT_GAMMA_2 = 1.3424597e-05  # numerical integration, tests/test_cem.py::bridge_exact
@@ -46,7 +45,7 @@ def main(argv=None):
     parser.add_argument("--n-final", type=int, default=100_000, help="importance-sampling run (N1)")
     parser.add_argument("--rho", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=2005)
-    parser.add_argument("--plot", default=os.path.join(tempfile.gettempdir(), "fastxent-cem-bridge.png"))
+    parser.add_argument("--plot", default=default_path("cem-bridge"))
     args = parser.parse_args(argv)
 
     tilts = [MEANS]
@@ -72,13 +71,8 @@ def main(argv=None):
 
 
 def plot(res, tilts, gamma, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.2))
     a.plot(np.arange(1, len(res.levels) + 1), res.levels, marker="o")
@@ -92,10 +86,8 @@ def plot(res, tilts, gamma, path):
     b.set_ylabel("mean")
     b.set_title("tilted means")
     b.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path)
     plt.close(fig)
-    print(f"convergence plot written to {path}")
 
 
 if __name__ == "__main__":

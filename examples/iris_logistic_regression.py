@@ -25,13 +25,12 @@ a PNG (to --plot, or to the temporary directory).
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 
 import numpy as np
 from scipy.optimize import minimize
 
 import fastxent
+from _figures import default_path, pyplot, save  # examples/_figures.py
 
 
 def fit(X, y, C=1.0, n_classes=None, verbose=False):
@@ -89,29 +88,22 @@ def compare(C=1.0, verbose=False):
 
 
 def plot(losses, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.semilogy(np.arange(1, len(losses) + 1), np.asarray(losses) - min(losses) + 1e-12, marker=".")
     ax.set_xlabel("L-BFGS-B iteration")
     ax.set_ylabel("objective - final objective")
     ax.set_title("Iris softmax regression (fastxent + L-BFGS-B)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path, "loss curve")
     plt.close(fig)
-    print(f"loss curve written to {path}")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--C", type=float, default=1.0, help="inverse L2 strength, as in scikit-learn")
-    parser.add_argument("--plot", default=os.path.join(tempfile.gettempdir(), "fastxent-iris-loss.png"),
+    parser.add_argument("--plot", default=default_path("iris-loss"),
                         help="where to write the PNG loss curve")
     args = parser.parse_args(argv)
 

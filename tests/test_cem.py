@@ -168,12 +168,10 @@ def test_rare_event_unreachable_gamma_is_reported():
 
 
 def cut_value(cost):
-    """Vectorised cut: sum over i in V1 (x_i = 1), j in V2 of cost[i, j]."""
-    out_strength = cost.sum(axis=1)
-
+    """Vectorised cut: sum over i in V1 (x_i = 1), j in V2 (x_j = 0) of cost[i, j]."""
     def f(x):
         x = x.astype(np.float64)
-        return x @ out_strength - np.einsum("ni,ni->n", x @ cost, x)
+        return ((x @ cost) * (1.0 - x)).sum(axis=1)
 
     return f
 
@@ -516,12 +514,16 @@ def test_progress_without_tqdm(capsys, monkeypatch):
     assert "cem.rare_event: iteration 1/100" in err and "gamma=" in err and err.endswith("\n")
 
 
-def _load_example(name):
+def load_example(name):
+    """Import examples/<name>.py (which imports its sibling examples/_figures.py)."""
     import importlib.util
     import pathlib
+    import sys
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
+    folder = pathlib.Path(__file__).resolve().parents[1] / "examples"
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -533,7 +535,7 @@ def _load_example(name):
 ])
 def test_examples_run_and_plot(name, args, expect, tmp_path, capsys):
     png = tmp_path / "plot.png"
-    _load_example(name).main(args + ["--plot", str(png)])
+    load_example(name).main(args + ["--plot", str(png)])
     out = capsys.readouterr().out
     assert expect in out
     try:

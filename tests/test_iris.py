@@ -3,24 +3,17 @@ against scikit-learn's LogisticRegression on the same objective."""
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import numpy as np
 import pytest
+from test_cem import load_example
 
 pytest.importorskip("sklearn")
 pytest.importorskip("scipy")
 
-EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "iris_logistic_regression.py"
-
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("iris_logistic_regression", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("iris_logistic_regression")
 
 
 @pytest.mark.parametrize("C", [1.0, 0.05])
