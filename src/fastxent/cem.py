@@ -407,6 +407,9 @@ class Permutation(Family):
     ``min_prob`` (below ``1/(n-1)``) floors every off-diagonal entry.
     """
 
+    n: int
+    start: int
+
     def __init__(self, transition, *, start: int = 0, min_prob: float = 0.0):
         if isinstance(transition, numbers.Integral):
             n = int(transition)
@@ -452,7 +455,7 @@ class Permutation(Family):
     def _steps(self, m, choose):
         """Walk ``m`` tours; ``choose(step, weights, total)`` picks each next city."""
         rows = np.arange(m)
-        visited = np.zeros((m, self.n), dtype=bool)
+        visited = np.zeros((m, self.n), dtype=np.bool_)
         visited[:, self.start] = True
         cur = np.full(m, self.start, dtype=np.intp)
         for step in range(1, self.n):
@@ -518,7 +521,7 @@ class Permutation(Family):
     def most_likely_tour(self) -> np.ndarray:
         """The tour that always moves to the most probable unvisited city."""
         tour = [self.start]
-        visited = np.zeros(self.n, dtype=bool)
+        visited = np.zeros(self.n, dtype=np.bool_)
         visited[self.start] = True
         for _ in range(1, self.n):
             row = np.where(visited, -1.0, self.transition[tour[-1]])
@@ -627,7 +630,7 @@ class _Progress:
         self.wrote = False
         if enabled:
             try:
-                from tqdm.auto import tqdm
+                from tqdm.auto import tqdm  # type: ignore[import-untyped]
             except ImportError:
                 tqdm = None
             if tqdm is not None:
