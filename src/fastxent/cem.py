@@ -759,9 +759,10 @@ def maximize(f: Callable, family: Family, *, n_samples: Optional[int] = None, el
         ``patience`` iterations in a row.
     injection : float >= 0
         :class:`Normal` only: after each update add ``injection *
-        |gamma_hat_t - gamma_hat_(t-1)|`` to every variance (Botev and
-        Kroese's variance injection), which keeps the search wide while the
-        level still moves and fades as it settles.
+        |gamma_hat_t - gamma_hat_(t-1)|`` to every variance, an injection
+        of extra variance after Botev and Kroese (2004) scaled by how far
+        the level moved: it keeps the search wide while the level still
+        moves and fades as it settles.
     rng : None, int or numpy.random.Generator
         Seed or generator; equal seeds give equal runs.
     callback : callable, optional
