@@ -42,6 +42,14 @@ def probs_of(shape, seed=2):
     return jax.nn.softmax(jnp.asarray(rng(seed).standard_normal(shape), jnp.float32), axis=-1)
 
 
+@pytest.fixture(params=["ffi", "callback"])
+def transport(request, monkeypatch):
+    """Both ways into the kernels: the XLA FFI handler and jax.pure_callback
+    (fastxent.jax.transport is read when a function is traced)."""
+    monkeypatch.setattr(fxj, "transport", request.param)
+    return request.param
+
+
 def optax_ce(x, y):
     return optax.softmax_cross_entropy_with_integer_labels(x, y).mean()
 
@@ -219,9 +227,11 @@ def test_float64_against_reference():
 # ------------------------------------------------------ transformations
 
 
-def test_jit_value_and_grad_and_threads():
+def test_jit_value_and_grad_and_threads(transport):
     x, y = logits_of((64, 50)), labels_of(64, 50)
-    f = jax.jit(jax.value_and_grad(fxj.cross_entropy))
+    jaxpr = str(jax.make_jaxpr(lambda x, y: fxj.cross_entropy(x, y))(x, y))
+    assert ("pure_callback" in jaxpr) == (transport == "callback"), jaxpr
+    f = jax.jit(jax.value_and_grad(lambda x, y: fxj.cross_entropy(x, y)))
     loss, grad = f(x, y)
     want_loss, want_grad = jax.value_and_grad(optax_ce)(x, y)
     close(loss, want_loss)
@@ -233,7 +243,7 @@ def test_jit_value_and_grad_and_threads():
         assert np.array_equal(np.asarray(g_n), np.asarray(grad))
 
 
-def test_vmap_over_batches_of_problems():
+def test_vmap_over_batches_of_problems(transport):
     xs, ys = logits_of((3, 8, 10)), labels_of((3, 8), 10)
     per = jax.vmap(fxj.cross_entropy)(xs, ys)
     close(per, [optax_ce(xs[i], ys[i]) for i in range(3)])
@@ -255,7 +265,7 @@ def test_vmap_over_batches_of_problems():
         close(grad[i], wg, atol=1e-6)
 
 
-def test_vmap_of_the_other_functions():
+def test_vmap_of_the_other_functions(transport):
     xs, ts = logits_of((2, 5, 7)), probs_of((2, 5, 7))
     close(jax.vmap(fxj.kl_div)(xs, ts), [fxj.kl_div(xs[i], ts[i]) for i in range(2)])
     close(jax.vmap(fxj.binary_cross_entropy, in_axes=(0, None))(xs, ts[0]),
@@ -267,7 +277,7 @@ def test_vmap_of_the_other_functions():
           jax.vmap(jax.grad(lambda x: jax.nn.softmax(x)[0, 0]))(xs))
 
 
-def test_integer_labels_get_float0_cotangents():
+def test_integer_labels_get_float0_cotangents(transport):
     x, y = logits_of((4, 6)), labels_of(4, 6)
     gx, gy = jax.grad(fxj.cross_entropy, argnums=(0, 1), allow_int=True)(x, y)
     assert gy.dtype == jax.dtypes.float0 and gy.shape == y.shape
@@ -309,7 +319,7 @@ def test_sgd_steps_decrease_the_loss():
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_16_bit_logits(dtype):
+def test_16_bit_logits(dtype, transport):
     x, y = logits_of((16, 40)).astype(dtype), labels_of(16, 40)
     loss, grad = jax.jit(jax.value_and_grad(fxj.cross_entropy))(x, y)
     assert loss.dtype == jnp.float32 and grad.dtype == dtype
@@ -367,9 +377,9 @@ def test_gradient_with_respect_to_targets_is_refused():
 
 
 @pytest.mark.parametrize("jit", [False, True])
-def test_data_errors_carry_fastxent_message(jit):
+def test_data_errors_carry_fastxent_message(jit, transport):
     x, y = logits_of((4, 6)), labels_of(4, 6).at[2].set(6)
-    f = jax.jit(fxj.cross_entropy) if jit else fxj.cross_entropy
+    f = jax.jit(lambda x, y: fxj.cross_entropy(x, y)) if jit else fxj.cross_entropy
     with pytest.raises(Exception, match=r"label 6 at position \(2,\) is out of range"):
         jax.block_until_ready(f(x, y))
     w = jnp.asarray([1, 1, -1, 1, 1, 1], jnp.float32)

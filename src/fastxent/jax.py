@@ -32,9 +32,12 @@ runtime error carrying fastxent's ``ValueError`` message.
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import json
 import math
 import operator
+import os
 
 import numpy as np
 
@@ -148,34 +151,202 @@ def _expand(g, axis):
     return g if jnp.ndim(g) == 0 else jnp.expand_dims(g, axis)
 
 
-# --------------------------------------------------------------- callbacks
+# --------------------------------------------------------------- transport
+# One call into fastxent is described by a JSON key: the NumPy function, its
+# static keyword arguments, the names of the array arguments, the unbatched
+# rank of the logits and whether the gradient is wanted. The key is all the
+# compiled program holds (an FFI attribute), so a program from the
+# persistent compilation cache or another process finds its host function
+# by content, never by a per-process index.
 
 
-def _host(fn, core_ndim, results):
-    """``fn`` over NumPy arrays, lifted to the leading dimensions that
-    ``vmap_method="expand_dims"`` adds (each argument has them, of size 1
-    where it is not batched); ``results`` are the unbatched result specs."""
+def _key(**spec):
+    return json.dumps(spec, sort_keys=True, separators=(",", ":"))
 
-    def call(*args):
-        args = [np.asarray(a) for a in args]  # CPU arrays: views, not copies
-        lead = args[0].ndim - core_ndim
-        if lead == 0:
-            outs = fn(*args)
+
+def _lead_index(idx, shape):
+    """The element ``idx`` of the vmap dimensions for an argument whose
+    dimensions are ``shape`` (size 1 where it is not batched)."""
+    return tuple(i if d > 1 else 0 for i, d in zip(idx, shape)) + (Ellipsis,)
+
+
+@functools.lru_cache(maxsize=None)
+def _host(key):
+    """``host(args, rets)``: NumPy views of the inputs and of the results,
+    which it fills. vmap (``vmap_method="expand_dims"``) gives every argument
+    the same leading dimensions, of size 1 where it is not batched; row ops
+    take them as more batch rows, losses are run once per batch element."""
+    spec = json.loads(key)
+    name, kw = spec["fn"], spec["kw"]
+    np_fn = getattr(_fx, name)
+    if name in ("log_softmax", "softmax"):
+        return lambda args, rets: np_fn(args[0], out=rets[0], **kw)
+    if name == "logsumexp":
+        def rows(args, rets):
+            rets[0][...] = np_fn(args[0], **kw)
+        return rows
+    names, ndim, with_grad = spec["names"], spec["ndim"], spec["grad"]
+    np_grad = getattr(_fx, name + "_with_grad")
+
+    def one(args, rets):
+        named = dict(zip(names[2:], args[2:]))
+        if with_grad:
+            loss, _ = np_grad(args[0], args[1], out=rets[1], **named, **kw)
         else:
-            shape = np.broadcast_shapes(*(a.shape[:lead] for a in args))
-            outs = [np.empty(shape + r.shape, r.dtype) for r in results]
-            for idx in np.ndindex(*shape):
-                sub = [a[tuple(i if d > 1 else 0 for i, d in zip(idx, a.shape[:lead]))] for a in args]
-                for o, v in zip(outs, fn(*sub)):
-                    o[idx] = v
-        return tuple(np.asarray(o, r.dtype) for o, r in zip(outs, results))
+            loss = np_fn(args[0], args[1], **named, **kw)
+        rets[0][...] = loss
+
+    def call(args, rets):
+        lead = args[0].ndim - ndim
+        if lead == 0:
+            return one(args, rets)
+        for idx in np.ndindex(*rets[0].shape[:lead]):
+            one([a[_lead_index(idx, a.shape[:lead])] for a in args], [r[idx + (Ellipsis,)] for r in rets])
 
     return call
 
 
-def _callback(fn, core_ndim, results, *args):
-    return jax.pure_callback(_host(fn, core_ndim, results), tuple(results), *args,
-                             vmap_method="expand_dims")
+def _run_callback(key, ndim, results, *args):
+    """The pure_callback side: allocate the results (with vmap's leading
+    dimensions) and let the host function fill them."""
+    args = [np.asarray(a) for a in args]  # CPU arrays: views, not copies
+    lead = args[0].ndim - ndim
+    shape = np.broadcast_shapes(*(a.shape[:lead] for a in args))
+    rets = [np.empty(shape + r.shape, r.dtype) for r in results]
+    _host(key)(args, rets)
+    return tuple(rets)
+
+
+def _call(results, arrays, via, **spec):
+    """Run the call described by ``spec`` on ``arrays`` (logits first), by
+    ``via`` (a ``transport``: it is part of every cached op, since JAX caches
+    what a custom_vjp function traces to)."""
+    key = _key(ndim=arrays[0].ndim, **spec)
+    results = tuple(results)
+    if via == "ffi":
+        return jax.ffi.ffi_call(_FFI_TARGET, results, vmap_method="expand_dims")(*arrays, op=key)
+    return jax.pure_callback(functools.partial(_run_callback, key, arrays[0].ndim, results),
+                             results, *arrays, vmap_method="expand_dims")
+
+
+# --------------------------------------------------------------- XLA FFI
+# The host function runs as an XLA FFI handler (jax.ffi): XLA hands it its
+# own input and result buffers, which become NumPy views, so the kernels read
+# the operands and write the gradient in place. (jax.pure_callback copies
+# every operand into a new array and every result back into XLA's buffer.)
+# The handler is a ctypes function over the XLA FFI C API (xla/ffi/api/
+# c_api.h in the jax wheel): nothing to compile. Only the leading members of
+# each struct are declared; XLA keeps those fixed and grows structs at their
+# end, which is what struct_size is for.
+
+_FFI_TARGET = "fastxent_numpy"
+_XLA_METADATA = 1  # XLA_FFI_Extension_Metadata
+_XLA_EXECUTE = 3  # XLA_FFI_ExecutionStage_EXECUTE
+_XLA_INVALID_ARGUMENT = 3
+_XLA_STRING = 4  # XLA_FFI_AttrType_STRING
+_XLA_DTYPES = {
+    1: np.dtype(np.bool_), 2: np.dtype(np.int8), 3: np.dtype(np.int16), 4: np.dtype(np.int32),
+    5: np.dtype(np.int64), 6: np.dtype(np.uint8), 7: np.dtype(np.uint16), 8: np.dtype(np.uint32),
+    9: np.dtype(np.uint64), 10: np.dtype(np.float16), 11: np.dtype(np.float32),
+    12: np.dtype(np.float64), 16: np.dtype(jnp.bfloat16),
+}
+
+
+def _struct(name, *fields):
+    return type(name, (ctypes.Structure,), {"_fields_": list(fields)})
+
+
+_Head = (("struct_size", ctypes.c_size_t), ("extension_start", ctypes.c_void_p))
+_ExtBase = _struct("XLA_FFI_Extension_Base", ("struct_size", ctypes.c_size_t),
+                   ("type", ctypes.c_int), ("next", ctypes.c_void_p))
+_Version = _struct("XLA_FFI_Api_Version", *_Head, ("major_version", ctypes.c_int),
+                   ("minor_version", ctypes.c_int))
+_ErrorArgs = _struct("XLA_FFI_Error_Create_Args", *_Head, ("message", ctypes.c_char_p),
+                     ("errc", ctypes.c_int))
+_Api = _struct("XLA_FFI_Api", *_Head, ("api_version", _Version), ("internal_api", ctypes.c_void_p),
+               ("error_create", ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(_ErrorArgs))))
+_Buffer = _struct("XLA_FFI_Buffer", *_Head, ("dtype", ctypes.c_int), ("data", ctypes.c_void_p),
+                  ("rank", ctypes.c_int64), ("dims", ctypes.POINTER(ctypes.c_int64)))
+_ByteSpan = _struct("XLA_FFI_ByteSpan", ("ptr", ctypes.c_void_p), ("len", ctypes.c_size_t))
+_List = (*_Head, ("size", ctypes.c_int64), ("types", ctypes.POINTER(ctypes.c_int)))
+_Args = _struct("XLA_FFI_Args", *_List, ("items", ctypes.POINTER(ctypes.c_void_p)))
+_Attrs = _struct("XLA_FFI_Attrs", *_List, ("names", ctypes.POINTER(ctypes.POINTER(_ByteSpan))),
+                 ("items", ctypes.POINTER(ctypes.c_void_p)))
+_CallFrame = _struct("XLA_FFI_CallFrame", *_Head, ("api", ctypes.POINTER(_Api)),
+                     ("ctx", ctypes.c_void_p), ("stage", ctypes.c_int), ("args", _Args),
+                     ("rets", _Args), ("attrs", _Attrs))
+_Metadata = _struct("XLA_FFI_Metadata", ("struct_size", ctypes.c_size_t),
+                    ("api_version", _Version), ("traits", ctypes.c_uint32))
+_MetadataExt = _struct("XLA_FFI_Metadata_Extension", ("extension_base", _ExtBase),
+                       ("metadata", ctypes.POINTER(_Metadata)))
+
+
+def _buffer_view(address, writable):
+    b = ctypes.cast(address, ctypes.POINTER(_Buffer)).contents
+    dtype = _XLA_DTYPES[b.dtype]
+    shape = tuple(b.dims[i] for i in range(b.rank))
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes == 0:
+        return np.empty(shape, dtype)
+    view = np.frombuffer((ctypes.c_char * nbytes).from_address(b.data), dtype).reshape(shape)
+    view.flags.writeable = writable
+    return view
+
+
+def _ffi_key(frame):
+    attrs = frame.attrs
+    for i in range(attrs.size):
+        name = attrs.names[i].contents
+        if attrs.types[i] == _XLA_STRING and ctypes.string_at(name.ptr, name.len) == b"op":
+            value = ctypes.cast(attrs.items[i], ctypes.POINTER(_ByteSpan)).contents
+            return ctypes.string_at(value.ptr, value.len).decode()
+    raise ValueError("fastxent FFI call without its 'op' attribute")
+
+
+def _ffi_handler(frame_ptr):
+    frame = frame_ptr.contents
+    try:
+        if frame.extension_start:
+            ext = ctypes.cast(frame.extension_start, ctypes.POINTER(_ExtBase)).contents
+            if ext.type == _XLA_METADATA:  # XLA asks which API version we speak
+                meta = ctypes.cast(frame.extension_start,
+                                   ctypes.POINTER(_MetadataExt)).contents.metadata.contents
+                version = frame.api.contents.api_version
+                meta.api_version.major_version = version.major_version
+                meta.api_version.minor_version = version.minor_version
+                meta.traits = 0
+                return None
+        if frame.stage != _XLA_EXECUTE:
+            return None
+        args = [_buffer_view(frame.args.items[i], False) for i in range(frame.args.size)]
+        rets = [_buffer_view(frame.rets.items[i], True) for i in range(frame.rets.size)]
+        _host(_ffi_key(frame))(args, rets)
+        return None
+    except BaseException as exc:  # reported to XLA: JAX raises it at the call
+        message = f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")
+        err = _ErrorArgs(ctypes.sizeof(_ErrorArgs), None, message, _XLA_INVALID_ARGUMENT)
+        return frame.api.contents.error_create(ctypes.byref(err))
+
+
+_FFI_HANDLER = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(_CallFrame))(_ffi_handler)
+
+
+def _register_ffi():
+    try:
+        jax.ffi.register_ffi_target(_FFI_TARGET, jax.ffi.pycapsule(_FFI_HANDLER), platform="cpu")
+    except Exception:  # an XLA without the FFI: the callback still works
+        return False
+    return True
+
+
+#: How calls reach the kernels: "ffi" (an XLA FFI handler, zero-copy; the
+#: default) or "callback" (jax.pure_callback). FASTXENT_JAX_TRANSPORT picks
+#: one at import; the value in force when a function is traced is used.
+transport = os.environ.get("FASTXENT_JAX_TRANSPORT", "ffi")
+if transport not in ("ffi", "callback"):
+    raise ValueError(f"FASTXENT_JAX_TRANSPORT must be 'ffi' or 'callback', got {transport!r}")
+if transport == "ffi" and not _register_ffi():
+    transport = "callback"
 
 
 def _no_grad(name, perturbed):
@@ -185,23 +356,24 @@ def _no_grad(name, perturbed):
             f"wrap {name} in jax.lax.stop_gradient if it is a constant")
 
 
-def _loss_op(name, np_loss, np_with_grad, arg_names, loss_shape, loss_dtype, row_axis):
-    """A custom_vjp over ``np_loss(*arrays) -> loss``, whose forward for
-    differentiation is ``np_with_grad(*arrays) -> (loss, grad)``.
+def _loss_op(name, kwargs, arg_names, loss_shape, loss_dtype, row_axis, via):
+    """A custom_vjp over the NumPy loss ``name`` with static ``kwargs``,
+    whose forward for differentiation calls ``<name>_with_grad`` once.
 
-    ``arrays[0]`` is the logits; the others (targets, weights) are not
-    differentiated. ``loss_shape(logits_shape)`` is the loss's shape.
-    ``row_axis``: the class axis when the loss holds one value per row (its
-    cotangent is broadcast along that axis), else None.
+    The arrays are ``arg_names`` (logits first; the others, targets and
+    weights, are not differentiated). ``loss_shape(logits_shape)`` is the
+    loss's shape. ``row_axis``: the class axis when the loss holds one value
+    per row (its cotangent is broadcast along that axis), else None.
     """
+    names = list(arg_names)
 
     def loss_spec(x):
         return jax.ShapeDtypeStruct(loss_shape(x.shape), loss_dtype)
 
     @jax.custom_vjp
     def op(*arrays):
-        x = arrays[0]
-        (loss,) = _callback(lambda *a: (np_loss(*a),), x.ndim, [loss_spec(x)], *arrays)
+        (loss,) = _call([loss_spec(arrays[0])], arrays, via, fn=name, kw=kwargs, names=names,
+                        grad=False)
         return loss
 
     def fwd(*primals):
@@ -212,7 +384,7 @@ def _loss_op(name, np_loss, np_with_grad, arg_names, loss_shape, loss_dtype, row
                 _no_grad(nm, p.perturbed)
         x = arrays[0]
         specs = [loss_spec(x), jax.ShapeDtypeStruct(x.shape, x.dtype)]
-        loss, grad = _callback(np_with_grad, x.ndim, specs, *arrays)
+        loss, grad = _call(specs, arrays, via, fn=name, kw=kwargs, names=names, grad=True)
         return loss, grad
 
     def bwd(grad, g):
@@ -229,17 +401,7 @@ def _loss_op(name, np_loss, np_with_grad, arg_names, loss_shape, loss_dtype, row
     return op
 
 
-def _bound(np_fn, arg_names, kwargs):
-    """``np_fn(logits, target, <optional arrays by name>, **kwargs)``."""
-
-    def call(*arrays):
-        named = dict(zip(arg_names[2:], arrays[2:]))
-        return np_fn(arrays[0], arrays[1], **named, **kwargs)
-
-    return call
-
-
-def _make_loss(name, np_loss, np_with_grad, arg_names, kwargs, per_row, loss_dtype):
+def _make_loss(name, arg_names, kwargs, per_row, loss_dtype, via):
     """The op of one loss with its static options bound. ``per_row``: the
     class axis when ``reduction="none"`` gives one value per row; "elementwise"
     when it gives one per element; None otherwise."""
@@ -249,9 +411,7 @@ def _make_loss(name, np_loss, np_with_grad, arg_names, kwargs, per_row, loss_dty
         shape, row_axis = (lambda s: s), None
     else:
         shape, row_axis = (lambda s: _batch_shape(s, per_row)), per_row
-    return _loss_op(name, _bound(np_loss, arg_names, kwargs),
-                    _bound(np_with_grad, arg_names, kwargs), arg_names, shape, loss_dtype,
-                    row_axis)
+    return _loss_op(name, kwargs, arg_names, shape, loss_dtype, row_axis, via)
 
 
 # --------------------------------------------------------------- losses
@@ -259,13 +419,13 @@ def _make_loss(name, np_loss, np_with_grad, arg_names, kwargs, per_row, loss_dty
 
 @functools.lru_cache(maxsize=256)
 def _ce_op(arg_names, soft, axis, ignore_index, reduction, label_smoothing, from_logits, base,
-           num_threads, loss_dtype):
+           num_threads, loss_dtype, via):
     kw = dict(axis=axis, reduction=reduction, label_smoothing=label_smoothing,
               from_logits=from_logits, base=base, num_threads=num_threads)
     if not soft:
         kw["ignore_index"] = ignore_index
-    return _make_loss("cross_entropy", _fx.cross_entropy, _fx.cross_entropy_with_grad,
-                      arg_names, kw, axis if reduction == "none" else None, loss_dtype)
+    return _make_loss("cross_entropy", arg_names, kw, axis if reduction == "none" else None,
+                      loss_dtype, via)
 
 
 def cross_entropy(logits, labels, *, axis=-1, weight=None, ignore_index=-100, reduction="mean",
@@ -303,16 +463,17 @@ def cross_entropy(logits, labels, *, axis=-1, weight=None, ignore_index=-100, re
         arrays.append(weight)
         names.append("weight")
     op = _ce_op(tuple(names), soft, ax - ndim, _ignore_index(ignore_index), _reduction(reduction),
-                eps, bool(from_logits), _base(base), _threads(num_threads), _compute_dtype(dt))
+                eps, bool(from_logits), _base(base), _threads(num_threads), _compute_dtype(dt),
+                transport)
     return op(*(jnp.asarray(a) for a in arrays))
 
 
 @functools.lru_cache(maxsize=256)
-def _kl_op(axis, target_kind, reduction, temperature, base, num_threads, loss_dtype):
+def _kl_op(axis, target_kind, reduction, temperature, base, num_threads, loss_dtype, via):
     kw = dict(axis=axis, target_kind=target_kind, reduction=reduction, temperature=temperature,
               base=base, num_threads=num_threads)
-    return _make_loss("kl_div", _fx.kl_div, _fx.kl_div_with_grad, ("logits", "target"), kw,
-                      axis if reduction == "none" else None, loss_dtype)
+    return _make_loss("kl_div", ("logits", "target"), kw,
+                      axis if reduction == "none" else None, loss_dtype, via)
 
 
 def kl_div(logits, target, *, axis=-1, target_kind="probs", reduction="batchmean",
@@ -337,16 +498,15 @@ def kl_div(logits, target, *, axis=-1, target_kind="probs", reduction="batchmean
     if not (T > 0 and math.isfinite(T)):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
     op = _kl_op(ax - ndim, target_kind, _reduction(reduction, _KL_REDUCTIONS), T, _base(base),
-                _threads(num_threads), _compute_dtype(dt))
+                _threads(num_threads), _compute_dtype(dt), transport)
     return op(jnp.asarray(logits), jnp.asarray(target))
 
 
 @functools.lru_cache(maxsize=256)
-def _bce_op(arg_names, reduction, from_logits, base, num_threads, loss_dtype):
+def _bce_op(arg_names, reduction, from_logits, base, num_threads, loss_dtype, via):
     kw = dict(reduction=reduction, from_logits=from_logits, base=base, num_threads=num_threads)
-    return _make_loss("binary_cross_entropy", _fx.binary_cross_entropy,
-                      _fx.binary_cross_entropy_with_grad, arg_names, kw,
-                      "elementwise" if reduction == "none" else None, loss_dtype)
+    return _make_loss("binary_cross_entropy", arg_names, kw,
+                      "elementwise" if reduction == "none" else None, loss_dtype, via)
 
 
 def binary_cross_entropy(logits, target, *, weight=None, pos_weight=None, reduction="mean",
@@ -376,38 +536,34 @@ def binary_cross_entropy(logits, target, *, weight=None, pos_weight=None, reduct
         arrays.append(jnp.broadcast_to(v, shape))
         names.append(nm)
     op = _bce_op(tuple(names), _reduction(reduction), bool(from_logits), _base(base),
-                 _threads(num_threads), _compute_dtype(dt))
+                 _threads(num_threads), _compute_dtype(dt), transport)
     return op(*(jnp.asarray(a) for a in arrays))
 
 
 # --------------------------------------------------------------- building blocks
 
 
-def _rows(np_fn, x, axis, num_threads, out_shape, out_dtype):
-    """A row op over the callback; vmap's leading dimensions are more batch
-    rows, so the kernel takes them in one call (``axis`` counts from the end)."""
+def _rows(name, x, axis, num_threads, via, out_shape, out_dtype):
+    """A row op; vmap's leading dimensions are more batch rows, so the kernel
+    takes them in one call (``axis`` counts from the end)."""
     spec = jax.ShapeDtypeStruct(out_shape(x.shape), out_dtype)
-
-    def host(a):
-        return (np.asarray(np_fn(np.asarray(a), axis=axis, num_threads=num_threads), out_dtype),)
-
-    (y,) = jax.pure_callback(host, (spec,), x, vmap_method="expand_dims")
+    (y,) = _call([spec], [x], via, fn=name, kw={"axis": axis, "num_threads": num_threads})
     return y
 
 
-def _normaliser(np_fn, bwd):
+def _normaliser(name, bwd):
     """log_softmax or softmax: the output is the residual, ``bwd(y, g, axis)``
     the cotangent in float32 (or wider)."""
 
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-    def op(x, axis, num_threads):
-        return _rows(np_fn, x, axis, num_threads, lambda s: s, x.dtype)
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+    def op(x, axis, num_threads, via):
+        return _rows(name, x, axis, num_threads, via, lambda s: s, x.dtype)
 
-    def op_fwd(x, axis, num_threads):
-        y = op(x, axis, num_threads)
+    def op_fwd(x, axis, num_threads, via):
+        y = op(x, axis, num_threads, via)
         return y, y
 
-    def op_bwd(axis, num_threads, y, g):
+    def op_bwd(axis, num_threads, via, y, g):
         dt = jnp.promote_types(g.dtype, jnp.float32)
         return (bwd(y.astype(dt), g.astype(dt), axis).astype(y.dtype),)
 
@@ -416,23 +572,23 @@ def _normaliser(np_fn, bwd):
 
 
 _log_softmax = _normaliser(
-    _fx.log_softmax, lambda y, g, axis: g - jnp.exp(y) * jnp.sum(g, axis=axis, keepdims=True))
+    "log_softmax", lambda y, g, axis: g - jnp.exp(y) * jnp.sum(g, axis=axis, keepdims=True))
 _softmax = _normaliser(
-    _fx.softmax, lambda y, g, axis: y * (g - jnp.sum(g * y, axis=axis, keepdims=True)))
+    "softmax", lambda y, g, axis: y * (g - jnp.sum(g * y, axis=axis, keepdims=True)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _logsumexp(x, axis, num_threads):
-    return _rows(_fx.logsumexp, x, axis, num_threads, lambda s: _batch_shape(s, axis),
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _logsumexp(x, axis, num_threads, via):
+    return _rows("logsumexp", x, axis, num_threads, via, lambda s: _batch_shape(s, axis),
                  _compute_dtype(np.dtype(x.dtype)))
 
 
-def _logsumexp_fwd(x, axis, num_threads):
-    return _logsumexp(x, axis, num_threads), x
+def _logsumexp_fwd(x, axis, num_threads, via):
+    return _logsumexp(x, axis, num_threads, via), x
 
 
-def _logsumexp_bwd(axis, num_threads, x, g):
-    p = _softmax(x, axis, num_threads)
+def _logsumexp_bwd(axis, num_threads, via, x, g):
+    p = _softmax(x, axis, num_threads, via)
     return ((jnp.expand_dims(g, axis) * p).astype(x.dtype),)
 
 
@@ -448,17 +604,17 @@ def _row_input(x, axis):
 def log_softmax(x, *, axis=-1, num_threads=None):
     """``log(softmax(x))`` along ``axis``, in ``x``'s dtype (fastxent.log_softmax)."""
     x, ax = _row_input(x, axis)
-    return _log_softmax(x, ax, _threads(num_threads))
+    return _log_softmax(x, ax, _threads(num_threads), transport)
 
 
 def softmax(x, *, axis=-1, num_threads=None):
     """``softmax(x)`` along ``axis``, in ``x``'s dtype (fastxent.softmax)."""
     x, ax = _row_input(x, axis)
-    return _softmax(x, ax, _threads(num_threads))
+    return _softmax(x, ax, _threads(num_threads), transport)
 
 
 def logsumexp(x, *, axis=-1, num_threads=None):
     """``log(sum(exp(x)))`` along ``axis``: batch-shaped, float32 for 16- and
     32-bit ``x`` (float64 for float64), as ``fastxent.logsumexp``."""
     x, ax = _row_input(x, axis)
-    return _logsumexp(x, ax, _threads(num_threads))
+    return _logsumexp(x, ax, _threads(num_threads), transport)
