@@ -385,3 +385,21 @@ def test_data_errors_carry_fastxent_message(jit, transport):
     w = jnp.asarray([1, 1, -1, 1, 1, 1], jnp.float32)
     with pytest.raises(Exception, match="weight must be finite and non-negative"):
         jax.block_until_ready(jax.grad(lambda x: fxj.cross_entropy(x, y.at[2].set(0), weight=w))(x))
+
+
+def test_second_derivatives_raise():
+    x, y = logits_of((2, 3)), labels_of(2, 3)
+    with pytest.raises((ValueError, TypeError)):
+        jax.hessian(lambda x: fxj.cross_entropy(x, y))(x)
+
+
+def test_compiled_program_finds_its_function_by_content():
+    # What a program from the persistent compilation cache relies on: the
+    # call's attribute alone names the NumPy function and its options.
+    x, y = logits_of((4, 6)), labels_of(4, 6)
+    f = jax.jit(lambda x: fxj.cross_entropy(x, y, label_smoothing=0.25))
+    before = f(x)
+    fxj._host.cache_clear()
+    assert float(f(x)) == float(before)
+    close(before, reference.cross_entropy(np.asarray(x), np.asarray(y), label_smoothing=0.25),
+          rtol=1e-5)
