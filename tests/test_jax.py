@@ -403,3 +403,19 @@ def test_compiled_program_finds_its_function_by_content():
     assert float(f(x)) == float(before)
     close(before, reference.cross_entropy(np.asarray(x), np.asarray(y), label_smoothing=0.25),
           rtol=1e-5)
+
+
+def test_vmap_of_bce_with_broadcast_weights(transport):
+    xs = logits_of((3, 4, 6))
+    t = jnp.asarray(rng(21).random((4, 6)), jnp.float32)
+    w, pw = jnp.asarray(rng(22).random((4, 1)), jnp.float32), jnp.arange(1.0, 7.0)
+    f = jax.vmap(jax.value_and_grad(
+        lambda x, pw: fxj.binary_cross_entropy(x, t, weight=w, pos_weight=pw, reduction="sum")))
+    pws = jnp.stack([pw, 2 * pw, 3 * pw])
+    loss, grad = f(xs, pws)
+    for i in range(3):
+        wl, wg = reference.binary_cross_entropy_with_grad(
+            np.asarray(xs[i]), np.asarray(t), weight=np.asarray(w), pos_weight=np.asarray(pws[i]),
+            reduction="sum")
+        close(loss[i], wl, rtol=1e-5)
+        close(grad[i], wg, atol=1e-6)

@@ -531,9 +531,11 @@ def binary_cross_entropy(logits, target, *, weight=None, pos_weight=None, reduct
         except ValueError:
             raise ValueError(f"{nm} of shape {jnp.shape(v)} does not broadcast to the input shape "
                              f"{shape}") from None
-        # The callback's arguments all carry the logits' rank (vmap adds
-        # leading dimensions to each), so the weights are broadcast first.
-        arrays.append(jnp.broadcast_to(v, shape))
+        # Every argument carries the logits' rank, so that vmap's leading
+        # dimensions line up; the kernel broadcasts the size-1 dimensions
+        # (no logits-sized weight is ever formed).
+        v = jnp.asarray(v)
+        arrays.append(v.reshape((1,) * (len(shape) - v.ndim) + v.shape))
         names.append(nm)
     op = _bce_op(tuple(names), _reduction(reduction), bool(from_logits), _base(base),
                  _threads(num_threads), _compute_dtype(dt), transport)
