@@ -12,12 +12,13 @@ semantics are fastxent's NumPy ones (class ``axis=-1``, ``reduction``,
 ``weight``, ``ignore_index``, ``label_smoothing``, ``base``, ...), not
 torch's and not optax's: see ``docs/jax.md`` for the optax equivalents.
 
-Transport: ``jax.pure_callback`` into the public NumPy functions. The
-arrays reach NumPy without a copy on CPU, the kernels release the GIL, and
-``vmap`` hands the callback the batched arrays in one call
-(``vmap_method="expand_dims"``) which it walks in C order. An XLA FFI
-handler was measured against it (docs/jax.md, "Transport"); the callback
-keeps the package a pure-Python layer over the one compiled extension.
+Transport: an XLA FFI handler (``jax.ffi``, CPU) that is a ctypes function
+over XLA's FFI C API, so nothing is compiled: XLA's own operand and result
+buffers become NumPy views, the kernels read the logits in place and write
+the gradient straight into XLA's result buffer, with the GIL released.
+``jax.pure_callback`` (which copies operands and results) is the
+alternative: ``FASTXENT_JAX_TRANSPORT=callback``. Measurements of both and
+of a compiled C++ handler: docs/jax.md, "Transport".
 
 Options (``axis``, ``reduction``, ``ignore_index``, ``label_smoothing``,
 ``temperature``, ``base``, ``num_threads``...) are static Python values;
@@ -26,8 +27,8 @@ traced. Gradients flow to ``logits`` only: asking for one with respect to a
 target or a weight raises ``NotImplementedError`` naming it (wrap it in
 ``jax.lax.stop_gradient`` if it is a constant). Integer labels get
 ``float0`` cotangents. Label ranges and weight signs are checked on the
-data, inside the callback: under ``jit`` a bad value surfaces as JAX's
-runtime error carrying fastxent's ``ValueError`` message.
+data, inside the call: under ``jit`` a bad value surfaces as JAX's runtime
+error carrying fastxent's ``ValueError`` message.
 """
 
 from __future__ import annotations
