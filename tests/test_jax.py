@@ -26,6 +26,15 @@ def close(actual, expected, rtol=RTOL, atol=ATOL):
                                rtol=rtol, atol=atol)
 
 
+def vg(f, **kw):
+    """jit(value_and_grad(f)): one compile instead of one per eager op."""
+    return jax.jit(jax.value_and_grad(f, **kw))
+
+
+def jgrad(f, **kw):
+    return jax.jit(jax.grad(f, **kw))
+
+
 def rng(seed=0):
     return np.random.default_rng(seed)
 
@@ -60,8 +69,8 @@ def optax_ce(x, y):
 @pytest.mark.parametrize("shape", [(8, 10), (3, 5, 17), (4, 1000), (2, 1)])
 def test_cross_entropy_integer_labels_matches_optax(shape):
     x, y = logits_of(shape), labels_of(shape[:-1], shape[-1])
-    loss, grad = jax.value_and_grad(fxj.cross_entropy)(x, y)
-    want_loss, want_grad = jax.value_and_grad(optax_ce)(x, y)
+    loss, grad = vg(fxj.cross_entropy)(x, y)
+    want_loss, want_grad = vg(optax_ce)(x, y)
     assert loss.dtype == jnp.float32 and loss.shape == ()
     close(loss, want_loss)
     close(grad, want_grad)
@@ -69,15 +78,15 @@ def test_cross_entropy_integer_labels_matches_optax(shape):
 
 def test_cross_entropy_class_axis_1_matches_optax():
     x, y = logits_of((2, 7, 5)), labels_of((2, 5), 7)
-    got = jax.grad(lambda x: fxj.cross_entropy(x, y, axis=1))(x)
-    want = jax.grad(lambda x: optax.softmax_cross_entropy_with_integer_labels(x, y, axis=1).mean())(x)
+    got = jgrad(lambda x: fxj.cross_entropy(x, y, axis=1))(x)
+    want = jgrad(lambda x: optax.softmax_cross_entropy_with_integer_labels(x, y, axis=1).mean())(x)
     close(got, want)
 
 
 def test_cross_entropy_probability_targets_match_optax():
     x, p = logits_of((6, 33)), probs_of((6, 33))
-    loss, grad = jax.value_and_grad(fxj.cross_entropy)(x, p)
-    want_loss, want_grad = jax.value_and_grad(
+    loss, grad = vg(fxj.cross_entropy)(x, p)
+    want_loss, want_grad = vg(
         lambda x: optax.softmax_cross_entropy(x, p).mean())(x)
     close(loss, want_loss)
     close(grad, want_grad)
@@ -86,8 +95,8 @@ def test_cross_entropy_probability_targets_match_optax():
 def test_binary_cross_entropy_matches_optax():
     x = logits_of((5, 9))
     t = jnp.asarray(rng(3).random((5, 9)), jnp.float32)
-    loss, grad = jax.value_and_grad(fxj.binary_cross_entropy)(x, t)
-    want_loss, want_grad = jax.value_and_grad(
+    loss, grad = vg(fxj.binary_cross_entropy)(x, t)
+    want_loss, want_grad = vg(
         lambda x: optax.sigmoid_binary_cross_entropy(x, t).mean())(x)
     close(loss, want_loss)
     close(grad, want_grad)
@@ -97,10 +106,10 @@ def test_binary_cross_entropy_matches_optax():
 
 def test_kl_div_probs_and_log_probs_match_optax():
     x, p = logits_of((7, 12)), probs_of((7, 12))
-    want_loss, want_grad = jax.value_and_grad(
+    want_loss, want_grad = vg(
         lambda x: optax.kl_divergence(jax.nn.log_softmax(x), p).mean())(x)
     for kind, target in (("probs", p), ("log_probs", jnp.log(p))):
-        loss, grad = jax.value_and_grad(lambda x: fxj.kl_div(x, target, target_kind=kind))(x)
+        loss, grad = vg(lambda x: fxj.kl_div(x, target, target_kind=kind))(x)
         close(loss, want_loss, rtol=1e-5)
         close(grad, want_grad)
     log_targets = optax.losses.kl_divergence_with_log_targets(jax.nn.log_softmax(x), jnp.log(p))
@@ -117,9 +126,9 @@ def test_kl_div_logits_target_with_temperature_matches_optax(temperature):
         p = jax.nn.softmax(t / T)
         return T * T * optax.kl_divergence(jax.nn.log_softmax(x / T), p).mean()
 
-    loss, grad = jax.value_and_grad(
+    loss, grad = vg(
         lambda x: fxj.kl_div(x, t, target_kind="logits", temperature=T))(x)
-    want_loss, want_grad = jax.value_and_grad(optax_kd)(x)
+    want_loss, want_grad = vg(optax_kd)(x)
     close(loss, want_loss, rtol=1e-5)
     close(grad, want_grad, atol=1e-6)
 
@@ -134,11 +143,11 @@ def test_building_blocks_match_jax_nn():
         (fxj.log_softmax, jax.nn.log_softmax, {"axis": -1}),
         (fxj.softmax, jax.nn.softmax, {"axis": 1}),
     ):
-        got = jax.grad(lambda x: jnp.sum(w * ours(x, **kw)))(x)
-        want = jax.grad(lambda x: jnp.sum(w * theirs(x, **kw)))(x)
+        got = jgrad(lambda x: jnp.sum(w * ours(x, **kw)))(x)
+        want = jgrad(lambda x: jnp.sum(w * theirs(x, **kw)))(x)
         close(got, want, atol=2e-6)
-    got = jax.grad(lambda x: jnp.sum(w[0] * fxj.logsumexp(x, axis=0)))(x)
-    want = jax.grad(lambda x: jnp.sum(w[0] * jax.nn.logsumexp(x, axis=0)))(x)
+    got = jgrad(lambda x: jnp.sum(w[0] * fxj.logsumexp(x, axis=0)))(x)
+    want = jgrad(lambda x: jnp.sum(w[0] * jax.nn.logsumexp(x, axis=0)))(x)
     close(got, want)
 
 
@@ -170,7 +179,7 @@ def test_cross_entropy_options_against_reference(options):
     loss = fxj.cross_entropy(x, y, **kw)
     close(loss, reference.cross_entropy(np.asarray(x), np.asarray(y), **np_kw), rtol=1e-5, atol=1e-6)
     cot = jnp.asarray(rng(8).standard_normal(loss.shape), jnp.float32)
-    grad = jax.grad(lambda x: jnp.sum(cot * fxj.cross_entropy(x, y, **kw)))(x)
+    grad = jgrad(lambda x: jnp.sum(cot * fxj.cross_entropy(x, y, **kw)))(x)
     close(grad, _ref_grad(reference.cross_entropy_with_grad, x, y, cot, **np_kw), atol=1e-6)
 
 
@@ -179,7 +188,7 @@ def test_soft_labels_with_weight_and_smoothing_against_reference():
     w = jnp.asarray(rng(9).random(8), jnp.float32)
     kw = dict(weight=w, label_smoothing=0.3)
     np_kw = dict(weight=np.asarray(w), label_smoothing=0.3)
-    loss, grad = jax.value_and_grad(lambda x: fxj.cross_entropy(x, p, **kw))(x)
+    loss, grad = vg(lambda x: fxj.cross_entropy(x, p, **kw))(x)
     want_loss, want_grad = reference.cross_entropy_with_grad(np.asarray(x), np.asarray(p), **np_kw)
     close(loss, want_loss, rtol=1e-5)
     close(grad, want_grad, atol=1e-6)
@@ -192,7 +201,7 @@ def test_kl_div_reductions_against_reference(reduction):
     loss = fxj.kl_div(x, t, **kw)
     close(loss, reference.kl_div(np.asarray(x), np.asarray(t), **kw), rtol=1e-5, atol=1e-6)
     cot = jnp.asarray(rng(12).standard_normal(loss.shape), jnp.float32)
-    grad = jax.grad(lambda x: jnp.sum(cot * fxj.kl_div(x, t, **kw)))(x)
+    grad = jgrad(lambda x: jnp.sum(cot * fxj.kl_div(x, t, **kw)))(x)
     close(grad, _ref_grad(reference.kl_div_with_grad, x, t, cot, **kw), atol=1e-6)
 
 
@@ -208,7 +217,7 @@ def test_binary_cross_entropy_weights_against_reference(reduction):
     close(loss, reference.binary_cross_entropy(np.asarray(x), np.asarray(t), **np_kw),
           rtol=1e-5, atol=1e-6)
     cot = jnp.asarray(rng(16).standard_normal(loss.shape), jnp.float32)
-    grad = jax.grad(lambda x: jnp.sum(cot * fxj.binary_cross_entropy(x, t, **kw)))(x)
+    grad = jgrad(lambda x: jnp.sum(cot * fxj.binary_cross_entropy(x, t, **kw)))(x)
     close(grad, _ref_grad(reference.binary_cross_entropy_with_grad, x, t, cot, **np_kw), atol=1e-6)
 
 
@@ -216,7 +225,7 @@ def test_float64_against_reference():
     with jax.enable_x64(True):
         x = jnp.asarray(rng(17).standard_normal((5, 13)), jnp.float64)
         y = jnp.asarray(rng(18).integers(0, 13, 5))
-        loss, grad = jax.value_and_grad(lambda x: fxj.cross_entropy(x, y, label_smoothing=0.1))(x)
+        loss, grad = vg(lambda x: fxj.cross_entropy(x, y, label_smoothing=0.1))(x)
         assert loss.dtype == jnp.float64 and grad.dtype == jnp.float64
         want_loss, want_grad = reference.cross_entropy_with_grad(
             np.asarray(x), np.asarray(y), label_smoothing=0.1)
@@ -233,7 +242,7 @@ def test_jit_value_and_grad_and_threads(transport):
     assert ("pure_callback" in jaxpr) == (transport == "callback"), jaxpr
     f = jax.jit(jax.value_and_grad(lambda x, y: fxj.cross_entropy(x, y)))
     loss, grad = f(x, y)
-    want_loss, want_grad = jax.value_and_grad(optax_ce)(x, y)
+    want_loss, want_grad = vg(optax_ce)(x, y)
     close(loss, want_loss)
     close(grad, want_grad)
     for n in (1, 2):
@@ -248,8 +257,8 @@ def test_vmap_over_batches_of_problems(transport):
     per = jax.vmap(fxj.cross_entropy)(xs, ys)
     close(per, [optax_ce(xs[i], ys[i]) for i in range(3)])
     # unbatched labels, vmapped grad, and a nested vmap
-    shared = jax.vmap(jax.grad(fxj.cross_entropy), in_axes=(0, None))(xs, ys[0])
-    close(shared, [jax.grad(optax_ce)(xs[i], ys[0]) for i in range(3)])
+    shared = jax.vmap(jgrad(fxj.cross_entropy), in_axes=(0, None))(xs, ys[0])
+    close(shared, [jgrad(optax_ce)(xs[i], ys[0]) for i in range(3)])
     x4, y4 = xs[:, :4].reshape(3, 2, 2, 10), ys[:, :4].reshape(3, 2, 2)
     nested = jax.vmap(jax.vmap(fxj.cross_entropy))(x4, y4)
     close(nested, jax.vmap(jax.vmap(optax_ce))(x4, y4))
@@ -273,22 +282,22 @@ def test_vmap_of_the_other_functions(transport):
     close(jax.vmap(fxj.log_softmax)(xs), jax.nn.log_softmax(xs), atol=1e-6)
     close(jax.vmap(lambda x: fxj.logsumexp(x, axis=0))(xs), jax.nn.logsumexp(xs, axis=1),
           atol=1e-6)
-    close(jax.vmap(jax.grad(lambda x: fxj.softmax(x)[0, 0]))(xs),
-          jax.vmap(jax.grad(lambda x: jax.nn.softmax(x)[0, 0]))(xs))
+    close(jax.vmap(jgrad(lambda x: fxj.softmax(x)[0, 0]))(xs),
+          jax.vmap(jgrad(lambda x: jax.nn.softmax(x)[0, 0]))(xs))
 
 
 def test_integer_labels_get_float0_cotangents(transport):
     x, y = logits_of((4, 6)), labels_of(4, 6)
     gx, gy = jax.grad(fxj.cross_entropy, argnums=(0, 1), allow_int=True)(x, y)
     assert gy.dtype == jax.dtypes.float0 and gy.shape == y.shape
-    close(gx, jax.grad(optax_ce)(x, y))
+    close(gx, jgrad(optax_ce)(x, y))
 
 
 def test_loss_not_used_gives_zero_gradient():
     x, y = logits_of((4, 6)), labels_of(4, 6)
-    g = jax.grad(lambda x: jnp.sum(x) + 0.0 * fxj.cross_entropy(x, y))(x)
+    g = jgrad(lambda x: jnp.sum(x) + 0.0 * fxj.cross_entropy(x, y))(x)
     close(g, jnp.ones_like(x))
-    g = jax.grad(lambda x: jnp.sum(x) + jax.lax.stop_gradient(fxj.cross_entropy(x, y)))(x)
+    g = jgrad(lambda x: jnp.sum(x) + jax.lax.stop_gradient(fxj.cross_entropy(x, y)))(x)
     close(g, jnp.ones_like(x))
 
 
@@ -302,7 +311,7 @@ def test_sgd_steps_decrease_the_loss():
 
     @jax.jit
     def step(params, state):
-        loss, g = jax.value_and_grad(
+        loss, g = vg(
             lambda p: fxj.cross_entropy(feats @ p["w"] + p["b"], labels))(params)
         updates, state = opt.update(g, state)
         return optax.apply_updates(params, updates), state, loss
@@ -327,7 +336,7 @@ def test_16_bit_logits(dtype, transport):
     assert float(loss) == float(want_loss)
     assert np.array_equal(np.asarray(grad), want_grad)
     # and within 16-bit rounding of optax on the widened input
-    close(grad, jax.grad(optax_ce)(x.astype(jnp.float32), y), rtol=1e-2, atol=1e-4)
+    close(grad, jgrad(optax_ce)(x.astype(jnp.float32), y), rtol=1e-2, atol=1e-4)
     ls = fxj.log_softmax(x)
     assert ls.dtype == dtype and fxj.logsumexp(x).dtype == jnp.float32
 
