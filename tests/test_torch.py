@@ -233,6 +233,8 @@ def test_inplace_backward_refusals():
     y = torch.arange(8) % 10
     with pytest.raises(RuntimeError, match="leaf"):
         ft.cross_entropy(leaf(h @ w.T), y, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="leaf"):
+        ft.cross_entropy(leaf(h @ w.T).view(8, 10), y, inplace_backward=True)
     logits = h @ w.T
     extra = logits.pow(2).sum()  # PowBackward saved logits
     with pytest.raises(RuntimeError, match="saved for backward"):

@@ -586,12 +586,12 @@ def check_inplace(op, input):
     """Refuse ``inplace_backward=True`` unless overwriting ``input`` is safe to
     autograd: not a leaf, and its memory held by no other tensor (a tensor a
     node saved for backward holds it, as does any other view of it)."""
-    if input.is_leaf:
+    base = input._base
+    if input.is_leaf or (base is not None and base.is_leaf and base.requires_grad):
         raise RuntimeError(
             f"fastxent.torch.{op}(inplace_backward=True): the input is a leaf tensor that "
-            "requires grad; its values are parameters and cannot be overwritten by the "
-            "gradient. Pass inplace_backward=False")
-    base = input._base
+            "requires grad (or a view of one); its values are parameters and cannot be "
+            "overwritten by the gradient. Pass inplace_backward=False")
     # One reference from the input's Python object; a view adds its base's
     # (the base's Python object, made here if need be, and the view's own).
     refs, want = input._use_count(), 1
