@@ -45,6 +45,14 @@ def gradgradcheck(fn, inputs):
     return torch.autograd.gradgradcheck(fn, inputs, fast_mode=True)
 
 
+@pytest.fixture(params=["eager", "operator"])
+def path(request, monkeypatch):
+    """Both ways a loss runs: EagerLoss in eager mode, or the torch.ops.fastxent
+    operator (as under tracing) with its registered autograd formula."""
+    monkeypatch.setattr(_ops, "EAGER_LOSSES", request.param == "eager")
+    return request.param
+
+
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
@@ -126,7 +134,7 @@ def ce_case(shape, dtype, opts, soft, seed=0):
 @pytest.mark.parametrize("soft", [False, True], ids=["indices", "probs"])
 @pytest.mark.parametrize("opts", CE_OPTIONS, ids=str)
 @pytest.mark.parametrize("shape", [(4, 5), (3, 4, 2, 2), (5,)], ids=str)
-def test_cross_entropy_gradcheck(shape, opts, soft):
+def test_cross_entropy_gradcheck(shape, opts, soft, path):
     x, y, kw = ce_case(shape, torch.float64, opts, soft)
     assert gradcheck(lambda x: ft.cross_entropy(x, y, **kw), (leaf(x),))
 
@@ -152,7 +160,7 @@ def test_cross_entropy_matches_torch(opts, soft, dtype, kind):
     close(grad, ref_grad, dtype, scale=ref_grad.abs().max().item(), what="grad")
 
 
-def test_cross_entropy_upstream_gradient_and_retain_graph():
+def test_cross_entropy_upstream_gradient_and_retain_graph(path):
     x, y, _ = ce_case((6, 9), torch.float64, {}, False)
     x = leaf(x)
     loss = ft.cross_entropy(x, y)
@@ -202,7 +210,7 @@ def model_logits(seed=0, n=8, c=10, dtype=torch.float64):
     (ft.binary_cross_entropy_with_logits, lambda x: torch.rand(x.shape, dtype=x.dtype)),
     (ft.kl_div_with_logits, lambda x: torch.randn(x.shape, dtype=x.dtype)),
 ], ids=["cross_entropy", "bce", "kl_div_with_logits"])
-def test_inplace_backward_matches(fn, target):
+def test_inplace_backward_matches(fn, target, path):
     h, w = model_logits()
     y = target(h @ w.T)
     grads = []
@@ -278,7 +286,7 @@ def test_kl_div_torch_semantics(reduction, log_target):
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
 @pytest.mark.parametrize("target_kind", ["logits", "probs", "log_probs"])
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
-def test_kl_div_with_logits(reduction, target_kind, temperature):
+def test_kl_div_with_logits(reduction, target_kind, temperature, path):
     g = gen(4)
     x = torch.randn(3, 2, 7, generator=g, dtype=torch.float64)
     teacher = torch.randn(3, 2, 7, generator=g, dtype=torch.float64)
@@ -308,7 +316,7 @@ def test_kl_div_with_logits_other_dim():
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("weighting", ["none", "weight", "pos_weight", "both"])
-def test_bce_gradcheck_and_torch(reduction, weighting):
+def test_bce_gradcheck_and_torch(reduction, weighting, path):
     g = gen(5)
     x = 4 * torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
     t = torch.rand(3, 4, 5, generator=g, dtype=torch.float64)
@@ -517,7 +525,7 @@ def test_gradients_of_targets_and_weights_are_refused():
     lambda x: ft.kl_div_with_logits(x, torch.randn(3, 4, dtype=x.dtype)),
     lambda x: ft.kl_div(x, torch.rand(3, 4, dtype=x.dtype)),
 ], ids=["cross_entropy", "bce", "kl_div_with_logits", "kl_div"])
-def test_double_backward_is_refused(fn):
+def test_double_backward_is_refused(fn, path):
     x = leaf(torch.randn(3, 4, dtype=torch.float64))
     with pytest.raises(NotImplementedError, match="double backward"):
         torch.autograd.grad(fn(x), x, create_graph=True)

@@ -41,13 +41,24 @@ def _wants_grad(input):
     return torch.is_grad_enabled() and input.requires_grad
 
 
-def _inplace(op, input, inplace_backward, want_grad):
-    """Whether to write the gradient over the input (eager mode only: under
-    tracing the compiler plans memory itself, and the flag is ignored)."""
-    if not (inplace_backward and want_grad and _ops.eager(input)):
-        return False
-    _ops.check_inplace(op, input)
-    return True
+def _loss(op, forward_fn, input, dim, inplace_backward, *args):
+    """A loss: ``torch.ops.fastxent.<op>(input, *args, want_grad)``, or in
+    eager mode the same computation through ``EagerLoss`` (or, with no
+    gradient wanted, no autograd at all). ``inplace_backward`` applies in
+    eager mode only: under tracing the compiler plans memory itself."""
+    want_grad = _wants_grad(input)
+    if _ops.EAGER_LOSSES and _ops.eager(input):
+        if not want_grad:
+            return forward_fn(input, *args, False)[0]
+        inplace = bool(inplace_backward)
+        if inplace:
+            _ops.check_inplace(op, input)
+        return _ops.EagerLoss.apply(input, forward_fn, dim, op, inplace, *args, True)
+    if inplace_backward and want_grad and _ops.eager(input):
+        _ops.check_inplace(op, input)
+        return _ops.EagerLoss.apply(input, forward_fn, dim, op, True, *args, True)
+    loss, _ = getattr(torch.ops.fastxent, op)(input, *args, want_grad)
+    return loss
 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
@@ -66,13 +77,9 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     reduction = _ops.check_reduction(_reduction_of(size_average, reduce, reduction))
     nt = _ops.check_threads(num_threads)
     _no_grad_wanted("cross_entropy", target=target, weight=weight)
-    want_grad = _wants_grad(input)
-    args = (target, weight, int(ignore_index), reduction, float(label_smoothing), nt)
-    if _inplace("cross_entropy", input, inplace_backward, want_grad):
-        dim = _ops._class_dim(input.dim())
-        return _ops.InplaceLoss.apply(input, _ops.ce_forward, dim, "cross_entropy", *args, True)
-    loss, _ = torch.ops.fastxent.cross_entropy(input, *args, want_grad)
-    return loss
+    return _loss("cross_entropy", _ops.ce_forward, input, _ops._class_dim(input.dim()),
+                 inplace_backward, target, weight, int(ignore_index), reduction,
+                 float(label_smoothing), nt)
 
 
 def kl_div(input, target, size_average=None, reduce=None, reduction="mean", log_target=False):
@@ -109,13 +116,9 @@ def kl_div_with_logits(input, target, *, dim=-1, target_kind="logits", reduction
                          f"got {target_kind!r}")
     nt = _ops.check_threads(num_threads)
     _no_grad_wanted("kl_div_with_logits", target=target)
-    want_grad = _wants_grad(input)
-    args = (int(dim), target_kind, reduction, float(temperature), nt)
-    if _inplace("kl_div_with_logits", input, inplace_backward, want_grad):
-        return _ops.InplaceLoss.apply(input, _ops.kl_logits_forward, int(dim) % input.dim(),
-                                      "kl_div_with_logits", target, *args, True)
-    loss, _ = torch.ops.fastxent.kl_div_with_logits(input, target, *args, want_grad)
-    return loss
+    return _loss("kl_div_with_logits", _ops.kl_logits_forward, input,
+                 int(dim) % max(input.dim(), 1), inplace_backward, target, int(dim), target_kind,
+                 reduction, float(temperature), nt)
 
 
 def binary_cross_entropy_with_logits(input, target, weight=None, size_average=None, reduce=None,
@@ -129,13 +132,8 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
     nt = _ops.check_threads(num_threads)
     _no_grad_wanted("binary_cross_entropy_with_logits", target=target, weight=weight,
                     pos_weight=pos_weight)
-    want_grad = _wants_grad(input)
-    args = (target, weight, pos_weight, reduction, nt)
-    if _inplace("binary_cross_entropy_with_logits", input, inplace_backward, want_grad):
-        return _ops.InplaceLoss.apply(input, _ops.bce_forward, None,
-                                      "binary_cross_entropy_with_logits", *args, True)
-    loss, _ = torch.ops.fastxent.binary_cross_entropy_with_logits(input, *args, want_grad)
-    return loss
+    return _loss("binary_cross_entropy_with_logits", _ops.bce_forward, input, None,
+                 inplace_backward, target, weight, pos_weight, reduction, nt)
 
 
 def _softmax_dim(op, dim, ndim, stacklevel):

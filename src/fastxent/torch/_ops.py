@@ -120,9 +120,11 @@ def _class_dim(ndim):
 
 
 def eager(t):
-    """True outside any tracing: a plain tensor with real memory."""
+    """True outside any tracing and torch.func transform: a plain CPU tensor
+    with real memory."""
     return (not torch.compiler.is_compiling() and type(t) is torch.Tensor
-            and t.device.type == "cpu" and torch._C._len_torch_dispatch_stack() == 0)
+            and t.device.type == "cpu" and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._are_functorch_transforms_active())
 
 
 def _no_double_backward(op):
@@ -608,20 +610,24 @@ def check_inplace(op, input):
             "uses (e.g. model(x).view(-1, C) rather than a view of a tensor kept alive)")
 
 
-class InplaceLoss(torch.autograd.Function):
-    """A loss whose forward writes its gradient over the input's memory.
+class EagerLoss(torch.autograd.Function):
+    """The operators' autograd formula as an autograd.Function, for eager
+    mode, where torch.library's dispatch would cost more than (8, 10) losses
+    take to compute.
 
-    ``forward_fn(input, *args, out=input)`` is one of the ``*_forward``
-    functions above; ``dim`` is the class dimension that a per-row upstream
-    gradient is broadcast along (None: elementwise)."""
+    ``forward_fn(input, *args, out=...)`` is one of the ``*_forward``
+    functions above; ``dim`` is the class dimension a per-row upstream
+    gradient is broadcast along (None: elementwise). With ``inplace`` the
+    gradient is written over the input's memory (``check_inplace`` first)."""
 
     @staticmethod
-    def forward(ctx, input, forward_fn, dim, op, *args):
-        loss, _ = forward_fn(input, *args, out=input)
-        # Any node that did save the input now fails its version check
-        # instead of reading a gradient as if it were the input.
-        torch.autograd.graph.increment_version(input)
-        ctx.save_for_backward(input)
+    def forward(ctx, input, forward_fn, dim, op, inplace, *args):
+        loss, grad = forward_fn(input, *args, out=input if inplace else None)
+        if inplace:
+            # Any node that did save the input now fails its version check
+            # instead of reading a gradient as if it were the input.
+            torch.autograd.graph.increment_version(input)
+        ctx.save_for_backward(grad)
         ctx.dim, ctx.op, ctx.nargs = dim, op, len(args)
         return loss
 
@@ -629,4 +635,9 @@ class InplaceLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         _no_double_backward(ctx.op)
         (grad,) = ctx.saved_tensors
-        return (scale_grad(grad, grad_loss, ctx.dim), None, None, None) + (None,) * ctx.nargs
+        return (scale_grad(grad, grad_loss, ctx.dim),) + (None,) * (4 + ctx.nargs)
+
+
+# The public functions use EagerLoss outside tracing (tests switch it off to
+# run the operators' own autograd formulas in eager mode).
+EAGER_LOSSES = True
