@@ -284,6 +284,27 @@ def grad_scale(ref_grad, floor):
     return max(biggest, floor)
 
 
+def check_grad(grad, arr, dtype, out, expected, *, axis=-1, floor=0.0, relative=False,
+               close=None, what="grad"):
+    """``grad`` has the shape of ``arr`` (the logits) and ``dtype``, lives in
+    ``out`` when given, and matches ``expected`` (class axis last): within
+    assert_close's tolerance of the largest |gradient| (at least ``floor``),
+    or of each element's own size with ``relative``. A family with its own
+    tolerance model passes ``close(got, expected, scale, what)`` instead."""
+    assert isinstance(grad, np.ndarray), what
+    assert grad.shape == arr.shape, f"{what}: shape {grad.shape} != {arr.shape}"
+    assert grad.dtype == np.dtype(dtype), f"{what}: dtype {grad.dtype} != {np.dtype(dtype)}"
+    if out is not None:
+        assert np.shares_memory(grad, out), f"{what}: not written into out="
+        assert_bitwise_equal(grad, out, what=f"{what} vs out")
+    scale = 1e-300 if relative else grad_scale(expected, floor)
+    got = grad if axis == -1 else to_logical(grad, axis)
+    if close is not None:
+        close(got, expected, scale, what)
+    else:
+        assert_close(got, expected, compute_dtype(dtype), scale=scale, what=what)
+
+
 def assert_softmax_close(got, ref, compute, *, what=""):
     """Per-element relative check for probabilities.
 

@@ -34,6 +34,7 @@ from conftest import (
     assert_close,
     assert_scalar_of,
     batch_shape,
+    check_grad,
     compute_dtype,
     grad_scale,
     make_layout,
@@ -88,19 +89,6 @@ def lay_out(logical, layout):
 def default_temperature(kind):
     # The distillation case (target logits) runs softened; the others at T = 1.
     return 2.0 if kind == "logits" else 1.0
-
-
-def check_grad(grad, arr, dtype, out, axis, ref_grad, *, floor, what="grad"):
-    """``grad`` has the logits' shape and dtype, lives in ``out`` when given,
-    and matches ``ref_grad`` (class axis last)."""
-    assert isinstance(grad, np.ndarray), what
-    assert grad.shape == arr.shape, f"{what}: shape {grad.shape} != {arr.shape}"
-    assert grad.dtype == np.dtype(dtype), f"{what}: dtype {grad.dtype} != {np.dtype(dtype)}"
-    if out is not None:
-        assert np.shares_memory(grad, out), f"{what}: not written into out="
-        assert_bitwise_equal(grad, out, what=f"{what} vs out")
-    scale = grad_scale(ref_grad, floor)
-    assert_close(to_logical(grad, axis), ref_grad, compute_dtype(dtype), scale=scale, what=what)
 
 
 def check_loss(got, expected, reduction, ct, batch, what):
@@ -161,7 +149,7 @@ def check_matrix_case(rng, dtype, C, layout, kind, n, threads_list=THREADS):
                 continue
             loss, grad = fastxent.kl_div_with_grad(arr, tarr, **call)
             check_loss(loss, expected[reduction], reduction, ct, batch, what + " loss")
-            check_grad(grad, arr, dtype, out, axis, ref_grad, floor=floor, what=what + " grad")
+            check_grad(grad, arr, dtype, out, ref_grad, axis=axis, floor=floor, what=what + " grad")
             if out_kind != "inplace":
                 assert np.array_equal(to_logical(arr, axis), logical), "logits were modified"
             if layout == "strided":
@@ -208,7 +196,7 @@ def test_one_huge_row(dtype, kind, isa, rng):
     for threads in THREADS:
         loss, grad = fastxent.kl_div_with_grad(z, target, num_threads=threads, **kw)
         assert_close(loss, ref_loss, ct, what=f"threads={threads}")
-        check_grad(grad, z, dtype, None, -1, ref_grad, floor=1e-6)
+        check_grad(grad, z, dtype, None, ref_grad, axis=-1, floor=1e-6)
         results.append((loss, grad))
     for loss, grad in results[1:]:
         assert_bitwise_equal(loss, results[0][0], what="loss across threads")
@@ -238,7 +226,7 @@ def test_options_against_reference(dtype, kind, temperature, reduction, isa, rng
         ref_loss, ref_grad = ref.kl_div_with_grad(z, target, grad_output=go, **kw)
         check_loss(loss, ref_loss, reduction, ct, shape[:-1], what + " fused")
         assert_close(loss, got, ct, what=what + " fused loss vs loss-only")
-        check_grad(grad, z, dtype, None, -1, ref_grad, floor=1e-6, what=what + " grad")
+        check_grad(grad, z, dtype, None, ref_grad, axis=-1, floor=1e-6, what=what + " grad")
 
 
 def test_mean_is_batchmean_and_none_is_per_row(rng):
