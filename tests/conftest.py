@@ -187,6 +187,29 @@ def make_out(arr, kind: str, dtype=None):
     raise AssertionError(kind)
 
 
+def call_with_out(fn, arr, logical, axis, layout, out_kind, *, gaps=None, what=""):
+    """One step of the out= matrix: ``fn(out)`` with an out= of ``out_kind``
+    (make_out) for ``arr``, which is ``logical`` laid out as ``layout``.
+
+    out=arr on a read-only input must raise ValueError and leave the input
+    as it was: returns None. Otherwise returns ``(result, out)`` once the
+    input is checked unchanged (unless overwritten in place) and, for a
+    strided layout, nothing was written between the elements of the view
+    (``gaps(arr)``, strided_gaps by default, all NaN)."""
+    out = make_out(arr, out_kind)
+    if out_kind == "inplace" and layout == "readonly":
+        with pytest.raises(ValueError):
+            fn(out)
+        assert np.array_equal(to_logical(arr, axis), logical), f"read-only input modified {what}"
+        return None
+    result = fn(out)
+    if out_kind != "inplace":
+        assert np.array_equal(to_logical(arr, axis), logical), f"input modified {what}"
+    if gaps is not None or layout == "strided":
+        assert np.isnan((gaps or strided_gaps)(arr)).all(), f"wrote outside the view {what}"
+    return result, out
+
+
 def random_logits(rng, shape, dtype, scale=3.0, offset=0.0):
     return (offset + scale * rng.standard_normal(shape)).astype(dtype)
 

@@ -28,6 +28,7 @@ from conftest import (
     assert_close,
     assert_scalar_of,
     batch_shape,
+    call_with_out,
     check_grad,
     compute_dtype,
     each_isa,
@@ -37,7 +38,6 @@ from conftest import (
     random_logits,
     random_probs,
     random_soft_labels,
-    strided_gaps,
     to_logical,
 )
 
@@ -82,21 +82,16 @@ class MatrixCase:
         assert_close(got, self.hard_sum, ct, what=f"hard sum {where}")
 
         # ---- hard labels: loss and gradient, mean
-        out = make_out(arr, out_kind)
-        if out_kind == "inplace" and layout == "readonly":
-            with pytest.raises(ValueError):
-                fastxent.cross_entropy_with_grad(arr, labels, axis=axis, out=arr, **threads_kw)
-            assert np.array_equal(to_logical(arr, axis), self.logical)
+        step = call_with_out(
+            lambda out: fastxent.cross_entropy_with_grad(arr, labels, axis=axis, out=out, **threads_kw),
+            arr, self.logical, axis, layout, out_kind, what=where)
+        if step is None:
             return
-        loss, grad = fastxent.cross_entropy_with_grad(arr, labels, axis=axis, out=out, **threads_kw)
+        (loss, grad), out = step
         assert_scalar_of(loss, ct, f"hard mean {where}")
         assert_close(loss, self.hard_mean, ct, what=f"hard mean {where}")
         check_grad(grad, arr, dtype, out, self.hard_grad, axis=axis, floor=1.0 / self.n_rows,
                    what=f"hard grad {where}")
-        if out_kind != "inplace":
-            assert np.array_equal(to_logical(arr, axis), self.logical), f"logits were modified {where}"
-        if layout == "strided":
-            assert np.isnan(strided_gaps(arr)).all(), f"wrote outside the view {where}"
 
         # ---- soft labels (laid out like the logits): none, and sum with gradient
         arr, axis = make_layout(self.logical, layout)
@@ -104,10 +99,10 @@ class MatrixCase:
         got = fastxent.cross_entropy(arr, soft_arr, axis=axis, reduction="none", **threads_kw)
         assert got.dtype == ct and got.shape == batch, where
         assert_close(got, self.soft_none, ct, what=f"soft none {where}")
-        out = make_out(arr, out_kind)
-        loss, grad = fastxent.cross_entropy_with_grad(
-            arr, soft_arr, axis=axis, reduction="sum", out=out, **threads_kw
-        )
+        (loss, grad), out = call_with_out(
+            lambda out: fastxent.cross_entropy_with_grad(arr, soft_arr, axis=axis, reduction="sum",
+                                                         out=out, **threads_kw),
+            arr, self.logical, axis, layout, out_kind, what=where)
         assert_scalar_of(loss, ct, f"soft sum {where}")
         assert_close(loss, self.soft_sum, ct, what=f"soft sum {where}")
         check_grad(grad, arr, dtype, out, self.soft_grad, axis=axis, floor=1.0, what=f"soft grad {where}")

@@ -22,13 +22,13 @@ from conftest import (
     assert_close,
     assert_softmax_close,
     batch_shape,
+    call_with_out,
     compute_dtype,
     each_isa,
     make_layout,
     make_out,
     random_logits,
     random_probs,
-    strided_gaps,
     to_logical,
 )
 
@@ -79,12 +79,11 @@ class FamilyCase:
             fn = getattr(fastxent, name)
             expected = self.expected[name]
             arr, axis = make_layout(self.logical, layout)
-            out = make_out(arr, out_kind)
-            if out_kind == "inplace" and layout == "readonly":
-                with pytest.raises(ValueError):
-                    fn(arr, axis=axis, out=arr, num_threads=threads)
+            step = call_with_out(lambda out: fn(arr, axis=axis, out=out, num_threads=threads),
+                                 arr, self.logical, axis, layout, out_kind, what=f"{name} {where}")
+            if step is None:
                 continue
-            res = fn(arr, axis=axis, out=out, num_threads=threads)
+            res, out = step
             assert isinstance(res, np.ndarray), name
             assert res.shape == arr.shape and res.dtype == np.dtype(dtype), f"{name} {where}"
             if out is not None:
@@ -94,10 +93,6 @@ class FamilyCase:
                 assert_softmax_close(to_logical(res, axis), expected, ct, what=f"{name} {where}")
             else:
                 assert_close(to_logical(res, axis), expected, ct, what=f"{name} {where}")
-            if out_kind != "inplace":
-                assert np.array_equal(to_logical(arr, axis), self.logical), f"{name}: input modified"
-            if layout == "strided":
-                assert np.isnan(strided_gaps(arr)).all(), f"{name}: wrote outside the view {where}"
 
 
 @pytest.mark.parametrize("threads", THREADS)
