@@ -10,13 +10,16 @@ Everything the C layer indexes by is decided and checked here:
   handed over as contiguous int64;
 * weights, targets and ``out=`` are checked for shape, dtype and overlap.
 
-The kernels return one float64 value per row; batch reductions sum those
-in NumPy, in a fixed order that does not depend on the thread count.
+Each call then crosses into the binding once (``_core.run``), which runs the
+kernels and sums their per-row float64 values in a fixed order that does
+not depend on the thread count. The common calls with default options on a
+2-D C-contiguous float32/float64 array are parsed and checked whole by the
+binding (``_core.cross_entropy_common``, ``_core.rows_common``), with the
+same bits; anything else comes here.
 
-dtypes: float32 and float64 are computed natively. float16 and bfloat16
-(ml_dtypes) are upcast to float32 here (computed in float32; results
-float32, gradients and (log-)softmax outputs rounded back to the input
-dtype). Integer and bool inputs are computed in float64.
+dtypes: float32 and float64 are computed natively; float16 and bfloat16
+(ml_dtypes) rows are read and written 16-bit by the kernels and computed in
+float32; integer and bool inputs are computed in float64.
 """
 from __future__ import annotations
 
