@@ -31,6 +31,9 @@ WIDE_WIDTHS = (1000, 50257)
 FLOAT_DTYPES = (np.float32, np.float64)
 THREADS = (1, 2, None)
 OUT_KINDS = ("none", "prealloc", "inplace")
+# The small-row path's edges (48: float64 and log_softmax; 63: float32)
+# and its 8-column tiles; the row kernels' row pairs (up to 1 KiB a row).
+EDGE_WIDTHS = (23, 24, 31, 32, 47, 48, 49, 56, 63, 64, 129, 256)
 
 # Memory layouts of the logits.  All but "class_first" and "axis1_3d" keep the
 # class axis last (axis=-1) and differ in their strides.
@@ -43,6 +46,13 @@ LAYOUTS = (
     "readonly",  # contiguous, setflags(write=False)
     "axis1_3d",  # (B, C, T) C order, axis=1 (the PyTorch layout)
 )
+
+
+def wide_cases(extra):
+    """(C, layout, out_kind) of the wide-row tests: every layout without
+    out=, and the ``extra`` (layout, out_kind) pairs, for each wide C."""
+    return ([(C, layout, "none") for C in WIDE_WIDTHS for layout in LAYOUTS]
+            + [(C, layout, out_kind) for C in WIDE_WIDTHS for layout, out_kind in extra])
 
 EPS32 = 2.0**-23
 RTOL64 = 1e-12

@@ -17,13 +17,13 @@ import fastxent
 from fastxent import reference as ref
 
 from conftest import (
+    EDGE_WIDTHS,
     EPS32,
     FLOAT_DTYPES,
     LAYOUTS,
     OUT_KINDS,
     SMALL_WIDTHS,
     THREADS,
-    WIDE_WIDTHS,
     assert_bitwise_equal,
     assert_close,
     assert_scalar_of,
@@ -39,6 +39,7 @@ from conftest import (
     random_probs,
     random_soft_labels,
     to_logical,
+    wide_cases,
 )
 
 INT_DTYPES = (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64)
@@ -121,10 +122,8 @@ def test_small_widths_full_product(dtype, C, layout, out_kind, threads, isa, rng
     MatrixCase(rng, dtype, C, layout, n=37).check(out_kind, threads)
 
 
-# The small-row path's edges (48: float64 and log_softmax; 63: float32)
-# and its 8-column tiles; the row kernels' row pairs (up to 1 KiB a row)
-# with an odd row count.
-@pytest.mark.parametrize("C", (23, 24, 31, 32, 47, 48, 49, 56, 63, 64, 129, 256))
+# With an odd row count.
+@pytest.mark.parametrize("C", EDGE_WIDTHS)
 @pytest.mark.parametrize("layout", ("contiguous", "strided"))
 @pytest.mark.parametrize("dtype", (np.float32, np.float64))
 def test_small_path_edge_widths(dtype, C, layout, isa, rng):
@@ -133,18 +132,14 @@ def test_small_path_edge_widths(dtype, C, layout, isa, rng):
         case.check(out_kind, 1)
 
 
-WIDE_CASES = [(C, layout, "none") for C in WIDE_WIDTHS for layout in LAYOUTS] + [
-    (C, layout, out_kind)
-    for C in WIDE_WIDTHS
-    for layout, out_kind in [
-        ("contiguous", "prealloc"),
-        ("contiguous", "inplace"),
-        ("class_first", "inplace"),
-        ("strided", "prealloc"),
-        ("negative", "inplace"),
-        ("axis1_3d", "inplace"),
-    ]
-]
+WIDE_CASES = wide_cases([
+    ("contiguous", "prealloc"),
+    ("contiguous", "inplace"),
+    ("class_first", "inplace"),
+    ("strided", "prealloc"),
+    ("negative", "inplace"),
+    ("axis1_3d", "inplace"),
+])
 
 
 @pytest.mark.parametrize("C,layout,out_kind", WIDE_CASES)

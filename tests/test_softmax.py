@@ -13,12 +13,12 @@ import fastxent
 from fastxent import reference as ref
 
 from conftest import (
+    EDGE_WIDTHS,
     FLOAT_DTYPES,
     LAYOUTS,
     OUT_KINDS,
     SMALL_WIDTHS,
     THREADS,
-    WIDE_WIDTHS,
     assert_close,
     assert_softmax_close,
     batch_shape,
@@ -30,6 +30,7 @@ from conftest import (
     random_logits,
     random_probs,
     to_logical,
+    wide_cases,
 )
 
 FUNCTIONS_WITH_OUT = ("log_softmax", "softmax")
@@ -104,10 +105,8 @@ def test_small_widths_full_product(dtype, C, layout, out_kind, threads, isa, rng
     FamilyCase(rng, dtype, C, layout, n=37).check(out_kind, threads)
 
 
-# The small-row path's edges (48: float64 and log_softmax; 63: float32)
-# and its 8-column tiles; the row kernels' row pairs (up to 1 KiB a row)
-# with an odd row count.
-@pytest.mark.parametrize("C", (23, 24, 31, 32, 47, 48, 49, 56, 63, 64, 129, 256))
+# With an odd row count.
+@pytest.mark.parametrize("C", EDGE_WIDTHS)
 @pytest.mark.parametrize("layout", ("contiguous", "strided"))
 @pytest.mark.parametrize("dtype", (np.float32, np.float64))
 def test_small_path_edge_widths(dtype, C, layout, isa, rng):
@@ -116,18 +115,14 @@ def test_small_path_edge_widths(dtype, C, layout, isa, rng):
         case.check(out_kind, 1)
 
 
-WIDE_CASES = [(C, layout, "none") for C in WIDE_WIDTHS for layout in LAYOUTS] + [
-    (C, layout, out_kind)
-    for C in WIDE_WIDTHS
-    for layout, out_kind in [
-        ("contiguous", "prealloc"),
-        ("contiguous", "inplace"),
-        ("class_first", "inplace"),
-        ("strided", "prealloc"),
-        ("fortran", "inplace"),
-        ("axis1_3d", "prealloc"),
-    ]
-]
+WIDE_CASES = wide_cases([
+    ("contiguous", "prealloc"),
+    ("contiguous", "inplace"),
+    ("class_first", "inplace"),
+    ("strided", "prealloc"),
+    ("fortran", "inplace"),
+    ("axis1_3d", "prealloc"),
+])
 
 
 @pytest.mark.parametrize("C,layout,out_kind", WIDE_CASES)
