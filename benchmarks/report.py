@@ -5,6 +5,7 @@
     python -m pytest benchmarks/ --benchmark-only --benchmark-json=out.json
     python benchmarks/report.py out.json --roofline probe.json
     python benchmarks/report.py out.json -k "2thread"       # groups containing this text
+    python benchmarks/report.py out.json --md               # the README's Performance block
 
 For every group (function, shape, dtype, threads) of a pytest-benchmark JSON
 of this suite, one row:
@@ -29,13 +30,18 @@ The bounds come from ``--roofline PATH`` (a probe's JSON) or else the cached
 probe of this machine (probing if there is none). The probe and the benchmark
 must come from the same machine; the report warns when the host name or
 CPU differ.
-Output is a Markdown table (``--format text`` for plain columns).
+Output is a Markdown table (``--format text`` for plain columns). ``--md``
+prints the README's block instead: one line naming the CPU, the ISA of the
+kernels, the compiler that built them and the date of the run, then the
+table (run it where the measured build is importable, e.g. with
+``PYTHONPATH=src``: the compiler is read from the extension itself).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -184,6 +190,30 @@ def describe_probe(probe: dict) -> str:
     return f"roofline probe ({m.get('cpu')}, {probe.get('created')}): " + "; ".join(parts)
 
 
+def extension_compiler() -> str:
+    """The compiler named in the importable fastxent extension (its ELF
+    .comment section), or "unknown"."""
+    try:
+        from fastxent import _core
+        data = Path(_core.__file__).read_bytes()
+    except Exception:  # noqa: BLE001 - the report still renders without it
+        return "unknown"
+    found = re.findall(rb"GCC: \([^)]*\) [0-9][\w.]*|clang version [0-9][\w.]*", data)
+    return max(set(found), key=found.count).decode() if found else "unknown"
+
+
+def machine_line(report: dict, probe: dict) -> str:
+    """Where and when the benchmark ran, for the README."""
+    machine = report.get("machine_info") or {}
+    cpu = (machine.get("cpu") or {}).get("brand_raw") or (probe.get("machine") or {}).get("cpu")
+    cores = (machine.get("cpu") or {}).get("count")
+    fx = machine.get("fastxent") or {}
+    date = str(report.get("datetime", "?"))[:10]
+    return (f"{cpu or 'unknown CPU'}" + (f" ({cores} logical CPUs)" if cores else "")
+            + f", {fx.get('isa')} kernels built by {extension_compiler()}; fastxent "
+            f"{fx.get('version')}, torch {machine.get('torch')}; {date}.")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -192,6 +222,8 @@ def main(argv=None) -> int:
                         help="the probe's JSON (roofline.py --json PATH); default: this machine's cached probe")
     parser.add_argument("-k", dest="filter", default="", help="only groups whose name contains this text")
     parser.add_argument("--format", choices=("markdown", "text"), default="markdown")
+    parser.add_argument("--md", action="store_true",
+                        help="the README block: CPU, ISA, compiler and date, then the Markdown table")
     parser.add_argument("--stores", choices=("regular", "streaming"), default="regular",
                         help="bound of the writing kinds with ordinary (default) or streaming stores")
     parser.add_argument("--others", default=",".join(OTHERS),
@@ -210,6 +242,10 @@ def main(argv=None) -> int:
         print("no benchmarks" + (f" matching {args.filter!r}" if args.filter else ""), file=sys.stderr)
         return 1
 
+    if args.md:
+        print(machine_line(report, probe) + " " + describe_probe(probe) + ".\n")
+        print(render(rows, "markdown"))
+        return 0
     fx = machine.get("fastxent") or {}
     print(f"fastxent {fx.get('version')} isa={fx.get('isa')} | torch {machine.get('torch')} | "
           f"jax {machine.get('jax')} | numpy {machine.get('numpy')}")

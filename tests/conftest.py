@@ -31,6 +31,9 @@ WIDE_WIDTHS = (1000, 50257)
 FLOAT_DTYPES = (np.float32, np.float64)
 THREADS = (1, 2, None)
 OUT_KINDS = ("none", "prealloc", "inplace")
+# The small-row path's edges (48: float64 and log_softmax; 63: float32)
+# and its 8-column tiles; the row kernels' row pairs (up to 1 KiB a row).
+EDGE_WIDTHS = (23, 24, 31, 32, 47, 48, 49, 56, 63, 64, 129, 256)
 
 # Memory layouts of the logits.  All but "class_first" and "axis1_3d" keep the
 # class axis last (axis=-1) and differ in their strides.
@@ -43,6 +46,13 @@ LAYOUTS = (
     "readonly",  # contiguous, setflags(write=False)
     "axis1_3d",  # (B, C, T) C order, axis=1 (the PyTorch layout)
 )
+
+
+def wide_cases(extra):
+    """(C, layout, out_kind) of the wide-row tests: every layout without
+    out=, and the ``extra`` (layout, out_kind) pairs, for each wide C."""
+    return ([(C, layout, "none") for C in WIDE_WIDTHS for layout in LAYOUTS]
+            + [(C, layout, out_kind) for C in WIDE_WIDTHS for layout, out_kind in extra])
 
 EPS32 = 2.0**-23
 RTOL64 = 1e-12
@@ -187,6 +197,29 @@ def make_out(arr, kind: str, dtype=None):
     raise AssertionError(kind)
 
 
+def call_with_out(fn, arr, logical, axis, layout, out_kind, *, gaps=None, what=""):
+    """One step of the out= matrix: ``fn(out)`` with an out= of ``out_kind``
+    (make_out) for ``arr``, which is ``logical`` laid out as ``layout``.
+
+    out=arr on a read-only input must raise ValueError and leave the input
+    as it was: returns None. Otherwise returns ``(result, out)`` once the
+    input is checked unchanged (unless overwritten in place) and, for a
+    strided layout, nothing was written between the elements of the view
+    (``gaps(arr)``, strided_gaps by default, all NaN)."""
+    out = make_out(arr, out_kind)
+    if out_kind == "inplace" and layout == "readonly":
+        with pytest.raises(ValueError):
+            fn(out)
+        assert np.array_equal(to_logical(arr, axis), logical), f"read-only input modified {what}"
+        return None
+    result = fn(out)
+    if out_kind != "inplace":
+        assert np.array_equal(to_logical(arr, axis), logical), f"input modified {what}"
+    if gaps is not None or layout == "strided":
+        assert np.isnan((gaps or strided_gaps)(arr)).all(), f"wrote outside the view {what}"
+    return result, out
+
+
 def random_logits(rng, shape, dtype, scale=3.0, offset=0.0):
     return (offset + scale * rng.standard_normal(shape)).astype(dtype)
 
@@ -282,6 +315,27 @@ def grad_scale(ref_grad, floor):
     finite = r[np.isfinite(r)]
     biggest = float(np.max(np.abs(finite))) if finite.size else 0.0
     return max(biggest, floor)
+
+
+def check_grad(grad, arr, dtype, out, expected, *, axis=-1, floor=0.0, relative=False,
+               close=None, what="grad"):
+    """``grad`` has the shape of ``arr`` (the logits) and ``dtype``, lives in
+    ``out`` when given, and matches ``expected`` (class axis last): within
+    assert_close's tolerance of the largest |gradient| (at least ``floor``),
+    or of each element's own size with ``relative``. A family with its own
+    tolerance model passes ``close(got, expected, scale, what)`` instead."""
+    assert isinstance(grad, np.ndarray), what
+    assert grad.shape == arr.shape, f"{what}: shape {grad.shape} != {arr.shape}"
+    assert grad.dtype == np.dtype(dtype), f"{what}: dtype {grad.dtype} != {np.dtype(dtype)}"
+    if out is not None:
+        assert np.shares_memory(grad, out), f"{what}: not written into out="
+        assert_bitwise_equal(grad, out, what=f"{what} vs out")
+    scale = 1e-300 if relative else grad_scale(expected, floor)
+    got = grad if axis == -1 else to_logical(grad, axis)
+    if close is not None:
+        close(got, expected, scale, what)
+    else:
+        assert_close(got, expected, compute_dtype(dtype), scale=scale, what=what)
 
 
 def assert_softmax_close(got, ref, compute, *, what=""):

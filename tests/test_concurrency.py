@@ -15,7 +15,8 @@
   docstrings for the memory they need; skipped when /proc/meminfo's
   MemAvailable is short).
 
-kl_div and binary_cross_entropy are covered when the package has them.
+Also: calls from a thread pool on wider rows match serial calls, and the
+kernels release the GIL.
 """
 from __future__ import annotations
 
@@ -24,11 +25,15 @@ import multiprocessing
 import os
 import sys
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 import fastxent
+
+from conftest import assert_bitwise_equal, random_logits
 
 
 STRESS_CALLS = int(os.environ.get("FASTXENT_STRESS_CALLS", "1000"))
@@ -118,19 +123,10 @@ def same_bits(a, b):
     return all(x.shape == y.shape and x.dtype == y.dtype and x.tobytes() == y.tobytes() for x, y in zip(a, b))
 
 
-@pytest.fixture
-def restore_threads():
-    before = fastxent.get_num_threads()
-    yield
-    fastxent.set_num_threads(None)
-    if fastxent.get_num_threads() != before:
-        fastxent.set_num_threads(before)
-
-
 # ------------------------------------------------------------------ threads
 
 
-def test_eight_python_threads_bitwise_identical(restore_threads):
+def test_eight_python_threads_bitwise_identical(restore_num_threads):
     cases = make_cases()
     names = sorted(cases)
     expected = {name: run_case(cases[name], 1) for name in names}
@@ -164,7 +160,7 @@ def test_eight_python_threads_bitwise_identical(restore_threads):
     assert not errors, "\n".join(errors[:10])
 
 
-def test_threads_sharing_one_read_only_input(restore_threads):
+def test_threads_sharing_one_read_only_input(restore_num_threads):
     """All threads read the very same (read-only, strided) logits concurrently."""
     x = (3 * _rng(5).standard_normal((64, 2 * 101)))[:, ::2]
     x.flags.writeable = False
@@ -185,6 +181,67 @@ def test_threads_sharing_one_read_only_input(restore_threads):
     for t in threads:
         t.join(timeout=600)
     assert not errors, errors[:5]
+
+
+def test_concurrent_calls_match_serial(rng):
+    tasks = []
+    for i in range(24):
+        dtype = (np.float32, np.float64)[i % 2]
+        C = (17, 1000, 4099)[i % 3]
+        x = random_logits(rng, (64, C), dtype)
+        y = rng.integers(0, C, 64)
+        tasks.append((x, y, (1, 2, None)[i % 3]))
+
+    def work(task):
+        x, y, threads = task
+        out = np.empty_like(x)
+        loss, grad = fastxent.cross_entropy_with_grad(x, y, out=out, num_threads=threads)
+        return [loss, grad.copy(), fastxent.logsumexp(x, num_threads=threads),
+                fastxent.log_softmax(x, num_threads=threads), fastxent.entropy(x, num_threads=threads)]
+
+    serial = [work(t) for t in tasks]
+    for _ in range(2):
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            parallel = list(pool.map(work, tasks))
+        for i, (a, b) in enumerate(zip(serial, parallel)):
+            for j, (u, v) in enumerate(zip(a, b)):
+                assert_bitwise_equal(u, v, what=f"task {i} result {j}")
+
+
+def test_kernels_release_the_gil(rng):
+    """While a long kernel runs on one thread, another Python thread keeps
+    running.  If the GIL were held, the ticker could record nothing inside the
+    call (at most a tick at each edge)."""
+    x = random_logits(rng, (512, 50257), np.float32)  # ~100 MB
+    y = rng.integers(0, 50257, 512)
+    ticks = []
+    stop = threading.Event()
+
+    def ticker():
+        while not stop.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0.0005)
+
+    fastxent.logsumexp(x[:8], num_threads=1)  # warm up
+    thread = threading.Thread(target=ticker)
+    thread.start()
+    windows = []
+    try:
+        time.sleep(0.01)
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fastxent.cross_entropy_with_grad(x, y, out=x, num_threads=1)  # two passes over 100 MB
+            t1 = time.perf_counter()
+            windows.append((t0, t1))
+    finally:
+        stop.set()
+        thread.join()
+    ticks_arr = np.array(ticks)
+    inside = [int(((ticks_arr > t0) & (ticks_arr < t1)).sum()) for t0, t1 in windows]
+    durations = [t1 - t0 for t0, t1 in windows]
+    if min(durations) < 0.01:
+        pytest.skip(f"kernel too fast to observe ({durations})")
+    assert sum(inside) >= 3 * len(windows) + 3, f"ticks inside kernel calls: {inside}, durations {durations}"
 
 
 # ------------------------------------------------------------------ memory
@@ -275,7 +332,7 @@ def _child(queue, names):
 
 @pytest.mark.skipif(sys.platform == "win32" or "fork" not in multiprocessing.get_all_start_methods(),
                     reason="needs the fork start method")
-def test_forked_child_after_the_pool_was_used(restore_threads):
+def test_forked_child_after_the_pool_was_used(restore_num_threads):
     cases = make_cases()
     names = sorted(cases)
     # The parent uses its OpenMP pool with 2 threads first.

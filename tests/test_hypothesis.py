@@ -36,6 +36,8 @@ from hypothesis import strategies as st  # noqa: E402
 import fastxent  # noqa: E402
 from fastxent import reference as ref  # noqa: E402
 
+from conftest import check_grad  # noqa: E402
+
 try:
     import ml_dtypes
 except ImportError:  # pragma: no cover - depends on the environment
@@ -291,13 +293,12 @@ def check_loss(got, want, compute, reduction, what, ulps=8, scale=1.0):
     assert_close(got, want, compute, ulps=ulps, scale=scale, what=what)
 
 
-def check_grad(got, want, dtype, what, ulps=16, scale=0.0):
-    """Gradients: within ``ulps`` of the larger of the largest |gradient| and
-    ``scale``, the size of the terms that cancel in it (a gradient like
-    ``q * S - coef`` is accurate to a few ulp of ``S``, not of its value)."""
-    assert isinstance(got, np.ndarray) and got.dtype == dtype, f"{what}: {type(got)} {getattr(got, 'dtype', None)}"
-    assert_close(got, want, compute_dtype(dtype), store=dtype, ulps=ulps,
-                 scale=max(grad_floor(want), scale), what=what)
+def in_storage(dtype, ulps=16):
+    """check_grad's comparison here: ``ulps`` of the scale, in the storage dtype
+    (a gradient like ``q * S - coef`` is accurate to a few ulp of the size of
+    the terms that cancel in it, not of its value)."""
+    return lambda got, want, scale, what: assert_close(got, want, compute_dtype(dtype), store=dtype,
+                                                       ulps=ulps, scale=scale, what=what)
 
 
 def _finite_max(a):
@@ -526,8 +527,9 @@ def test_cross_entropy_with_grad(case, nt, data):
     assert np.asarray(loss).tobytes() == np.asarray(loss_only).tobytes(), f"{what}: loss differs from cross_entropy"
     if out is not None:
         assert grad is out
-    check_grad(grad, want_grad, np.dtype(dtype), what + " (grad)",
-               scale=ce_grad_scale(shape, labels_ref, opts, g_out, dtype))
+    check_grad(grad, want_grad, np.dtype(dtype), None, want_grad, what=what + " (grad)",
+               floor=max(ce_grad_scale(shape, labels_ref, opts, g_out, dtype), 1e-300),
+               close=in_storage(np.dtype(dtype)))
 
 
 @settings_for()
@@ -542,8 +544,10 @@ def test_cross_entropy_nonfinite_logits(case, nt):
         got, grad = fastxent.cross_entropy_with_grad(x, labels, num_threads=nt, **opts)
         want, want_grad = ref.cross_entropy_with_grad(v, _soft_ref(labels_ref, dtype), **_ref_inputs(dtype, opts))
     check_loss(got, want, comp, "none", f"cross_entropy (non-finite) {opts}", ulps=16)
-    check_grad(grad, want_grad, np.dtype(dtype), f"cross_entropy grad (non-finite) {opts}",
-               scale=ce_grad_scale(shape, labels_ref, opts, 1.0, dtype))
+    check_grad(grad, want_grad, np.dtype(dtype), None, want_grad,
+               what=f"cross_entropy grad (non-finite) {opts}",
+               floor=max(ce_grad_scale(shape, labels_ref, opts, 1.0, dtype), 1e-300),
+               close=in_storage(np.dtype(dtype)))
 
 
 # ------------------------------------------------------------------ KL divergence
@@ -642,7 +646,9 @@ def test_kl_div(case, nt, data):
             sum_p = np.ones(batch)
     gs = _gscale(g_out, opts["reduction"], batch, math.prod(batch), opts["base"])
     scale = _finite_max(opts["temperature"] * np.maximum(sum_p, 1.0) * gs)
-    check_grad(grad, want_grad, np.dtype(dtype), what + " (grad)", scale=scale)
+    check_grad(grad, want_grad, np.dtype(dtype), None, want_grad, what=what + " (grad)",
+               floor=max(scale, 1e-300),
+               close=in_storage(np.dtype(dtype)))
 
 
 # ------------------------------------------------------------------ binary cross entropy
@@ -725,7 +731,9 @@ def test_binary_cross_entropy(case, nt, data):
     scale = 0.0
     if opts["from_logits"]:
         scale = _finite_max(w * (np.abs(lw) + np.abs(pw * t_ref)) * gs)
-    check_grad(grad, want_grad, np.dtype(dtype), what + " (grad)", ulps=32, scale=scale)
+    check_grad(grad, want_grad, np.dtype(dtype), None, want_grad, what=what + " (grad)",
+               floor=max(scale, 1e-300),
+               close=in_storage(np.dtype(dtype), ulps=32))
 
 
 # ------------------------------------------------------------------ thread controls

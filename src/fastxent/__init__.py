@@ -1,9 +1,10 @@
 """fastxent: fast, exact CPU cross entropy and its relatives.
 
-The public contract is the API of this module: cross_entropy,
-cross_entropy_with_grad, logsumexp, log_softmax, softmax, entropy, the
-thread controls and show_config. ``fastxent.reference`` holds the plain
-NumPy (float64) twin of every function.
+The public functions: cross_entropy, cross_entropy_with_grad, kl_div,
+kl_div_with_grad, binary_cross_entropy, binary_cross_entropy_with_grad,
+logsumexp, log_softmax, softmax, entropy, the thread controls and
+show_config; their contract is docs/API.md. ``fastxent.reference`` holds the
+plain NumPy (float64) twin of every function.
 """
 import warnings as _warnings
 

@@ -1,4 +1,5 @@
-"""The public functions: validation, layout and dtype handling around the C kernels.
+"""The public functions (their contract: docs/API.md): validation, layout and
+dtype handling around the C kernels.
 
 Everything the C layer indexes by is decided and checked here:
 
@@ -9,13 +10,16 @@ Everything the C layer indexes by is decided and checked here:
   handed over as contiguous int64;
 * weights, targets and ``out=`` are checked for shape, dtype and overlap.
 
-The kernels return one float64 value per row; batch reductions sum those
-in NumPy, in a fixed order that does not depend on the thread count.
+Each call then crosses into the binding once (``_core.run``), which runs the
+kernels and sums their per-row float64 values in a fixed order that does
+not depend on the thread count. The common calls with default options on a
+2-D C-contiguous float32/float64 array are parsed and checked whole by the
+binding (``_core.cross_entropy_common``, ``_core.rows_common``), with the
+same bits; anything else comes here.
 
-dtypes: float32 and float64 are computed natively. float16 and bfloat16
-(ml_dtypes) are upcast to float32 here (computed in float32; results
-float32, gradients and (log-)softmax outputs rounded back to the input
-dtype). Integer and bool inputs are computed in float64.
+dtypes: float32 and float64 are computed natively; float16 and bfloat16
+(ml_dtypes) rows are read and written 16-bit by the kernels and computed in
+float32; integer and bool inputs are computed in float64.
 """
 from __future__ import annotations
 
@@ -67,7 +71,7 @@ def _check_threads(n, name="num_threads"):
 
 
 def set_num_threads(n):
-    """Set the default thread count of every later call (``None``: follow OpenMP).
+    """Set the default thread count of every later call (``None``: follow OpenMP; docs/API.md).
 
     ``None`` restores the default, which reads ``omp_get_max_threads()`` at
     each call and so honours ``OMP_NUM_THREADS`` and ``threadpoolctl``. An
@@ -507,7 +511,7 @@ def _row_values(name, op, x, axis, num_threads, arg="x"):
 
 
 def logsumexp(x, *, axis=-1, num_threads=None):
-    """``log(sum(exp(x)))`` along ``axis``: an array of the batch shape."""
+    """``log(sum(exp(x)))`` along ``axis``: an array of the batch shape. See docs/API.md."""
     res = _core.rows_common(_core.LOGSUMEXP, x, axis, num_threads)
     if res is None:
         inp, row = _row_values("logsumexp", _core.LOGSUMEXP, x, axis, num_threads)
@@ -517,7 +521,7 @@ def logsumexp(x, *, axis=-1, num_threads=None):
 
 def entropy(logits, *, axis=-1, from_logits=True, base=None, num_threads=None):
     """Entropy of ``softmax(logits)`` (or of the probabilities themselves with
-    ``from_logits=False``) along ``axis``: an array of the batch shape."""
+    ``from_logits=False``) along ``axis``: an array of the batch shape. See docs/API.md."""
     res = _core.rows_common(_core.ENTROPY, logits, axis, num_threads, None, from_logits, base)
     if res is None:
         scale = _log_base_scale(base)
@@ -540,12 +544,12 @@ def _normalise(name, op, x, axis, out, num_threads):
 
 
 def log_softmax(x, *, axis=-1, out=None, num_threads=None):
-    """``x - max - log(sum(exp(x - max)))`` along ``axis``, in x's dtype."""
+    """``x - max - log(sum(exp(x - max)))`` along ``axis``, in x's dtype. See docs/API.md."""
     return _normalise("log_softmax", _core.LOG_SOFTMAX, x, axis, out, num_threads)
 
 
 def softmax(x, *, axis=-1, out=None, num_threads=None):
-    """``exp(x - logsumexp(x))`` along ``axis``, in x's dtype."""
+    """``exp(x - logsumexp(x))`` along ``axis``, in x's dtype. See docs/API.md."""
     return _normalise("softmax", _core.SOFTMAX, x, axis, out, num_threads)
 
 
