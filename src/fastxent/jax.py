@@ -319,6 +319,11 @@ def _ffi_handler(frame_ptr):
                 return None
         if frame.stage != _XLA_EXECUTE:
             return None
+        version = frame.api.contents.api_version
+        if version.major_version != 0 or frame.struct_size < ctypes.sizeof(_CallFrame):
+            raise RuntimeError(
+                f"fastxent.jax does not know XLA FFI API {version.major_version}."
+                f"{version.minor_version}; set FASTXENT_JAX_TRANSPORT=callback")
         args = [_buffer_view(frame.args.items[i], False) for i in range(frame.args.size)]
         rets = [_buffer_view(frame.rets.items[i], True) for i in range(frame.rets.size)]
         _host(_ffi_key(frame))(args, rets)
