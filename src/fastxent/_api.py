@@ -98,7 +98,7 @@ try:  # bfloat16 is optional
 
     _UPCAST_16.add(np.dtype(_ml_dtypes.bfloat16))
 except ImportError:  # pragma: no cover - depends on the environment
-    _ml_dtypes = None  # type: ignore[assignment]
+    _ml_dtypes = None
 
 
 def _compute_dtype(dt, name):
