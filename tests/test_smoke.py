@@ -15,10 +15,9 @@ environment:
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
-import shutil
-import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -63,18 +62,28 @@ def _vendored_libs_dir():
     return libs if libs.is_dir() else None
 
 
-def _linked_openmp_runtime():
-    """The path of the OpenMP runtime the extension module is linked against."""
-    ldd = shutil.which("ldd")
-    if ldd is None:
-        pytest.skip("ldd is not available")
-    listing = subprocess.run([ldd, _core.__file__], capture_output=True, text=True,
-                             check=True).stdout
-    for line in listing.splitlines():
-        name, _, rest = line.strip().partition(" => ")
-        if "gomp" in name or "libomp" in name:
-            return os.path.realpath(rest.split(" (")[0])
-    raise AssertionError(f"no OpenMP runtime in the dependencies of {_core.__file__}:\n{listing}")
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
+def _openmp_runtime_in_use():
+    """The file of the OpenMP runtime the extension's calls go to in this process.
+
+    Not what ``ldd`` says: a library already loaded under the same soname
+    (torch's own libgomp.so.1, say) serves the extension instead of the
+    system's. The symbol is looked up from the extension's handle, the way
+    its own calls are bound, and dladdr names the file that holds it.
+    """
+    core = ctypes.CDLL(_core.__file__)
+    address = ctypes.cast(core.omp_get_max_threads, ctypes.c_void_p)
+    try:
+        dladdr = ctypes.CDLL(None).dladdr
+    except AttributeError:  # glibc < 2.34: in libdl
+        dladdr = ctypes.CDLL("libdl.so.2").dladdr
+    info = _DlInfo()
+    assert dladdr(address, ctypes.byref(info)), "dladdr found no library for omp_get_max_threads"
+    return os.path.realpath(info.dli_fname.decode())
 
 
 def test_version_is_the_package_metadata():
@@ -159,10 +168,10 @@ def test_bad_input_raises_a_clear_error():
 
 
 @pytest.mark.skipif(not EXPECT_OPENMP, reason="a serial build has no OpenMP runtime")
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ldd and auditwheel are Linux's")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="dladdr and auditwheel: Linux")
 def test_threadpoolctl_sees_and_limits_the_openmp_runtime(restore_num_threads):
     threadpoolctl = pytest.importorskip("threadpoolctl")
-    runtime = _linked_openmp_runtime()
+    runtime = _openmp_runtime_in_use()
     libs = _vendored_libs_dir()
     if libs is not None or os.environ.get("FASTXENT_EXPECT_VENDORED_OPENMP") == "1":
         assert libs is not None, "FASTXENT_EXPECT_VENDORED_OPENMP=1 but there is no fastxent.libs/"
