@@ -7,6 +7,8 @@ the threading layer, plus the row kernels compiled once per instruction set
 
 OpenMP: probed with a test compile. Without it the build is serial and says
 so loudly; with FASTXENT_REQUIRE_OPENMP=1 a missing OpenMP is an error.
+FASTXENT_DISABLE_OPENMP=1 skips the probe: the serial build a compiler without
+OpenMP (Apple clang) gives, made on any machine so that it can be tested.
 
 FASTXENT_SANITIZE=1 builds with AddressSanitizer and UndefinedBehaviorSanitizer
 (-O1 -g1: line tables, enough for their stack traces at half the compile time
@@ -78,13 +80,14 @@ class BuildExt(build_ext):
             shutil.rmtree(tmp, ignore_errors=True)
 
     def build_extension(self, ext):
-        openmp = self._compiles(OPENMP_PROBE, ["-fopenmp"])
+        disabled = _truthy("FASTXENT_DISABLE_OPENMP")
+        openmp = not disabled and self._compiles(OPENMP_PROBE, ["-fopenmp"])
         if openmp:
             ext.extra_compile_args += ["-fopenmp"]
             ext.extra_link_args += ["-fopenmp"]
         elif _truthy("FASTXENT_REQUIRE_OPENMP"):
-            raise RuntimeError("FASTXENT_REQUIRE_OPENMP=1 but the compiler cannot build "
-                               "OpenMP code (-fopenmp failed)")
+            why = "FASTXENT_DISABLE_OPENMP=1" if disabled else "the compiler cannot build OpenMP code (-fopenmp failed)"
+            raise RuntimeError(f"FASTXENT_REQUIRE_OPENMP=1 but {why}")
         else:
             banner = "*" * 72
             sys.stderr.write(f"\n{banner}\nWARNING: OpenMP is not available: fastxent is "

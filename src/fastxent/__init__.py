@@ -7,6 +7,7 @@ show_config; their contract is docs/API.md. ``fastxent.reference`` holds the
 plain NumPy (float64) twin of every function.
 """
 import warnings as _warnings
+from importlib import metadata as _metadata
 
 from . import _api, _core, reference
 from ._api import (
@@ -24,7 +25,10 @@ from ._api import (
     softmax,
 )
 
-__version__ = "0.1.0"
+try:  # the version is written once, in pyproject.toml
+    __version__ = _metadata.version("fastxent")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
+    __version__ = "0+unknown"
 
 __all__ = [*_api.__all__, "show_config", "__version__"]
 
@@ -40,7 +44,18 @@ if _core.init_status() != 0:
 
 
 def show_config(print_=True):
-    """Print and return the build and run-time configuration."""
+    """Print and return the build and run-time configuration.
+
+    The version, the instruction set in use and those this CPU can run,
+    whether the build has OpenMP (without it every call runs on one thread)
+    and the thread count a call uses by default.
+
+    >>> config = fastxent.show_config(print_=False)
+    >>> config["version"] == fastxent.__version__
+    True
+    >>> config["isa"] in config["isas_available"]
+    True
+    """
     config = {
         "version": __version__,
         "isa": _core.get_isa(),
