@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 
 from . import _api
-from ._options import _number
 
 __all__ = ["jsd", "jsd_with_grad"]
 
@@ -63,8 +62,8 @@ def _jsd(student_logits, teacher_logits, beta, temperature, target_kind, labels,
     if not isinstance(target_kind, str) or target_kind not in _TARGET_KINDS:
         raise ValueError(f"target_kind must be one of 'probs', 'log_probs', 'logits'; "
                          f"got {target_kind!r}")
-    b = _number(beta, "beta")
-    if b > 1:
+    b = _api._real(beta, "beta", "a number in [0, 1]")
+    if not 0.0 <= b <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta!r}")
     T = _api._check_temperature(temperature)
     scale = _api._log_base_scale(base)

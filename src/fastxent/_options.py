@@ -72,7 +72,7 @@ def check_sample_weight(sample_weight, batch_shape):
         i = int(np.argmax(bad))
         pos = tuple(int(p) for p in np.unravel_index(i, batch_shape)) if batch_shape else ()
         raise ValueError(f"sample_weight must be finite and non-negative; sample_weight at "
-                         f"position {pos} is {sw[i]!r}")
+                         f"position {pos} is {float(sw[i])!r}")
     return sw
 
 
