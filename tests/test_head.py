@@ -336,3 +336,21 @@ def test_empty_batch(rng):
 def test_eps32_tolerance_is_meaningful():
     # The float32 tolerance above (64 ulp) is far below a wrong answer.
     assert 64 * EPS32 < 1e-5
+
+
+def test_concurrent_calls_give_the_same_bits(rng):
+    h, w, b, y = _problem(rng, 300, 64, 2000, np.float32)
+    serial = fastxent.linear_cross_entropy_with_grad(h, w, y, bias=b, num_threads=2)
+    results = [None] * 3
+
+    def work(i):
+        results[i] = fastxent.linear_cross_entropy_with_grad(h, w, y, bias=b, num_threads=2)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for res in results:
+        for a, c in zip(serial, res):
+            assert_bitwise_equal(a, c, "concurrent calls")

@@ -76,22 +76,44 @@ _MIN_CHUNK = 16
 _VOCAB_BLOCK = 512
 _FEATURE_BLOCK = 256
 
-_controller = None
 _local = threading.local()
 
 
-def _one_thread_blas():
-    """Hold the BLAS pools to one thread for a block (threadpoolctl)."""
-    global _controller
-    try:
-        import threadpoolctl
-    except ImportError:
-        raise ImportError("fastxent.linear_cross_entropy needs threadpoolctl to run its BLAS "
-                          "blocks one thread each: pip install fastxent[head] "
-                          "(or threadpoolctl)") from None
-    if _controller is None:
-        _controller = threadpoolctl.ThreadpoolController()
-    return _controller.limit(limits=1, user_api="blas")
+class _OneThreadBlas:
+    """Holds the BLAS pools to one thread while any call of the head runs.
+
+    The limit is process-wide, so concurrent calls share it: the first one
+    in sets it, the last one out restores the previous sizes."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._users = 0
+        self._controller = self._limit = None
+
+    def __enter__(self):
+        with self._lock:
+            if self._users == 0:
+                try:
+                    import threadpoolctl
+                except ImportError:
+                    raise ImportError(
+                        "fastxent.linear_cross_entropy needs threadpoolctl to run its BLAS blocks "
+                        "one thread each: pip install fastxent[head] (or threadpoolctl)") from None
+                if self._controller is None:
+                    self._controller = threadpoolctl.ThreadpoolController()
+                self._limit = self._controller.limit(limits=1, user_api="blas")
+            self._users += 1
+        return self
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                self._limit.restore_original_limits()
+                self._limit = None
+
+
+_one_thread_blas = _OneThreadBlas()
 
 
 def _temporary(rows, cols, dtype):
@@ -210,7 +232,6 @@ def _linear_cross_entropy(hidden, weight, labels, bias, class_weight, ignore_ind
     if want_grad:
         ce_f, z_f = row_factors(reduction, grad_output, n, sw, ce_den, z_den, batch_shape)
         ce_f, z_f = ce_f * scale, z_f * scale
-    blas_limit = _one_thread_blas()
 
     # Every check has passed: from here on, only allocations and arithmetic.
     h2 = np.ascontiguousarray(h.reshape(n, d), dtype=cdt)
@@ -232,7 +253,7 @@ def _linear_cross_entropy(hidden, weight, labels, bias, class_weight, ignore_ind
     dblocks = _blocks(d, _FEATURE_BLOCK)
     pool = ThreadPoolExecutor(nt, thread_name_prefix="fastxent-head") if nt > 1 else None
     try:
-        with blas_limit:
+        with _one_thread_blas:
             for r0 in range(0, n, chunk):
                 r1 = min(n, r0 + chunk)
                 hc, logits = h2[r0:r1], buf[:r1 - r0]
