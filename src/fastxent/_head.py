@@ -79,6 +79,32 @@ _FEATURE_BLOCK = 256
 _local = threading.local()
 
 
+def _threadpoolctl():
+    try:
+        import threadpoolctl
+    except ImportError:
+        raise ImportError("fastxent.linear_cross_entropy needs threadpoolctl to run its BLAS blocks "
+                          "one thread each: pip install fastxent[head] (or threadpoolctl)") from None
+    return threadpoolctl
+
+
+def _release_openblas_control():
+    # threadpoolctl >= 3.6 lets only one "controlling" thread change a
+    # process-wide OpenBLAS pool and silently ignores the others; the head
+    # changes it from whichever thread enters first or leaves last, under
+    # its own lock, so it hands control back after each change.
+    ctl = getattr(_threadpoolctl(), "OpenBLASController", None)
+    clear = getattr(ctl, "clear_controlling_thread", None)
+    if clear is not None:
+        clear(force=True)
+
+
+def _one_thread_blas_here():
+    """Limit the BLAS to one thread in this thread (per-thread pools: OpenMP
+    builds of OpenBLAS); a pool worker's initializer."""
+    _threadpoolctl().threadpool_limits(1, user_api="blas")
+
+
 class _OneThreadBlas:
     """Holds the BLAS pools to one thread while any call of the head runs.
 
@@ -93,23 +119,29 @@ class _OneThreadBlas:
     def __enter__(self):
         with self._lock:
             if self._users == 0:
-                try:
-                    import threadpoolctl
-                except ImportError:
-                    raise ImportError(
-                        "fastxent.linear_cross_entropy needs threadpoolctl to run its BLAS blocks "
-                        "one thread each: pip install fastxent[head] (or threadpoolctl)") from None
                 if self._controller is None:
-                    self._controller = threadpoolctl.ThreadpoolController()
+                    self._controller = _threadpoolctl().ThreadpoolController()
+                _release_openblas_control()
                 self._limit = self._controller.limit(limits=1, user_api="blas")
+                _release_openblas_control()
             self._users += 1
         return self
+
+    def per_thread_initializer(self):
+        """What a pool worker must run first: with OpenMP builds of OpenBLAS
+        the limit is per thread, so each worker sets its own."""
+        libs = self._controller.lib_controllers if self._controller is not None else []
+        if any(getattr(lib, "threading_layer", None) == "openmp" for lib in libs):
+            return _one_thread_blas_here
+        return None
 
     def __exit__(self, *exc):
         with self._lock:
             self._users -= 1
             if self._users == 0:
+                _release_openblas_control()
                 self._limit.restore_original_limits()
+                _release_openblas_control()
                 self._limit = None
 
 
@@ -251,9 +283,12 @@ def _linear_cross_entropy(hidden, weight, labels, bias, class_weight, ignore_ind
 
     vblocks = _blocks(v, _VOCAB_BLOCK)
     dblocks = _blocks(d, _FEATURE_BLOCK)
-    pool = ThreadPoolExecutor(nt, thread_name_prefix="fastxent-head") if nt > 1 else None
-    try:
-        with _one_thread_blas:
+    with _one_thread_blas:
+        pool = None
+        if nt > 1:
+            pool = ThreadPoolExecutor(nt, thread_name_prefix="fastxent-head",
+                                      initializer=_one_thread_blas.per_thread_initializer())
+        try:
             for r0 in range(0, n, chunk):
                 r1 = min(n, r0 + chunk)
                 hc, logits = h2[r0:r1], buf[:r1 - r0]
@@ -285,9 +320,9 @@ def _linear_cross_entropy(hidden, weight, labels, bias, class_weight, ignore_ind
                                               for a, e in dblocks])
                 _run(pool, _d_weight_block, *[(logits, hc, d_weight, d_bias, r0 == 0, a, e)
                                               for a, e in vblocks])
-    finally:
-        if pool is not None:
-            pool.shutdown()
+        finally:
+            if pool is not None:
+                pool.shutdown()
 
     z_rows = np.zeros(n) if not z else np.where(counted, z * lse_rows**2, 0.0)
     out_dtype = cdt
