@@ -60,6 +60,7 @@ from ._options import (
     denominators,
     option_rows,
     reduce_loss,
+    resolve_threads,
     row_factors,
 )
 
@@ -248,7 +249,7 @@ def _linear_cross_entropy(hidden, weight, labels, bias, class_weight, ignore_ind
     scale = _api._log_base_scale(base)
     ii = _api._check_ignore_index(ignore_index)
     z, s, nv = check_options(z_loss, softcap, n_valid, reduction)
-    nt = _api._threads(num_threads)
+    nt = resolve_threads(num_threads)
     batch_shape = h.shape[:-1]
     n = math.prod(batch_shape)
     rows = _Rows(batch_shape, v, cdt)

@@ -8,9 +8,12 @@ output.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import _api
+from ._options import resolve_threads
 
 __all__ = ["jsd", "jsd_with_grad"]
 
@@ -67,7 +70,7 @@ def _jsd(student_logits, teacher_logits, beta, temperature, target_kind, labels,
         raise ValueError(f"beta must be in [0, 1], got {beta!r}")
     T = _api._check_temperature(temperature)
     scale = _api._log_base_scale(base)
-    _api._threads(num_threads)  # checked; the blocks run on the calling thread
+    resolve_threads(num_threads)  # checked; the blocks run on the calling thread
     tgt = np.asarray(teacher_logits)
     if tgt.dtype.kind in "iub":
         tgt = tgt.astype(inp.dtype)
@@ -86,8 +89,16 @@ def _jsd(student_logits, teacher_logits, beta, temperature, target_kind, labels,
     factor = scale / den if (mean and den) else (0.0 if mean else scale)
     rows_out = grad_rows = None
     if want_grad:
-        gscale = _api._gscale(grad_output, reduction, inp, factor)
-        gscale = np.broadcast_to(gscale, (inp.n,)) if gscale.size == 1 else gscale
+        g = np.asarray(grad_output)
+        if g.dtype.kind not in "biuf" and g.dtype not in _api._UPCAST_16:
+            raise TypeError(f"grad_output must be a real number or array, got dtype {g.dtype}")
+        if g.ndim and reduction != "none":
+            raise ValueError(f"grad_output must be a scalar for reduction={reduction!r}, "
+                             f"got shape {g.shape}")
+        if g.ndim and g.shape != inp.batch_shape:
+            raise ValueError(f"grad_output must be a scalar or have the batch shape "
+                             f"{inp.batch_shape}, got {g.shape}")
+        gscale = np.broadcast_to(g.astype(np.float64).reshape(-1) * factor, (inp.n,))
         if out is not None:
             rows_out = _api._check_out(out, inp, inp.out_dtype)
             _api._check_overlap(out, [("logits", inp.array), ("teacher_logits", tgt)], inp.array)
@@ -105,11 +116,20 @@ def _jsd(student_logits, teacher_logits, beta, temperature, target_kind, labels,
                 grad *= np.where(keep, gscale[r0:r1], 0.0)[:, None]
                 grad[~keep] = 0.0
                 grad_rows[r0:r1] = grad
-    loss = _api._reduce(row_loss, reduction if reduction == "none" else "sum", inp, scale,
-                        den if mean else None)
+    if reduction == "none":
+        loss = inp.batch_result(row_loss * scale)
+    else:
+        total = float(np.sum(row_loss))
+        if mean:
+            total = total / den if den else math.nan
+        loss = inp.dtype.type(total * scale)
     if not want_grad:
         return loss
-    return _api._with_grad(loss, out, rows_out, grad_rows, inp)
+    if out is not None:
+        if rows_out is None:
+            _api._write_out(out, grad_rows, inp)
+        return loss, out
+    return loss, _api._fresh_like(grad_rows, inp, inp.out_dtype)
 
 
 def jsd(student_logits, teacher_logits, *, beta=0.5, temperature=1.0, target_kind="logits",

@@ -40,6 +40,13 @@ def _number(value, name, positive=False):
     return v
 
 
+def resolve_threads(num_threads):
+    """The thread count a call uses (num_threads checked; None: the default)."""
+    if num_threads is None:
+        return _api.get_num_threads()
+    return _api._check_threads(num_threads)
+
+
 def check_options(z_loss, softcap, n_valid, reduction, from_logits=True):
     """(z_loss, softcap or None, n_valid or None) as floats, every value checked."""
     z = _number(z_loss, "z_loss")
