@@ -4,8 +4,6 @@ dtypes x layouts x threads x ISAs, finite differences, Liger's formulas,
 scikit-learn's log_loss and torch."""
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 import pytest
 from conftest import (
@@ -42,29 +40,12 @@ OPTIONS = [
 ]
 
 
-_PUBLIC = "z_loss" in inspect.signature(fastxent.cross_entropy).parameters
-_DEFAULTS = dict(axis=-1, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                 from_logits=True, base=None, num_threads=None, z_loss=0.0, softcap=None,
-                 sample_weight=None, n_valid=None, return_stats=False)
-
-
-def _options_call(logits, labels, want_grad, grad_output=1.0, out=None, **kw):
-    from fastxent._options import cross_entropy_options
-
-    args = dict(_DEFAULTS, **kw)
-    return cross_entropy_options(logits, labels, *args.values(), want_grad, grad_output, out)
-
-
 def ce(logits, labels, **kw):
-    if _PUBLIC:
-        return fastxent.cross_entropy(logits, labels, **kw)
-    return _options_call(logits, labels, False, **kw)
+    return fastxent.cross_entropy(logits, labels, **kw)
 
 
 def ce_grad(logits, labels, **kw):
-    if _PUBLIC:
-        return fastxent.cross_entropy_with_grad(logits, labels, **kw)
-    return _options_call(logits, labels, True, **kw)
+    return fastxent.cross_entropy_with_grad(logits, labels, **kw)
 
 
 def _kw(opts, rng, bshape, c):
@@ -227,7 +208,6 @@ def test_stats(rng):
     np.testing.assert_array_equal(rows.argmax, ref.argmax)
 
 
-@pytest.mark.skipif(not _PUBLIC, reason="the options are not wired into cross_entropy")
 def test_defaults_unchanged(rng):
     x = rng.standard_normal((8, 5)).astype(np.float32)
     y = rng.integers(0, 5, 8)

@@ -41,7 +41,12 @@ def cross_entropy(
     from_logits: bool = ...,
     base: Optional[float] = ...,
     num_threads: Optional[int] = ...,
-) -> _Result: ...
+    z_loss: float = ...,
+    softcap: Optional[float] = ...,
+    sample_weight: Optional[_Array] = ...,
+    n_valid: Optional[float] = ...,
+    return_stats: bool = ...,
+) -> Any: ...
 def cross_entropy_with_grad(
     logits: _Array,
     labels: _Array,
@@ -56,7 +61,12 @@ def cross_entropy_with_grad(
     num_threads: Optional[int] = ...,
     grad_output: Union[float, _Array] = ...,
     out: Optional[np.ndarray] = ...,
-) -> Tuple[_Result, np.ndarray]: ...
+    z_loss: float = ...,
+    softcap: Optional[float] = ...,
+    sample_weight: Optional[_Array] = ...,
+    n_valid: Optional[float] = ...,
+    return_stats: bool = ...,
+) -> Tuple[Any, ...]: ...
 def logsumexp(x: _Array, *, axis: int = ..., num_threads: Optional[int] = ...) -> _Result: ...
 def log_softmax(
     x: _Array, *, axis: int = ..., out: Optional[np.ndarray] = ..., num_threads: Optional[int] = ...

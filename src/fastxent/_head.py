@@ -225,6 +225,7 @@ def _checked_float(a, name):
 def _linear_cross_entropy(hidden, weight, labels, bias, class_weight, ignore_index, reduction,
                           label_smoothing, z_loss, softcap, sample_weight, n_valid, base,
                           return_stats, num_threads, chunk_size, want_grad, grad_output):
+    _api._refuse_autograd("linear_cross_entropy", hidden, weight, bias)
     h, h_cdt = _checked_float(hidden, "hidden")
     w, w_cdt = _checked_float(weight, "weight")
     if w.ndim != 2:

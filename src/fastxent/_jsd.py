@@ -60,6 +60,8 @@ def _jsd_rows(x, t, beta, T, target_kind):
 
 def _jsd(student_logits, teacher_logits, beta, temperature, target_kind, labels, ignore_index,
          reduction, axis, base, num_threads, want_grad, grad_output, out):
+    _api._refuse_autograd("jsd_with_grad" if want_grad else "jsd", student_logits,
+                          teacher_logits)
     inp = _api._Input(student_logits, axis, "student_logits")
     reduction = _api._check_reduction(reduction, _JSD_REDUCTIONS)
     if not isinstance(target_kind, str) or target_kind not in _TARGET_KINDS:

@@ -222,6 +222,8 @@ def cross_entropy_options(logits, labels, axis, weight, ignore_index, reduction,
     the row kernels (``reduction="none"`` with a per-row ``grad_output``);
     z_loss and soft-capping go through ``option_rows``; the statistics come
     from the same rows."""
+    _api._refuse_autograd("cross_entropy_with_grad" if want_grad else "cross_entropy",
+                          logits, labels, weight, sample_weight)
     reduction = _api._check_reduction(reduction)
     z, s, nv = check_options(z_loss, softcap, n_valid, reduction, from_logits)
     inp = _api._Input(logits, axis, "logits")
