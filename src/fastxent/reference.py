@@ -319,33 +319,6 @@ def _cross_entropy(logits, labels, axis, weight, ignore_index, reduction,
     return loss, np.moveaxis(grad, -1, axis)
 
 
-def cross_entropy(logits, labels, *, axis=-1, weight=None, ignore_index=-100,
-                  reduction="mean", label_smoothing=0.0, from_logits=True,
-                  base=None, num_threads=None):
-    """Cross entropy of ``labels`` under ``softmax(logits)`` along ``axis``.
-
-    Semantics of ``torch.nn.functional.cross_entropy`` (integer class
-    indices or probability targets; weight, ignore_index, label_smoothing,
-    reduction).  With ``from_logits=False``, ``logits`` holds probabilities,
-    each in [0, 1] (else ValueError; NaN passes through): the loss is
-    ``-sum(w * t * log(p))`` with no renormalisation or clipping.
-    """
-    loss, _ = _cross_entropy(logits, labels, axis, weight, ignore_index, reduction,
-                             label_smoothing, from_logits, base, 1.0, want_grad=False)
-    return loss
-
-
-def cross_entropy_with_grad(logits, labels, *, axis=-1, weight=None, ignore_index=-100,
-                            reduction="mean", label_smoothing=0.0, from_logits=True,
-                            base=None, num_threads=None, grad_output=1.0, out=None):
-    """``(loss, grad)``: ``cross_entropy`` and its gradient w.r.t. ``logits``
-    times ``grad_output`` (a scalar, or batch-shaped for reduction="none")."""
-    loss, grad = _cross_entropy(logits, labels, axis, weight, ignore_index, reduction,
-                                label_smoothing, from_logits, base, grad_output,
-                                want_grad=True)
-    return loss, _into(out, grad)
-
-
 # --------------------------------------------------------------------------
 # KL divergence
 # --------------------------------------------------------------------------
