@@ -37,8 +37,8 @@ def test_matches_torch(reduction, opts):
 
 
 def test_float32_and_no_grad():
-    h = torch.randn(16, 8)
-    w = torch.randn(30, 8)
+    h = torch.randn(16, 8, dtype=torch.float32)
+    w = torch.randn(30, 8, dtype=torch.float32)
     y = torch.randint(0, 30, (16,))
     with torch.no_grad():
         loss = fxt.linear_cross_entropy(h, w, y)
