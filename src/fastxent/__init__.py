@@ -24,6 +24,9 @@ from ._api import (
     set_num_threads,
     softmax,
 )
+from ._head import linear_cross_entropy, linear_cross_entropy_with_grad
+from ._jsd import jsd, jsd_with_grad
+from .reference import CrossEntropyStats
 
 try:  # the version is written once, in pyproject.toml
     __version__ = _metadata.version("fastxent")
@@ -31,6 +34,8 @@ except _metadata.PackageNotFoundError:  # a source tree on sys.path, not install
     __version__ = "0+unknown"
 
 __all__ = [*_api.__all__, "show_config", "__version__"]
+__all__ += ["linear_cross_entropy", "linear_cross_entropy_with_grad", "jsd", "jsd_with_grad",
+            "CrossEntropyStats"]
 
 if _core.init_status() != 0:
     import os as _os

@@ -1,4 +1,4 @@
-from typing import Any, Literal, Optional, Tuple, Union
+from typing import Any, Literal, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -41,7 +41,12 @@ def cross_entropy(
     from_logits: bool = ...,
     base: Optional[float] = ...,
     num_threads: Optional[int] = ...,
-) -> _Result: ...
+    z_loss: float = ...,
+    softcap: Optional[float] = ...,
+    sample_weight: Optional[_Array] = ...,
+    n_valid: Optional[float] = ...,
+    return_stats: bool = ...,
+) -> Any: ...
 def cross_entropy_with_grad(
     logits: _Array,
     labels: _Array,
@@ -56,7 +61,12 @@ def cross_entropy_with_grad(
     num_threads: Optional[int] = ...,
     grad_output: Union[float, _Array] = ...,
     out: Optional[np.ndarray] = ...,
-) -> Tuple[_Result, np.ndarray]: ...
+    z_loss: float = ...,
+    softcap: Optional[float] = ...,
+    sample_weight: Optional[_Array] = ...,
+    n_valid: Optional[float] = ...,
+    return_stats: bool = ...,
+) -> Tuple[Any, ...]: ...
 def logsumexp(x: _Array, *, axis: int = ..., num_threads: Optional[int] = ...) -> _Result: ...
 def log_softmax(
     x: _Array, *, axis: int = ..., out: Optional[np.ndarray] = ..., num_threads: Optional[int] = ...
@@ -123,3 +133,79 @@ def binary_cross_entropy_with_grad(
 def set_num_threads(n: Optional[int]) -> None: ...
 def get_num_threads() -> int: ...
 def show_config(print_: bool = ...) -> dict[str, Any]: ...
+
+class CrossEntropyStats(NamedTuple):
+    lse: Any
+    z_loss: Any
+    argmax: npt.NDArray[np.int64]
+    accuracy: Any
+
+def linear_cross_entropy(
+    hidden: _Array,
+    weight: _Array,
+    labels: _Array,
+    *,
+    bias: Optional[_Array] = ...,
+    class_weight: Optional[_Array] = ...,
+    ignore_index: int = ...,
+    reduction: _Reduction = ...,
+    label_smoothing: float = ...,
+    z_loss: float = ...,
+    softcap: Optional[float] = ...,
+    sample_weight: Optional[_Array] = ...,
+    n_valid: Optional[float] = ...,
+    base: Optional[float] = ...,
+    return_stats: bool = ...,
+    num_threads: Optional[int] = ...,
+    chunk_size: Optional[int] = ...,
+) -> Any: ...
+def linear_cross_entropy_with_grad(
+    hidden: _Array,
+    weight: _Array,
+    labels: _Array,
+    *,
+    bias: Optional[_Array] = ...,
+    class_weight: Optional[_Array] = ...,
+    ignore_index: int = ...,
+    reduction: _Reduction = ...,
+    label_smoothing: float = ...,
+    z_loss: float = ...,
+    softcap: Optional[float] = ...,
+    sample_weight: Optional[_Array] = ...,
+    n_valid: Optional[float] = ...,
+    base: Optional[float] = ...,
+    return_stats: bool = ...,
+    num_threads: Optional[int] = ...,
+    chunk_size: Optional[int] = ...,
+    grad_output: Union[float, _Array] = ...,
+) -> Tuple[Any, ...]: ...
+def jsd(
+    student_logits: _Array,
+    teacher_logits: _Array,
+    *,
+    beta: float = ...,
+    temperature: float = ...,
+    target_kind: Literal["logits", "log_probs", "probs"] = ...,
+    labels: Optional[_Array] = ...,
+    ignore_index: int = ...,
+    reduction: Literal["batchmean", "mean", "sum", "none"] = ...,
+    axis: int = ...,
+    base: Optional[float] = ...,
+    num_threads: Optional[int] = ...,
+) -> _Result: ...
+def jsd_with_grad(
+    student_logits: _Array,
+    teacher_logits: _Array,
+    *,
+    beta: float = ...,
+    temperature: float = ...,
+    target_kind: Literal["logits", "log_probs", "probs"] = ...,
+    labels: Optional[_Array] = ...,
+    ignore_index: int = ...,
+    reduction: Literal["batchmean", "mean", "sum", "none"] = ...,
+    axis: int = ...,
+    base: Optional[float] = ...,
+    num_threads: Optional[int] = ...,
+    grad_output: Union[float, _Array] = ...,
+    out: Optional[np.ndarray] = ...,
+) -> Tuple[_Result, np.ndarray]: ...

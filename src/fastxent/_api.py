@@ -463,16 +463,31 @@ def _cross_entropy(logits, labels, axis, weight, ignore_index, reduction, label_
     return loss, _result_rows(out, rows_out, grad_rows, inp)
 
 
+def _lm_options(z_loss, softcap, sample_weight, n_valid, return_stats):
+    """Whether a call uses a language-model option (_options.py takes it)."""
+    return not (type(z_loss) in (int, float) and z_loss == 0 and softcap is None
+                and sample_weight is None and n_valid is None and return_stats is False)
+
+
 def cross_entropy(logits, labels, *, axis=-1, weight=None, ignore_index=-100,
                   reduction="mean", label_smoothing=0.0, from_logits=True,
-                  base=None, num_threads=None):
+                  base=None, num_threads=None, z_loss=0.0, softcap=None,
+                  sample_weight=None, n_valid=None, return_stats=False):
     """Cross entropy between ``softmax(logits)`` along ``axis`` and ``labels``.
 
     ``labels`` are integer class indices (the logits' shape without ``axis``)
     or floating class probabilities (the logits' shape). Semantics follow
     ``torch.nn.functional.cross_entropy`` (pass ``axis=1`` for its layout).
-    The full contract: docs/API.md.
+    The full contract: docs/API.md; the language-model options (z_loss,
+    softcap, sample_weight, n_valid, return_stats): docs/lm-head.md.
     """
+    if _lm_options(z_loss, softcap, sample_weight, n_valid, return_stats):
+        from ._options import cross_entropy_options
+
+        return cross_entropy_options(logits, labels, axis, weight, ignore_index, reduction,
+                                     label_smoothing, from_logits, base, num_threads, z_loss,
+                                     softcap, sample_weight, n_valid, return_stats, False, 1.0,
+                                     None)
     # The common call is parsed and run whole by _core (same bits as below).
     loss = _core.cross_entropy_common(logits, labels, axis, weight, ignore_index, reduction,
                                       label_smoothing, from_logits, base, num_threads)
@@ -484,12 +499,22 @@ def cross_entropy(logits, labels, *, axis=-1, weight=None, ignore_index=-100,
 
 def cross_entropy_with_grad(logits, labels, *, axis=-1, weight=None, ignore_index=-100,
                             reduction="mean", label_smoothing=0.0, from_logits=True,
-                            base=None, num_threads=None, grad_output=1.0, out=None):
+                            base=None, num_threads=None, grad_output=1.0, out=None,
+                            z_loss=0.0, softcap=None, sample_weight=None, n_valid=None,
+                            return_stats=False):
     """``(loss, d(loss)/d(logits) * grad_output)`` from one fused pass.
 
     ``out=`` takes an array shaped like ``logits`` (of its dtype) for the
-    gradient; ``out=logits`` overwrites the logits in place. See docs/API.md.
+    gradient; ``out=logits`` overwrites the logits in place. See docs/API.md;
+    with ``return_stats=True`` the result is ``(loss, grad, stats)``.
     """
+    if _lm_options(z_loss, softcap, sample_weight, n_valid, return_stats):
+        from ._options import cross_entropy_options
+
+        return cross_entropy_options(logits, labels, axis, weight, ignore_index, reduction,
+                                     label_smoothing, from_logits, base, num_threads, z_loss,
+                                     softcap, sample_weight, n_valid, return_stats, True,
+                                     grad_output, out)
     res = _core.cross_entropy_common(logits, labels, axis, weight, ignore_index, reduction,
                                      label_smoothing, from_logits, base, num_threads, True,
                                      grad_output, out)

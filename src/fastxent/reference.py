@@ -319,33 +319,6 @@ def _cross_entropy(logits, labels, axis, weight, ignore_index, reduction,
     return loss, np.moveaxis(grad, -1, axis)
 
 
-def cross_entropy(logits, labels, *, axis=-1, weight=None, ignore_index=-100,
-                  reduction="mean", label_smoothing=0.0, from_logits=True,
-                  base=None, num_threads=None):
-    """Cross entropy of ``labels`` under ``softmax(logits)`` along ``axis``.
-
-    Semantics of ``torch.nn.functional.cross_entropy`` (integer class
-    indices or probability targets; weight, ignore_index, label_smoothing,
-    reduction).  With ``from_logits=False``, ``logits`` holds probabilities,
-    each in [0, 1] (else ValueError; NaN passes through): the loss is
-    ``-sum(w * t * log(p))`` with no renormalisation or clipping.
-    """
-    loss, _ = _cross_entropy(logits, labels, axis, weight, ignore_index, reduction,
-                             label_smoothing, from_logits, base, 1.0, want_grad=False)
-    return loss
-
-
-def cross_entropy_with_grad(logits, labels, *, axis=-1, weight=None, ignore_index=-100,
-                            reduction="mean", label_smoothing=0.0, from_logits=True,
-                            base=None, num_threads=None, grad_output=1.0, out=None):
-    """``(loss, grad)``: ``cross_entropy`` and its gradient w.r.t. ``logits``
-    times ``grad_output`` (a scalar, or batch-shaped for reduction="none")."""
-    loss, grad = _cross_entropy(logits, labels, axis, weight, ignore_index, reduction,
-                                label_smoothing, from_logits, base, grad_output,
-                                want_grad=True)
-    return loss, _into(out, grad)
-
-
 # --------------------------------------------------------------------------
 # KL divergence
 # --------------------------------------------------------------------------
@@ -551,3 +524,415 @@ def entropy(logits, *, axis=-1, from_logits=True, base=None, num_threads=None):
             p, log_p = x, np.log(x)
         terms = np.where(p != 0, p * log_p, 0.0)  # a class of probability 0 adds 0
         return np.asarray(-np.sum(terms, axis=-1) / log_base, dtype=np.float64)
+
+
+# --------------------------------------------------------------------------
+# Options of the language-model loss: z-loss, soft-capping, per-row weights,
+# a caller-given mean denominator, token statistics
+# --------------------------------------------------------------------------
+#
+# For a row with logits x, the options compute, in this order:
+#
+#   z        = softcap * tanh(x / softcap)          (x itself when softcap is None)
+#   lse      = log(sum(exp(z)))
+#   ce       = the cross entropy of the row above, on z (class weights,
+#              ignore_index and label smoothing as torch; 0 on ignored rows)
+#   zpart    = z_loss * lse**2                       (0 on ignored rows)
+#   row loss = sample_weight * (ce + zpart)
+#
+# How the z-loss composes with the other options (Liger-Kernel's
+# ``lse_square_scale`` is the model; PaLM introduced the term):
+#
+# - class ``weight``: not applied to the z-loss.  The term regularises the
+#   normaliser of the softmax, which does not depend on the label, so
+#   weighting it by the label's class would make the regulariser stronger on
+#   rare classes for no reason.  Liger does the same.
+# - ``ignore_index``: an ignored row contributes no z-loss (nor gradient), as
+#   in Liger: ignored positions are padding or prompt tokens.
+# - ``sample_weight``: scales the whole row loss, z-loss included: a token of
+#   weight 0 contributes nothing at all (Liger has no per-token weight).
+# - "mean": the cross entropy part is divided by the sum of the weights of the
+#   counted rows, sum_i sample_weight_i * weight[y_i] (torch's denominator,
+#   times the per-token weights: scikit-learn's log_loss); the z-loss part by
+#   sum_i sample_weight_i over the counted rows, its own (unweighted by class)
+#   denominator.  Without class weights both denominators are the same number
+#   and the mean is sum(row loss) / sum(sample_weight).  With sample_weight
+#   None this is exactly Liger's loss: CE mean + z_loss * mean(lse**2) over
+#   the non-ignored rows.  Soft labels count every row: both denominators are
+#   sum(sample_weight) (the number of rows without it).
+# - ``n_valid``: replaces both denominators of "mean" (Unsloth's n_items), so
+#   that the sum over micro-batches of their means with the same n_valid is
+#   the mean of the whole batch.
+# - ``base``: divides the whole row loss, z-loss included.
+#
+# The gradient of the z-loss term with respect to z is 2 * z_loss * lse *
+# softmax(z) (Liger's formula); soft-capping multiplies the gradient with
+# respect to z by dz/dx = 1 - tanh(x / softcap)**2.
+#
+# ``return_stats=True`` adds a CrossEntropyStats named tuple, computed from
+# the same rows:
+#   lse      per row; for "mean"/"sum" the mean over the counted rows,
+#            weighted by sample_weight.  For from_logits=False it is
+#            log(sum(p)), the log normaliser of the given probabilities.
+#   z_loss   the z-loss part of the returned loss, reduced as the loss (per
+#            row for "none"), so that ``loss - z_loss`` is the cross entropy.
+#   argmax   per row in every reduction: the index of the largest input
+#            logit (before soft-capping, which preserves the order), ties to
+#            the lowest index as torch.argmax.
+#   accuracy for "mean"/"sum" the fraction of counted rows whose argmax is
+#            the label (the argmax of the label probabilities for soft
+#            labels), weighted by sample_weight (NaN when no row counts); for
+#            "none" 1.0 or 0.0 per row and NaN at ignored rows.
+
+from collections import namedtuple as _namedtuple
+
+CrossEntropyStats = _namedtuple("CrossEntropyStats", ["lse", "z_loss", "argmax", "accuracy"])
+
+
+def _option_number(value, name, positive=False):
+    """A finite real option (>= 0, or > 0 with positive=True) as a float."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {value!r}") from None
+    if not math.isfinite(v) or v < 0 or (positive and v == 0):
+        what = "a positive finite number" if positive else "a finite number >= 0"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return v
+
+
+def _check_sample_weight(sample_weight, batch_shape):
+    if sample_weight is None:
+        return np.ones(batch_shape)
+    sw = _as_float64(sample_weight, "sample_weight")
+    if sw.shape != tuple(batch_shape):
+        raise ValueError(f"sample_weight has shape {sw.shape}, expected the batch shape "
+                         f"{tuple(batch_shape)} (one weight per row)")
+    bad = ~(np.isfinite(sw) & (sw >= 0))
+    if np.any(bad):
+        position = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"sample_weight must be finite and non-negative; "
+                         f"sample_weight{list(position)} = {sw[position]!r}")
+    return sw
+
+
+def _cross_entropy_options(logits, labels, axis, weight, ignore_index, reduction,
+                           label_smoothing, from_logits, base, z_loss, softcap,
+                           sample_weight, n_valid, grad_output, want_grad):
+    x = _as_float64(logits, "logits")
+    axis = _class_axis(x.ndim, axis)
+    _check_reduction(reduction, _REDUCTIONS)
+    log_base = _log_base(base)
+    z_loss = _option_number(z_loss, "z_loss")
+    if softcap is not None:
+        softcap = _option_number(softcap, "softcap", positive=True)
+    if n_valid is not None:
+        n_valid = _option_number(n_valid, "n_valid", positive=True)
+        if reduction != "mean":
+            raise ValueError(f"n_valid is the denominator of reduction='mean'; "
+                             f"got reduction={reduction!r}")
+    if not from_logits and (z_loss != 0 or softcap is not None):
+        raise ValueError("z_loss and softcap apply to logits; they need from_logits=True")
+
+    xl = np.moveaxis(x, axis, -1)
+    _check_classes(xl.shape[-1])
+    batch_shape = xl.shape[:-1]
+    sw = _check_sample_weight(sample_weight, batch_shape)
+    labels = np.asarray(labels)
+    hard = labels.dtype.kind in "iu"
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        z = xl if softcap is None else softcap * np.tanh(xl / softcap)
+        lse = _logsumexp_last(z) if from_logits else np.log(np.sum(xl, axis=-1))
+        # The cross entropy part per row (class-weighted, 0 at ignored rows),
+        # from the oracle above, which also checks labels and weight.
+        ce, _ = _cross_entropy(np.moveaxis(z, -1, axis), labels, axis, weight, ignore_index,
+                               "none", label_smoothing, from_logits, None, 1.0, False)
+        if hard:
+            counted = labels != ignore_index
+            y = np.where(counted, labels, 0).astype(np.intp)
+            w = np.ones(xl.shape[-1]) if weight is None else _as_float64(weight, "weight")
+            ce_denominator = np.sum(sw * w[y] * counted)
+            truth = y
+        else:
+            counted = np.ones(batch_shape, dtype=bool)
+            ce_denominator = np.sum(sw)
+            truth = np.argmax(np.moveaxis(_as_float64(labels, "labels"), axis, -1), axis=-1)
+        z_denominator = np.sum(sw * counted)
+        if n_valid is not None:
+            ce_denominator = z_denominator = n_valid
+        zpart = np.where(counted & (z_loss != 0), z_loss * lse**2, 0.0)
+
+        # Per-row factors of the two parts of the loss: d(loss)/d(part of row i).
+        g = _as_float64(grad_output if want_grad else 1.0, "grad_output")
+        if reduction == "none":
+            try:
+                g = np.broadcast_to(g, batch_shape)
+            except ValueError:
+                raise ValueError(f"grad_output of shape {g.shape} does not broadcast to "
+                                 f"the per-position loss shape {tuple(batch_shape)}") from None
+        elif g.ndim != 0:
+            raise ValueError(f"grad_output must be a scalar for reduction={reduction!r}, "
+                             f"got shape {g.shape}")
+        ce_factor = z_factor = g * sw
+        if reduction == "mean":
+            # A mean over nothing is NaN; its gradient is 0.
+            ce_factor = ce_factor / ce_denominator if ce_denominator else 0.0 * sw
+            z_factor = z_factor / z_denominator if z_denominator else 0.0 * sw
+        grad = None
+        if want_grad:
+            _, grad_z = _cross_entropy(np.moveaxis(z, -1, axis), labels, axis, weight,
+                                       ignore_index, "none", label_smoothing, from_logits,
+                                       None, ce_factor, True)
+            grad_z = np.moveaxis(grad_z, axis, -1)
+            if z_loss != 0:
+                zg = np.where(counted, 2.0 * z_loss * lse * z_factor, 0.0)
+                grad_z = grad_z + zg[..., None] * _softmax_last(z)
+            if softcap is not None:
+                grad_z = grad_z * (1.0 - np.tanh(xl / softcap) ** 2)
+            grad = np.moveaxis(grad_z / log_base, -1, axis)
+
+        ce_sum, z_sum = np.sum(sw * ce), np.sum(sw * zpart)
+        if reduction == "none":
+            loss = np.asarray(sw * (ce + zpart) / log_base, dtype=np.float64)
+            zstat = sw * zpart / log_base
+        elif reduction == "sum":
+            loss = np.float64((ce_sum + z_sum) / log_base)
+            zstat = np.float64(z_sum / log_base)
+        else:
+            ce_mean = ce_sum / ce_denominator if ce_denominator else np.nan
+            zstat = (z_sum / z_denominator if z_denominator else np.nan) if z_loss != 0 else 0.0
+            loss = np.float64((ce_mean + zstat) / log_base)
+            zstat = np.float64(zstat / log_base)
+
+        argmax = np.argmax(xl, axis=-1)
+        correct = argmax == truth
+        if reduction == "none":
+            accuracy = np.where(counted, correct.astype(np.float64), np.nan)
+            lse_stat = lse
+        else:
+            total = np.sum(sw * counted)
+            accuracy = np.float64(np.sum(sw * counted * correct) / total) if total else np.float64(np.nan)
+            lse_stat = np.float64(np.sum(np.where(counted, sw * lse, 0.0)) / total) if total \
+                else np.float64(np.nan)
+    stats = CrossEntropyStats(lse_stat, zstat, argmax, accuracy)
+    return loss, grad, stats
+
+
+def cross_entropy(logits, labels, *, axis=-1, weight=None, ignore_index=-100,
+                  reduction="mean", label_smoothing=0.0, from_logits=True,
+                  base=None, num_threads=None, z_loss=0.0, softcap=None,
+                  sample_weight=None, n_valid=None, return_stats=False):
+    """Cross entropy of ``labels`` under ``softmax(logits)`` along ``axis``.
+
+    Semantics of ``torch.nn.functional.cross_entropy`` (integer class
+    indices or probability targets; weight, ignore_index, label_smoothing,
+    reduction).  With ``from_logits=False``, ``logits`` holds probabilities:
+    the loss is ``-sum(w * t * log(p))`` with no renormalisation or clipping.
+    The language-model options (z_loss, softcap, sample_weight, n_valid,
+    return_stats) are described above; ``return_stats=True`` returns
+    ``(loss, CrossEntropyStats)``.
+    """
+    loss, _, stats = _cross_entropy_options(
+        logits, labels, axis, weight, ignore_index, reduction, label_smoothing, from_logits,
+        base, z_loss, softcap, sample_weight, n_valid, 1.0, want_grad=False)
+    return (loss, stats) if return_stats else loss
+
+
+def cross_entropy_with_grad(logits, labels, *, axis=-1, weight=None, ignore_index=-100,
+                            reduction="mean", label_smoothing=0.0, from_logits=True,
+                            base=None, num_threads=None, grad_output=1.0, out=None,
+                            z_loss=0.0, softcap=None, sample_weight=None, n_valid=None,
+                            return_stats=False):
+    """``(loss, grad)``: ``cross_entropy`` and its gradient w.r.t. ``logits``
+    times ``grad_output`` (a scalar, or batch-shaped for reduction="none");
+    ``(loss, grad, CrossEntropyStats)`` with ``return_stats=True``."""
+    loss, grad, stats = _cross_entropy_options(
+        logits, labels, axis, weight, ignore_index, reduction, label_smoothing, from_logits,
+        base, z_loss, softcap, sample_weight, n_valid, grad_output, want_grad=True)
+    grad = _into(out, grad)
+    return (loss, grad, stats) if return_stats else (loss, grad)
+
+
+# --------------------------------------------------------------------------
+# Generalised Jensen-Shannon divergence (Liger-Kernel's LigerJSD)
+# --------------------------------------------------------------------------
+#
+# With Q = softmax(student / T) the student's distribution, P the teacher's
+# (from teacher logits softened by T, log-probabilities or probabilities) and
+# M = beta * Q + (1 - beta) * P, Liger's generalised JSD of a row is
+#
+#   0 < beta < 1:  beta * KL(Q || M) + (1 - beta) * KL(P || M)
+#                  = sum_c beta Q log Q + (1 - beta) P log P - M log M
+#   beta = 0:      KL(P || Q)   (forward KL, the limit Liger uses)
+#   beta = 1:      KL(Q || P)   (reverse KL)
+#
+# times T**2, as kl_div does (so that jsd(beta=0) is kl_div(student, teacher)
+# with the same temperature; Liger's fused linear JSD divides the logits by T
+# and does not multiply by T**2).  0 log 0 counts as 0.  Rows whose label is
+# ignore_index (when labels are given) count neither in the loss nor in the
+# denominator, as in Liger; "batchmean" and "mean" divide the sum by the
+# number of counted rows, "none" gives one value per row (0 at ignored rows).
+#
+# With X = log Q, the gradient of the row sum with respect to X is
+#   0 < beta < 1:  beta * Q * (X - log M)    (Liger's dX)
+#   beta = 0:      -P
+#   beta = 1:      Q * (X - log P) + Q
+# and through the log-softmax, d/dz = (dX - Q * sum(dX)) / T, times T**2.
+
+_JSD_REDUCTIONS = ("batchmean", "mean", "sum", "none")
+
+
+def _jsd(student_logits, teacher_logits, beta, temperature, target_kind, labels,
+         ignore_index, reduction, axis, base, grad_output, want_grad):
+    x = _as_float64(student_logits, "student_logits")
+    t = _as_float64(teacher_logits, "teacher_logits")
+    axis = _class_axis(x.ndim, axis)
+    _check_reduction(reduction, _JSD_REDUCTIONS)
+    if target_kind not in _TARGET_KINDS:
+        raise ValueError(f"unknown target_kind {target_kind!r}; expected one of {_TARGET_KINDS}")
+    beta = _option_number(beta, "beta")
+    if beta > 1:
+        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+    T = _option_number(temperature, "temperature", positive=True)
+    log_base = _log_base(base)
+    if t.shape != x.shape:
+        raise ValueError(f"teacher_logits has shape {t.shape}, expected the student's {x.shape}")
+    x = np.moveaxis(x, axis, -1)
+    t = np.moveaxis(t, axis, -1)
+    _check_classes(x.shape[-1])
+    batch_shape = x.shape[:-1]
+    if labels is None:
+        counted = np.ones(batch_shape, dtype=bool)
+    else:
+        labels = np.asarray(labels)
+        if labels.shape != batch_shape:
+            raise ValueError(f"labels have shape {labels.shape}, expected the batch shape "
+                             f"{tuple(batch_shape)}")
+        counted = labels != ignore_index
+    denominator = np.sum(counted)
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        log_q = _log_softmax_last(x / T)
+        q = np.exp(log_q)
+        if target_kind == "probs":
+            p, log_p = t, np.log(t)
+        elif target_kind == "log_probs":
+            p, log_p = np.exp(t), t
+        else:
+            log_p = _log_softmax_last(t / T)
+            p = np.exp(log_p)
+
+        def xlogy(a, log_b):
+            return np.where(a != 0, a * log_b, 0.0)
+
+        if beta == 0.0:
+            terms = xlogy(p, log_p) - xlogy(p, log_q)
+            d_logq = -p
+        elif beta == 1.0:
+            terms = xlogy(q, log_q) - xlogy(q, log_p)
+            d_logq = q * (log_q - log_p) + q
+        else:
+            m = beta * q + (1.0 - beta) * p
+            log_m = np.log(m)
+            terms = beta * xlogy(q, log_q) + (1.0 - beta) * xlogy(p, log_p) - xlogy(m, log_m)
+            d_logq = beta * np.where(q != 0, q * (log_q - log_m), 0.0)
+        per_row = np.where(counted, T**2 * np.sum(terms, axis=-1), 0.0) / log_base
+        name = "none" if reduction == "none" else ("sum" if reduction == "sum" else "mean")
+        loss = _reduce(per_row, name, denominator)
+        if not want_grad:
+            return loss, None
+        grad = T * (d_logq - q * np.sum(d_logq, axis=-1, keepdims=True))
+        grad = np.where(counted[..., None], grad, 0.0)
+        scale = _gradient_scale(name, grad_output, batch_shape, denominator)
+        grad = grad * scale[..., None] / log_base
+    return loss, np.moveaxis(grad, -1, axis)
+
+
+def jsd(student_logits, teacher_logits, *, beta=0.5, temperature=1.0, target_kind="logits",
+        labels=None, ignore_index=-100, reduction="batchmean", axis=-1, base=None,
+        num_threads=None):
+    """Liger's generalised Jensen-Shannon divergence between the student's
+    ``softmax(student_logits / T)`` and the teacher's distribution, times
+    ``T**2`` (beta = 0: KL(teacher || student), beta = 1: KL(student ||
+    teacher)); rows whose ``labels`` equal ``ignore_index`` are left out."""
+    loss, _ = _jsd(student_logits, teacher_logits, beta, temperature, target_kind, labels,
+                   ignore_index, reduction, axis, base, 1.0, want_grad=False)
+    return loss
+
+
+def jsd_with_grad(student_logits, teacher_logits, *, beta=0.5, temperature=1.0,
+                  target_kind="logits", labels=None, ignore_index=-100, reduction="batchmean",
+                  axis=-1, base=None, num_threads=None, grad_output=1.0, out=None):
+    """``(loss, grad)``: ``jsd`` and its gradient w.r.t. ``student_logits``."""
+    loss, grad = _jsd(student_logits, teacher_logits, beta, temperature, target_kind, labels,
+                      ignore_index, reduction, axis, base, grad_output, want_grad=True)
+    return loss, _into(out, grad)
+
+
+# --------------------------------------------------------------------------
+# The linear head: cross entropy of hidden @ weight.T + bias
+# --------------------------------------------------------------------------
+
+def _linear_cross_entropy(hidden, weight, labels, bias, options, grad_output, want_grad):
+    h = _as_float64(hidden, "hidden")
+    w = _as_float64(weight, "weight")
+    if h.ndim < 1 or w.ndim != 2:
+        raise ValueError(f"hidden must be (..., D) and weight (V, D); got {h.shape} and {w.shape}")
+    if h.shape[-1] != w.shape[1]:
+        raise ValueError(f"hidden has D = {h.shape[-1]} features but weight has {w.shape[1]}")
+    logits = h @ w.T  # materialised: the oracle
+    if bias is not None:
+        b = _as_float64(bias, "bias")
+        if b.shape != (w.shape[0],):
+            raise ValueError(f"bias has shape {b.shape}, expected ({w.shape[0]},)")
+        logits = logits + b
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    options = dict(options)
+    options["weight"] = options.pop("class_weight", None)
+    loss, grad, stats = _cross_entropy_options(
+        logits, labels, -1, options["weight"], options.get("ignore_index", -100),
+        options.get("reduction", "mean"), options.get("label_smoothing", 0.0), True,
+        options.get("base"), options.get("z_loss", 0.0), options.get("softcap"),
+        options.get("sample_weight"), options.get("n_valid"), grad_output, want_grad)
+    if not want_grad:
+        return loss, None, stats
+    g2 = grad.reshape(-1, w.shape[0])
+    grads = [(g2 @ w).reshape(h.shape), g2.T @ h.reshape(-1, w.shape[1])]
+    if bias is not None:
+        grads.append(g2.sum(axis=0))
+    return loss, grads, stats
+
+
+def linear_cross_entropy(hidden, weight, labels, *, bias=None, class_weight=None,
+                         ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                         z_loss=0.0, softcap=None, sample_weight=None, n_valid=None,
+                         base=None, return_stats=False, num_threads=None, chunk_size=None):
+    """``cross_entropy(hidden @ weight.T + bias, labels, ...)`` with the logits
+    materialised in float64; ``weight`` is (V, D), the ``nn.Linear`` layout,
+    and the class weights are ``class_weight``."""
+    opts = dict(class_weight=class_weight, ignore_index=ignore_index, reduction=reduction,
+                label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                sample_weight=sample_weight, n_valid=n_valid, base=base)
+    loss, _, stats = _linear_cross_entropy(hidden, weight, labels, bias, opts, 1.0, False)
+    return (loss, stats) if return_stats else loss
+
+
+def linear_cross_entropy_with_grad(hidden, weight, labels, *, bias=None, class_weight=None,
+                                   ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                                   z_loss=0.0, softcap=None, sample_weight=None, n_valid=None,
+                                   base=None, return_stats=False, num_threads=None,
+                                   chunk_size=None, grad_output=1.0):
+    """``(loss, d_hidden, d_weight[, d_bias][, stats])`` of ``linear_cross_entropy``."""
+    opts = dict(class_weight=class_weight, ignore_index=ignore_index, reduction=reduction,
+                label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                sample_weight=sample_weight, n_valid=n_valid, base=base)
+    loss, grads, stats = _linear_cross_entropy(hidden, weight, labels, bias, opts,
+                                               grad_output, True)
+    return (loss, *grads, stats) if return_stats else (loss, *grads)
+
+
+__all__ += ["CrossEntropyStats", "jsd", "jsd_with_grad", "linear_cross_entropy",
+            "linear_cross_entropy_with_grad"]

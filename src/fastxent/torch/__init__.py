@@ -16,6 +16,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from . import _functional, _modules
 from ._functional import *  # noqa: F401,F403
+from ._head import linear_cross_entropy
 from ._modules import *  # noqa: F401,F403
 
-__all__ = _functional.__all__ + _modules.__all__
+__all__ = _functional.__all__ + _modules.__all__ + ["linear_cross_entropy"]
