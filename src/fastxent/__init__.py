@@ -7,7 +7,7 @@ NumPy (float64) twin of every function.
 """
 import warnings as _warnings
 
-from . import _api, _core, reference
+from . import _api, _core, _shard, reference
 from ._api import (
     binary_cross_entropy,
     binary_cross_entropy_with_grad,
@@ -22,10 +22,19 @@ from ._api import (
     set_num_threads,
     softmax,
 )
+from ._shard import (
+    ShardGradParts,
+    ShardStats,
+    combine_shard_stats,
+    rescale_shard_stats,
+    shard_grad,
+    shard_loss,
+    shard_stats,
+)
 
 __version__ = "0.1.0"
 
-__all__ = [*_api.__all__, "show_config", "__version__"]
+__all__ = [*_api.__all__, *_shard.__all__, "show_config", "__version__"]
 
 if _core.init_status() != 0:
     import os as _os
