@@ -7,7 +7,9 @@ than a memory budget are processed within it (peak RSS of the workers).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -185,20 +187,14 @@ def test_bad_input(data, tmp_path):
 # A LocalCluster of 2 worker processes
 # --------------------------------------------------------------------------
 
-def _write_logits(path, n, c, seed=0, block=1024):
-    """A float32 logits file written in row blocks (never whole in memory),
-    with labels; returns the labels."""
-    rng = np.random.default_rng(seed)
-    mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, c))
-    labels = rng.integers(0, c, n)
-    for r0 in range(0, n, block):
-        r1 = min(n, r0 + block)
-        b = rng.standard_normal((r1 - r0, c), dtype=np.float32)
-        b[np.arange(r1 - r0), labels[r0:r1]] += 2.0
-        mm[r0:r1] = b
-    mm.flush()
-    del mm
-    return labels
+def _write_logits(path, n, c):
+    """The example's writer (examples/perplexity_from_disk.py): a float32
+    logits file written in row blocks, never whole in memory; its labels."""
+    spec = importlib.util.spec_from_file_location(
+        "perplexity_from_disk", Path(__file__).parent.parent / "examples" / "perplexity_from_disk.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    return example.write_logits(path, n, c)
 
 
 def _in_memory(path, labels, block=1024):

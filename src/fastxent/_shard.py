@@ -46,7 +46,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _api
+from . import _api, _core
 
 __all__ = [
     "ShardStats",
@@ -167,10 +167,10 @@ def _check_stats(stats, name="stats"):
     return stats
 
 
-def _local_labels(labels64, v0, c_local):
-    """(index into the shard or -1, in-shard mask)."""
+def _local_labels(labels64, v0, c_local, ignore_index):
+    """(index into the shard or -1, in-shard mask); ignored rows are in no shard."""
     local = labels64 - v0
-    inside = (labels64 >= v0) & (local < c_local)
+    inside = (labels64 >= v0) & (local < c_local) & (labels64 != ignore_index)
     return np.where(inside, local, -1), inside
 
 
@@ -184,12 +184,16 @@ def _row_blocks(n, c):
         yield r0, min(n, r0 + step)
 
 
-def _stats_rows(rows, w_shard, stash):
-    """(m, s, d) of (n, c) rows in float64; exp(x - m) into stash if given."""
+def _stats_numpy(rows, labels64, ignore_index, v0, w_shard, smooth, stash):
+    """The (n, 5) statistics of (n, c) rows in float64 (see _STATS_FIELDS);
+    exp(x - m) into stash if given. NumPy's version of FX_SHARD_STATS."""
     n, c = rows.shape
-    m = np.empty(n)
-    s = np.empty(n)
-    d = np.empty(n)
+    res = np.zeros((n, 5))
+    # The target logits first: the stash may be the rows themselves.
+    local, inside = _local_labels(labels64, v0, c, ignore_index)
+    rows_in = np.nonzero(inside)[0]
+    res[rows_in, 2] = rows[rows_in, local[rows_in]].astype(np.float64)
+    res[:, 3] = inside
     for r0, r1 in _row_blocks(n, c):
         x = rows[r0:r1].astype(np.float64)
         mb = np.fmax.reduce(x, axis=1)
@@ -198,24 +202,37 @@ def _stats_rows(rows, w_shard, stash):
         with np.errstate(invalid="ignore", over="ignore"):
             e = np.exp(z)
             sb = e.sum(axis=1)
-            if w_shard is None:
-                db = z.sum(axis=1)
-            else:
-                db = np.where(w_shard == 0, 0.0, w_shard * z).sum(axis=1)
+            if smooth:
+                w = 1.0 if w_shard is None else w_shard
+                res[r0:r1, 4] = np.where(w == 0, 0.0, w * z).sum(axis=1)
         # A shard whose classes are all -inf adds nothing to the row (and -inf
         # to its smoothing sum); a +inf or all-NaN one has no softmax.
         empty = mb == -np.inf
         sb[~finite] = np.where(empty[~finite], 0.0, np.nan)
-        wk = c if w_shard is None else np.sum(w_shard)
-        db[empty] = -np.inf if wk > 0 else 0.0
-        m[r0:r1], s[r0:r1], d[r0:r1] = mb, sb, db
+        if smooth:
+            wk = c if w_shard is None else np.sum(w_shard)
+            res[r0:r1, 4][empty] = -np.inf if wk > 0 else 0.0
+            res[r0:r1, 4][~finite & ~empty] = np.nan
+        res[r0:r1, 0], res[r0:r1, 1] = mb, sb
         if stash is not None:
-            stash[r0:r1] = e
-    return m, s, d
+            stash[r0:r1] = np.where(empty[:, None], 0.0, e)
+    return res
+
+
+def _stats(inp, labels64, ignore_index, v0, w_shard, smooth, stash, nt):
+    """The (n, 5) statistics: the row kernel FX_SHARD_STATS where the
+    extension has it, else NumPy in float64."""
+    if hasattr(_core, "run_shard"):
+        res = np.empty(inp.n * 5)
+        _core.run_shard(_core.SHARD_STATS, inp.rows, labels64, w_shard, ignore_index, v0,
+                        1.0 if smooth else 0.0, stash, res, None, nt, xdtype=inp.code)
+        return res.reshape(inp.n, 5)
+    return _stats_numpy(inp.rows, labels64, ignore_index, v0, w_shard, smooth, stash)
 
 
 def shard_stats(logits_shard, labels, *, vocab_start, axis=-1, weight=None, ignore_index=-100,
-                num_classes=None, return_grad_parts=False, out=None, num_threads=None):
+                num_classes=None, logit_sum=True, return_grad_parts=False, out=None,
+                num_threads=None):
     """Statistics of one vocabulary shard, to be merged with the others'.
 
     ``logits_shard`` holds the logits of classes ``[vocab_start, vocab_start
@@ -223,7 +240,9 @@ def shard_stats(logits_shard, labels, *, vocab_start, axis=-1, weight=None, igno
     (the batch shape; ``ignore_index`` marks rows that count for nothing).
     ``weight``, if given, is the ``(num_classes,)`` vector of every class's
     weight (each shard reads its slice). ``num_classes``, if given, checks
-    the labels and the shard's range.
+    the labels and the shard's range. ``logit_sum=False`` skips the sum of
+    the logits that only label smoothing needs (``ShardStats.logit_sum`` is
+    then None).
 
     Returns a :class:`ShardStats`; with ``return_grad_parts=True`` also a
     :class:`ShardGradParts` holding ``exp(x - max)`` of the shard (written
@@ -231,14 +250,14 @@ def shard_stats(logits_shard, labels, *, vocab_start, axis=-1, weight=None, igno
     may be ``logits_shard`` itself), from which ``shard_grad`` makes the
     gradient without a second exponential.
     """
-    inp = _api._Input(logits_shard, axis, "logits_shard")
+    inp = _api._Input(logits_shard, axis, "logits_shard", keep16=True)
     ignore_index = _api._check_ignore_index(ignore_index)
     num_classes = _check_num_classes(num_classes, weight)
     v0 = _check_vocab_start(vocab_start, inp.c, num_classes)
-    _api._threads(num_threads)
+    nt = _api._threads(num_threads)
     labels64 = _check_global_labels(labels, inp.batch_shape, num_classes, ignore_index)
-    w64, _ = _check_full_weight(weight, num_classes, inp.dtype)
-    w_shard = None if w64 is None else w64[v0:v0 + inp.c]
+    w64, wt = _check_full_weight(weight, num_classes, inp.dtype)
+    w_shard = None if wt is None else np.ascontiguousarray(wt[v0:v0 + inp.c])
 
     stash = stash_rows = None
     if return_grad_parts:
@@ -250,16 +269,13 @@ def shard_stats(logits_shard, labels, *, vocab_start, axis=-1, weight=None, igno
         raise ValueError("out= is where return_grad_parts=True puts exp(x - max); "
                          "it needs return_grad_parts=True")
 
-    m, s, d = _stats_rows(inp.rows, w_shard, stash)
-    local, inside = _local_labels(labels64, v0, inp.c)
-    xt = np.zeros(inp.n)
-    rows_in = np.nonzero(inside)[0]
-    xt[rows_in] = inp.rows[rows_in, local[rows_in]].astype(np.float64)
-
+    res = _stats(inp, labels64, ignore_index, v0, w_shard, bool(logit_sum), stash, nt)
     shape = inp.batch_shape
-    stats = ShardStats(m.reshape(shape), s.reshape(shape), xt.reshape(shape),
-                       inside.reshape(shape), d.reshape(shape),
-                       float(inp.c) if w_shard is None else float(np.sum(w_shard)), int(inp.c))
+    stats = ShardStats(res[:, 0].reshape(shape), res[:, 1].reshape(shape),
+                       res[:, 2].reshape(shape), (res[:, 3] != 0).reshape(shape),
+                       res[:, 4].reshape(shape) if logit_sum else None,
+                       float(inp.c) if w64 is None else float(np.sum(w64[v0:v0 + inp.c])),
+                       int(inp.c))
     if not return_grad_parts:
         return stats
     if out is not None:
@@ -286,7 +302,8 @@ def rescale_shard_stats(stats, global_max):
         delta = np.where(st.max == M, 0.0, st.max - M)
         s = st.sumexp * np.exp(delta)
         # A shard of total weight 0 adds nothing, even at m_k = -inf.
-        d = st.logit_sum + (0.0 if st.weight_sum == 0 else st.weight_sum * delta)
+        d = None if st.logit_sum is None else (
+            st.logit_sum + (0.0 if st.weight_sum == 0 else st.weight_sum * delta))
     return ShardStats(M, s, st.target_logit, st.in_shard, d, st.weight_sum, st.num_classes)
 
 
@@ -311,13 +328,14 @@ def combine_shard_stats(stats):
     for p in parts[1:]:
         M = np.fmax(M, p.max)
     scaled = [rescale_shard_stats(p, M) for p in parts]
-    s, xt, d = (np.array(scaled[0].sumexp), np.array(scaled[0].target_logit),
-                np.array(scaled[0].logit_sum))
+    s, xt = np.array(scaled[0].sumexp), np.array(scaled[0].target_logit)
+    d = None if any(p.logit_sum is None for p in parts) else np.array(scaled[0].logit_sum)
     count = np.asarray(scaled[0].in_shard, dtype=np.int64)
     for p in scaled[1:]:
         s = s + p.sumexp
         xt = xt + p.target_logit
-        d = d + p.logit_sum
+        if d is not None:
+            d = d + p.logit_sum
         count = count + p.in_shard
     if (count > 1).any():
         i = int(np.argmax(count.reshape(-1) > 1))
@@ -357,6 +375,9 @@ def shard_loss(stats, labels, *, weight=None, ignore_index=-100, reduction="mean
     st = combine_shard_stats(stats)
     reduction = _api._check_reduction(reduction)
     eps = _api._check_smoothing(label_smoothing)
+    if eps > 0 and st.logit_sum is None:
+        raise ValueError("label_smoothing needs the logit sums of every shard: "
+                         "shard_stats(..., logit_sum=True)")
     scale = _api._log_base_scale(base)
     ignore_index = _api._check_ignore_index(ignore_index)
     shape = np.shape(st.max)
@@ -384,6 +405,28 @@ def shard_loss(stats, labels, *, weight=None, ignore_index=-100, reduction="mean
         denom = float(np.sum(wy[counted]))
         total = total / denom if denom != 0 else np.float64(np.nan)
     return np.float64(total * scale)
+
+
+def _grad_numpy(rows, labels64, ignore_index, v0, w_shard, row_in, grad_rows, ct):
+    """NumPy's version of FX_SHARD_GRAD (and the affine map over a stash,
+    whose hi is 0): exp(x - hi) k1 - k2 w, the true class gy, ignored rows 0."""
+    n, c = rows.shape
+    local, inside = _local_labels(labels64, v0, c, ignore_index)
+    rows_in = np.nonzero(inside)[0]
+    gy = row_in[rows_in, 3].astype(ct)  # before out=rows is overwritten
+    stashed = not row_in[:, 0].any()
+    for r0, r1 in _row_blocks(n, c):
+        x = rows[r0:r1].astype(ct, copy=False)
+        p = row_in[r0:r1].astype(ct)
+        with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+            e = x if stashed else np.exp(x - p[:, :1])
+            g = e * p[:, 1:2]
+            g -= p[:, 2:3] if w_shard is None else p[:, 2:3] * w_shard
+        grad_rows[r0:r1] = g
+    grad_rows[rows_in, local[rows_in]] = gy
+    ignored = np.nonzero(labels64 == ignore_index)[0]
+    if ignored.size:
+        grad_rows[ignored] = 0
 
 
 def _weight_of(weight, C):
@@ -421,12 +464,12 @@ def shard_grad(logits_shard, labels, global_lse, *, vocab_start, num_classes=Non
         source = grad_parts.exp
     else:
         source = logits_shard
-    inp = _api._Input(source, axis, "logits_shard")
+    inp = _api._Input(source, axis, "logits_shard", keep16=True)
     reduction = _api._check_reduction(reduction)
     eps = _api._check_smoothing(label_smoothing)
     scale = _api._log_base_scale(base)
     ignore_index = _api._check_ignore_index(ignore_index)
-    _api._threads(num_threads)
+    nt = _api._threads(num_threads)
     num_classes = _check_num_classes(num_classes, weight)
     if eps > 0 and num_classes is None:
         raise ValueError("label_smoothing needs num_classes (or weight) in shard_grad: the "
@@ -459,10 +502,9 @@ def shard_grad(logits_shard, labels, global_lse, *, vocab_start, num_classes=Non
     A = c1 + ec * W
     k1 = gs * A
     k2 = gs * ec
-    local, inside = _local_labels(labels64, v0, inp.c)
-    rows_in = np.nonzero(inside & counted)[0]
+    local, inside = _local_labels(labels64, v0, inp.c, ignore_index)
+    rows_in = np.nonzero(inside)[0]
     if grad_parts is not None:
-        gmax = np.asarray(grad_parts.max, dtype=np.float64).reshape(-1)
         xy = np.asarray(grad_parts.target_logit, dtype=np.float64).reshape(-1)
     else:
         xy = np.zeros(inp.n)
@@ -470,7 +512,7 @@ def shard_grad(logits_shard, labels, global_lse, *, vocab_start, num_classes=Non
     with np.errstate(invalid="ignore", over="ignore"):
         gy = gs * (np.exp(xy - lse) * A - c1 - ec * wy)
 
-    w_shard = None if wt is None else wt[v0:v0 + inp.c]
+    w_shard = None if wt is None else np.ascontiguousarray(wt[v0:v0 + inp.c])
     rows_out = None
     if out is not None:
         rows_out = _api._check_out(out, inp, inp.out_dtype)
@@ -478,28 +520,23 @@ def shard_grad(logits_shard, labels, global_lse, *, vocab_start, num_classes=Non
                             inp.array)
     grad_rows = rows_out if rows_out is not None else np.empty((inp.n, inp.c), inp.rows.dtype)
     ct = inp.dtype.type
-    for r0, r1 in _row_blocks(inp.n, inp.c):
-        x = inp.rows[r0:r1]
-        with np.errstate(invalid="ignore", over="ignore", under="ignore"):
-            if grad_parts is not None:
-                # exp(x - m_k) * exp(m_k - lse): the stash's own max.
-                kk = (k1[r0:r1] * np.exp(gmax[r0:r1] - lse[r0:r1])).astype(ct)
-                e = x.astype(ct, copy=False)
-            else:
-                # x - lse in the compute dtype with lse split as hi + lo:
-                # x - hi is exact near the maximum, where it matters.
-                hi = lse[r0:r1].astype(ct)
-                lo = (lse[r0:r1] - hi).astype(ct)
-                e = np.exp((x.astype(ct, copy=False) - hi[:, None]) - lo[:, None])
-                kk = k1[r0:r1].astype(ct)
-            g = e * kk[:, None]
-            k2b = k2[r0:r1].astype(ct)[:, None]
-            g -= k2b if w_shard is None else k2b * w_shard
-        grad_rows[r0:r1] = g
-    grad_rows[rows_in, local[rows_in]] = gy[rows_in]
-    ignored = np.nonzero(~counted)[0]
-    if ignored.size:
-        grad_rows[ignored] = 0
+    with np.errstate(invalid="ignore", over="ignore"):
+        if grad_parts is not None:
+            # exp(x - m_k) * exp(m_k - lse): the stash's own max.
+            hi = np.zeros(inp.n)
+            k1 = k1 * np.exp(np.asarray(grad_parts.max, np.float64).reshape(-1) - lse)
+        else:
+            # exp(x - lse) = exp(x - hi) exp(hi - lse) with hi = lse rounded
+            # to the compute dtype: x - hi is exact near the row maximum.
+            hi = lse.astype(ct).astype(np.float64)
+            k1 = k1 * np.exp(hi - lse)
+    row_in = np.stack([hi, k1, k2, gy], axis=1)
+    if grad_parts is None and hasattr(_core, "run_shard"):
+        _core.run_shard(_core.SHARD_GRAD, inp.rows, labels64, w_shard, ignore_index, v0, 0.0,
+                        grad_rows, None, np.ascontiguousarray(row_in.reshape(-1)), nt,
+                        xdtype=inp.code)
+    else:
+        _grad_numpy(inp.rows, labels64, ignore_index, v0, w_shard, row_in, grad_rows, ct)
     if out is not None:
         if rows_out is None:
             _api._write_out(out, grad_rows, inp)
