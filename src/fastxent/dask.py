@@ -118,24 +118,30 @@ def _row_weight(y, weight, ignore_index):
     return np.where(counted, np.asarray(weight, np.float64)[np.where(counted, y, 0)], 0.0)
 
 
-def _stats_block(x, y, start, weight, ignore_index):
-    """Part of the classes of a block of rows: (n, 1, 5) shard statistics."""
+def _stats_block(x, y, start, weight, ignore_index, logit_sum):
+    """Part of the classes of a block of rows: (n, 1, 5) shard statistics
+    (the logit sum NaN unless label smoothing needs it)."""
     st = _shard.shard_stats(x, np.asarray(y).reshape(-1), vocab_start=int(start[0]),
-                            weight=weight, ignore_index=ignore_index)
-    return np.stack([np.asarray(getattr(st, f), np.float64) for f in _STATS], axis=-1)[:, None, :]
+                            weight=weight, ignore_index=ignore_index, logit_sum=logit_sum)
+    out = np.full((len(st.max), 1, len(_STATS)), np.nan)
+    for k, f in enumerate(_STATS):
+        if getattr(st, f) is not None:
+            out[:, 0, k] = getattr(st, f)
+    return out
 
 
-def _unpack(packed, sums):
+def _unpack(packed, sums, logit_sum):
     """The (n, J, 5) statistics of J class chunks as a list of ShardStats."""
     return [_shard.ShardStats(packed[:, j, 0], packed[:, j, 1], packed[:, j, 2],
-                              packed[:, j, 3] > 0.5, packed[:, j, 4], ws, nc)
+                              packed[:, j, 3] > 0.5, packed[:, j, 4] if logit_sum else None,
+                              ws, nc)
             for j, (ws, nc) in enumerate(sums)]
 
 
 def _ce_merge(packed, y, sums, weight, ignore_index, label_smoothing):
     """(n, 2) per-row loss and weight from the statistics of every class chunk."""
     y = np.asarray(y).reshape(-1)
-    merged = _shard.combine_shard_stats(_unpack(packed, sums))
+    merged = _shard.combine_shard_stats(_unpack(packed, sums, label_smoothing > 0))
     out = np.empty((len(y), 2))
     out[:, 0] = _shard.shard_loss(merged, y, weight=weight, ignore_index=ignore_index,
                                   reduction="none", label_smoothing=label_smoothing)
@@ -179,7 +185,7 @@ def _metrics_rows(x, y, ignore_index):
 
 def _metrics_block(x, y, start, ignore_index):
     """Part of the classes: (n, 1, 7) = shard statistics, row max, its class."""
-    return np.concatenate([_stats_block(x, y, start, None, ignore_index),
+    return np.concatenate([_stats_block(x, y, start, None, ignore_index, False),
                            _argmax_block(x, start)], axis=2)
 
 
@@ -265,7 +271,7 @@ def cross_entropy(logits, labels, *, weight=None, ignore_index=-100, reduction="
                 for s0, ch in zip(starts, x.chunks[1])]
         stats = da.blockwise(_stats_block, "ijk", x, "ij", y, "i", _starts_array(x), "j",
                              new_axes={"k": len(_STATS)}, dtype=np.float64, concatenate=True,
-                             weight=w, ignore_index=ii)
+                             weight=w, ignore_index=ii, logit_sum=eps > 0)
         pairs = da.blockwise(_ce_merge, "ip", stats.rechunk({1: -1}), "ijk", y, "i",
                              new_axes={"p": 2}, dtype=np.float64, concatenate=True, sums=sums,
                              weight=w, ignore_index=ii, label_smoothing=eps)

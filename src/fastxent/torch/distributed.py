@@ -90,15 +90,16 @@ class _VocabParallelCE(torch.autograd.Function):
         c_local = x.shape[-1]
         rank, world, v0, inferred = _layout(group, c_local, vocab_start)
         num_classes = None if w is None else w.shape[0]
+        smooth = label_smoothing > 0
         st = _shard.shard_stats(x, y, vocab_start=v0, weight=w, ignore_index=ignore_index,
-                                num_classes=num_classes, num_threads=num_threads)
+                                num_classes=num_classes, logit_sum=smooth,
+                                num_threads=num_threads)
 
         gmax = torch.from_numpy(np.array(st.max, dtype=np.float64, copy=True).reshape(-1))
         _collective("MAX", gmax, dist.ReduceOp.MAX, group, rank)
         M = gmax.numpy().reshape(np.shape(st.max))
         sc = _shard.rescale_shard_stats(st, M)
         n = M.size
-        smooth = label_smoothing > 0
         fields = [sc.sumexp, sc.target_logit, sc.in_shard] + ([sc.logit_sum] if smooth else [])
         buf = np.empty(len(fields) * n + 3)
         for i, f in enumerate(fields):
@@ -121,7 +122,7 @@ class _VocabParallelCE(torch.autograd.Function):
 
         merged = _shard.ShardStats(
             M, field(0), field(1), field(2) > 0.5,
-            field(3) if smooth else np.zeros(M.shape), float(red[-3]), total_c)
+            field(3) if smooth else None, float(red[-3]), total_c)
         loss = _shard.shard_loss(merged, y, weight=w, ignore_index=ignore_index,
                                  reduction=reduction, label_smoothing=label_smoothing)
         ctx.save_for_backward(logits, target, weight)
