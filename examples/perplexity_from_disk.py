@@ -66,13 +66,13 @@ def main():
               f"for a budget of {args.budget}")
         m = fxd.metrics(logits, labels)  # lazy; one read of the file for all three
 
-        t0 = time.perf_counter()
         if args.cluster:
             from distributed import Client, LocalCluster, progress
 
             with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                               dashboard_address=":0") as cluster, Client(cluster) as client:
                 print(f"dashboard: {client.dashboard_link}")
+                t0 = time.perf_counter()
                 futures = client.compute(list(m.values()))
                 progress(futures)
                 print()
@@ -80,6 +80,7 @@ def main():
         else:
             from dask.diagnostics import ProgressBar
 
+            t0 = time.perf_counter()
             with ProgressBar():
                 values = dask.compute(*m.values(), scheduler="threads")
         elapsed = time.perf_counter() - t0
