@@ -241,3 +241,44 @@ def test_overlapping_and_missing_shards():
         fastxent.combine_shard_stats([a, a])
     with pytest.raises(ValueError, match="falls in no shard|out of range"):
         fastxent.shard_loss([a], y)
+
+
+def test_stash_in_place_keeps_the_target_logits():
+    """out=logits: the exponentials overwrite the logits, the target logits
+    are read first."""
+    rng = np.random.default_rng(9)
+    x, y = _data(rng, 6, 40, np.float32)
+    y[2] = -100
+    want = fastxent.shard_stats(x, y, vocab_start=0)
+    xx = x.copy()
+    st, parts = fastxent.shard_stats(xx, y, vocab_start=0, return_grad_parts=True, out=xx)
+    assert parts.exp is xx
+    np.testing.assert_array_equal(st.target_logit, want.target_logit)
+    np.testing.assert_array_equal(st.in_shard, [True, True, False, True, True, True])
+    np.testing.assert_allclose(xx, np.exp(x - want.max[:, None]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float16] + ([BF16] if BF16 is not None else []),
+                         ids=lambda d: np.dtype(d).name)
+def test_grad_parts_of_16bit_logits_are_float32(dtype):
+    rng = np.random.default_rng(10)
+    x, y = _data(rng, 5, 30, dtype)
+    st, parts = fastxent.shard_stats(x, y, vocab_start=0, return_grad_parts=True)
+    assert parts.exp.dtype == np.float32
+    merged = fastxent.combine_shard_stats([st])
+    g = fastxent.shard_grad(None, y, merged.lse, vocab_start=0, grad_parts=parts)
+    ref = reference.cross_entropy_with_grad(x, y)[1]
+    np.testing.assert_allclose(g, ref, atol=1e-7)
+
+
+def test_logit_sums_are_needed_for_smoothing_only():
+    rng = np.random.default_rng(11)
+    x, y = _data(rng, 5, 30, np.float64)
+    stats = [fastxent.shard_stats(x[:, :10], y, vocab_start=0, logit_sum=False),
+             fastxent.shard_stats(x[:, 10:], y, vocab_start=10, logit_sum=False)]
+    merged = fastxent.combine_shard_stats(stats)
+    assert merged.logit_sum is None
+    np.testing.assert_allclose(fastxent.shard_loss(merged, y), reference.cross_entropy(x, y),
+                               rtol=1e-13)
+    with pytest.raises(ValueError, match="logit_sum=True"):
+        fastxent.shard_loss(merged, y, label_smoothing=0.1)
