@@ -263,6 +263,9 @@ def _within_budget(client, tmp_path, n, c, budget):
     loss, acc = client.compute([m["cross_entropy"], m["accuracy"]], sync=True)
     after = client.run(_rss)
     peaks = {wk: after[wk]["VmHWM"] - before[wk]["VmRSS"] for wk in after}
+    print(f"{size / 2**20:.0f} MiB of logits, budget {budget / 2**20:.0f} MiB, blocks of "
+          f"{X.chunks[0][0]} rows: workers' peak RSS growth "
+          f"{sorted(round(v / 2**20, 1) for v in peaks.values())} MiB")
     assert max(peaks.values()) < budget, (peaks, budget)
     want_loss, want_acc = _in_memory(path, labels)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
