@@ -110,6 +110,16 @@ class BuildExt(build_ext):
         super().build_extension(ext)
 
 
+def _csrc_files():
+    """Every file under csrc/, subfolders included (the kernels include
+    simd/*.h and rows/*.h): a change to any of them rebuilds."""
+    found = []
+    for root, _dirs, files in os.walk(os.path.join(HERE, CSRC)):
+        rel = os.path.relpath(root, HERE)
+        found += [os.path.join(rel, f) for f in sorted(files)]
+    return sorted(found)
+
+
 ext = Extension(
     "fastxent._core",
     sources=[
@@ -123,7 +133,7 @@ ext = Extension(
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     extra_compile_args=list(BASE_FLAGS),
     extra_link_args=list(SANITIZE_FLAGS) if SANITIZE else [],
-    depends=[os.path.join(CSRC, f) for f in os.listdir(os.path.join(HERE, CSRC))],
+    depends=_csrc_files(),
 )
 
 setup(

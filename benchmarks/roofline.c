@@ -18,7 +18,7 @@
  *                                        stores: x read, y read (allocate),
  *                                        y written
  *   rw_nt     y[i] = a * x[i]            streaming stores: x read, y written
- *   exp_f32   s += expm(x[i] - m)        fx_expm_f32 of csrc/expm.h on a
+ *   exp_f32   s += expm(x[i] - m)        fx_expm_f32 of csrc/simd/expm.h on a
  *   exp_f64   s += expm(x[i] - m)        buffer in L1 (16 KiB per thread),
  *                                        exactly the inner loop of the
  *                                        fastxent sum-of-exponentials pass
@@ -46,7 +46,7 @@
 #include <immintrin.h>
 #endif
 
-#include "../csrc/expm.h"
+#include "../csrc/simd/expm.h"
 
 #define VL32 16 /* floats in one 64-byte vector */
 
@@ -169,7 +169,7 @@ static void k_rw_nt(const float *x, float *y, int64_t lo, int64_t hi, float a)
     for (int64_t i = lo; i < hi; i += VL32) store_nt(y + i, va * fx_load_f32(x + i));
 }
 
-/* The fastxent sum-of-exponentials loop (kernels_impl.h, row_sumexp). */
+/* The fastxent sum-of-exponentials loop (csrc/rows/stats.h, chunk_sumexp_). */
 static double k_exp_f32(const float *x, int64_t n, float m)
 {
     const fx_vf32 vm = fx_splat_f32(m);

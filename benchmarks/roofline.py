@@ -20,7 +20,7 @@ repetitions:
 - ``write_nt`` / ``rw_nt``: the same with streaming (non-temporal) stores,
   which skip the write-allocate read; what a kernel could gain from them;
 - ``exp_f32`` / ``exp_f64``: throughput of the exp polynomial of
-  ``csrc/expm.h`` (``fx_expm_f32`` / ``fx_expm_f64``) in the loop of the
+  ``csrc/simd/expm.h`` (``fx_expm_f32`` / ``fx_expm_f64``) in the loop of the
   fastxent sum-of-exponentials pass, on data in L1: nanoseconds per element,
   for all threads together (and per core = that times the thread count).
 
@@ -172,7 +172,7 @@ def _loadavg() -> float | None:
 
 def source_hash() -> str:
     h = hashlib.sha256(SOURCE.read_bytes())
-    h.update((CSRC / "expm.h").read_bytes())
+    h.update((CSRC / "simd" / "expm.h").read_bytes())
     h.update((CSRC / "vec.h").read_bytes())
     return h.hexdigest()[:16]
 

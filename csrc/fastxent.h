@@ -9,7 +9,8 @@
  *
  * One job = one operation over all rows. fx_run splits the rows over
  * threads (parallel.c) and calls the row kernels of the active instruction
- * set (dispatch.c; kernels compiled once per ISA from kernels_impl.h).
+ * set (dispatch.c; kernels compiled once per ISA from rows/, see
+ * kernels_isa.h).
  * Every per-row value is computed by one thread with the same code whatever
  * the thread count, so results never depend on it; batch reductions are
  * left to the caller, which sums the per-row values in a fixed order.
@@ -39,7 +40,7 @@ enum fx_op {
 
 /* Storage dtypes of the input rows x (and out). float16 and bfloat16 are
    computed in float32 (weights, targets and per-row values in float32 /
-   float64 as for float32); only some ops have them (fx_has_kernel). */
+   float64 as for float32). */
 enum fx_dtype { FX_F32 = 0, FX_F64 = 1, FX_F16 = 2, FX_BF16 = 3, FX_NUM_DTYPES };
 
 typedef struct fx_job {
@@ -71,7 +72,7 @@ typedef struct fx_job {
     int64_t gout_ld;         /*   the compute dtype) times gscale, or NULL    */
 } fx_job;
 
-/* Elements summed per chunk of a row (kernels_impl.h); a row split across
+/* Elements summed per chunk of a row (rows/stats.h); a row split across
    threads is split at chunk boundaries. */
 #define FX_CHUNK 1024
 /* log_softmax outputs larger than this (bytes) are streamed past the cache
@@ -82,18 +83,41 @@ typedef struct fx_job {
 /* Rows [r0, r1) of one operation. */
 typedef void (*fx_rows_fn)(const fx_job *job, int64_t r0, int64_t r1);
 
+/* One row split across threads. parallel.c's driver runs the passes of
+   rows/split.h over ranges of the row and calls the op family's split
+   function (rows/<family>.h) between them, with phase:
+     FX_SPLIT_JOB     (sp NULL) whether the job's rows split at all
+     FX_SPLIT_BEGIN   before any pass; 0: run the row kernel on this row.
+                      May set stash (chunk sums keep exp(x - m) in out).
+     FX_SPLIT_FINISH  m and s are set; writes the row's values and, for a
+                      write pass (returns 1), sets lsm, k1, k2 and w.
+     FX_SPLIT_END     after the write pass (the family's last touches). */
+enum { FX_SPLIT_JOB, FX_SPLIT_BEGIN, FX_SPLIT_FINISH, FX_SPLIT_END };
+
+typedef struct fx_split {
+    int64_t r;          /* the row                                         */
+    double m, s;        /* its max, and the sum of exp(x - m) in chunk order */
+    int stash;          /* exp(x - m) is kept in out by the sums pass      */
+    int lsm;            /* write pass: out = (x - m) - k1 (log-softmax),   */
+    double k1, k2;      /*   else out = exp(x - m) k1 - k2 w               */
+    const void *w;      /*   w: n_cols class weights (T), or NULL          */
+    double xy, gy;      /* the family's own (cross entropy: x_y, read before
+                           out, which may be x, is written; its gradient)  */
+} fx_split;
+
+typedef int (*fx_split_fn)(const fx_job *job, fx_split *sp, int phase);
+
 typedef struct fx_isa {
     const char *name;
     fx_rows_fn fn[FX_NUM_OPS][FX_NUM_DTYPES];
-    /* Pieces of one row, for rows split across threads (parallel.c). */
+    /* The op's split-row function, or NULL: its rows are never split. */
+    fx_split_fn split[FX_NUM_OPS][FX_NUM_DTYPES];
+    /* The passes over a range of a split row (rows/split.h). */
     double (*range_max[FX_NUM_DTYPES])(const void *x, int64_t c0, int64_t c1);
-    /* st: where to keep exp(x - m) of the chunks (the row's output), or NULL */
     void (*chunk_sums[FX_NUM_DTYPES])(const void *x, int64_t n, int64_t k0, int64_t k1,
                                       double m, double *sums, void *st);
-    /* stashed: out already holds exp(x - m) (chunk_sums' st); scale it */
-    void (*range_write[FX_NUM_DTYPES])(int op, const void *x, void *out, const void *w,
-                                       int64_t c0, int64_t c1, double m, double k1, double k2,
-                                       int stashed);
+    void (*range_write[FX_NUM_DTYPES])(const void *x, void *out, int64_t c0, int64_t c1,
+                                       const fx_split *sp);
     void (*expm_f32)(const float *x, float *y, int64_t n);
     void (*expm_f64)(const double *x, double *y, int64_t n);
 } fx_isa;
@@ -112,6 +136,7 @@ int fx_openmp_enabled(void);
 int fx_max_threads(void);             /* omp_get_max_threads(), 1 without OpenMP */
 void fx_set_omp_threads(int n);
 void fx_run(int op, int dtype, const fx_job *job, int num_threads);
+/* Whether (op, dtype) names a kernel: every op has one for every dtype. */
 int fx_has_kernel(int op, int dtype);
 
 /* Batch reductions and label checks (reduce.c). */

@@ -1,10 +1,42 @@
 /*
  * kernels_isa.h - one instruction set's copy of the row kernels.
  *
- * kernels_<isa>.c defines FX_ISA (the table's suffix) and includes this
- * file; setup.py compiles each with its own -m flags. The kernels are the
- * same source every time, and every function is static, so the copies never
- * merge at link time; only the table fx_isa_<isa> is exported.
+ * kernels_<isa>.c defines FX_ISA (the table's suffix) and FX_ISA_NAME and
+ * includes this file; setup.py compiles each with its own -m flags. The
+ * kernels are the same source every time, and every function is static, so
+ * the copies never merge at link time; only the table fx_isa_<isa> is
+ * exported.
+ *
+ * The row kernels (rows/<name>.h) are written once, as a template over the
+ * storage dtype, and included here once per dtype (rows/all.h) with these
+ * parameters, the only ones they use:
+ *
+ *   compute dtype (float32 for float32, float16 and bfloat16 rows):
+ *   T            float or double: what the kernels compute in; weights,
+ *                soft targets and the other per-class inputs are T arrays
+ *   V            fx_vf32 / fx_vf64: a 64-byte vector of T (vec.h)
+ *   VI           fx_vi32 / fx_vi64: V's comparison mask
+ *   VW           a vector of VL doubles (fx_vw32 for float, two 64-byte
+ *                halves; fx_vf64 for double): the small-row kernels' sums
+ *   VL           lanes of V: 16 or 8
+ *   SFX(f)       f##_f32 / f##_f64: T's vec.h / expm.h / logm.h helper
+ *   WSFX(f)      f##_w32 / f##_f64: VW's accumulator helper
+ *
+ *   storage dtype of the rows x and out:
+ *   X16          1 for float16 / bfloat16 storage, else 0
+ *   XT           float, double or uint16_t: one stored element
+ *   XLOAD(p)     VL elements at p as a V (16-bit rows widened, half.h)
+ *   XLOAD_TAIL(p, k, fill)  k < VL elements, other lanes fill
+ *   XSTORE(p, v) V to VL elements at p (16-bit: rounded to nearest even)
+ *   XSTORE_TAIL(p, v, k)    its first k lanes
+ *   XGET(p, i)   element i as a T;  XSET(p, i, v): store the T v there
+ *
+ *   names:
+ *   NM(f)        f##_<dtype>: a static helper of this dtype
+ *   KFN(f)       f_<dtype>_<isa>: a kernel that goes into the table
+ *
+ * rows/all.h undefines the storage parameters and the names after use;
+ * the compute parameters stay until their last dtype is done.
  */
 #include <math.h>
 #include <stdint.h>
@@ -12,25 +44,25 @@
 #include <string.h>
 
 #include "fastxent.h"
-#include "ce_row.h"
-#include "vec.h"
-#include "expm.h"
-#include "logm.h"
-#include "half.h"
-#include "tile.h"
+#include "simd/vec.h"
+#include "simd/expm.h"
+#include "simd/logm.h"
+#include "simd/half.h"
+#include "simd/tile.h"
 
 #define FX_CAT3_(a, b, c) a##_##b##_##c
 #define FX_CAT3(a, b, c) FX_CAT3_(a, b, c)
 #define FX_CAT2_(a, b) a##_##b
 #define FX_CAT2(a, b) FX_CAT2_(a, b)
 
+/* ---- float32 compute: float32, float16 and bfloat16 storage ---------- */
 #define T float
 #define V fx_vf32
 #define VI fx_vi32
 #define VW fx_vw32
-#define WSFX(f) f##_w32
 #define VL 16
 #define SFX(f) f##_f32
+#define WSFX(f) f##_w32
 
 #define X16 0
 #define XT float
@@ -42,20 +74,8 @@
 #define XSET(p, i, v) ((p)[i] = (v))
 #define NM(f) f##_f32
 #define KFN(f) FX_CAT3(f, f32, FX_ISA)
-#include "kernels_impl.h"
-#undef NM
-#undef KFN
-#undef X16
-#undef XT
-#undef XLOAD
-#undef XLOAD_TAIL
-#undef XSTORE
-#undef XSTORE_TAIL
-#undef XGET
-#undef XSET
+#include "rows/all.h"
 
-/* float16 and bfloat16 storage: the same float32 kernels, widening loads
-   and rounding stores (half.h). */
 #define X16 1
 #define XT uint16_t
 #define XLOAD fx_load_f16
@@ -66,16 +86,10 @@
 #define XSET(p, i, v) fx_set_f16(p, i, v)
 #define NM(f) f##_f16
 #define KFN(f) FX_CAT3(f, f16, FX_ISA)
-#include "kernels_impl.h"
-#undef NM
-#undef KFN
-#undef XLOAD
-#undef XLOAD_TAIL
-#undef XSTORE
-#undef XSTORE_TAIL
-#undef XGET
-#undef XSET
+#include "rows/all.h"
 
+#define X16 1
+#define XT uint16_t
 #define XLOAD fx_load_bf16
 #define XLOAD_TAIL fx_load_tail_bf16
 #define XSTORE fx_store_bf16
@@ -84,33 +98,25 @@
 #define XSET(p, i, v) fx_set_bf16(p, i, v)
 #define NM(f) f##_bf16
 #define KFN(f) FX_CAT3(f, bf16, FX_ISA)
-#include "kernels_impl.h"
-#undef NM
-#undef KFN
-#undef X16
-#undef XT
-#undef XLOAD
-#undef XLOAD_TAIL
-#undef XSTORE
-#undef XSTORE_TAIL
-#undef XGET
-#undef XSET
+#include "rows/all.h"
 
 #undef T
 #undef V
 #undef VI
 #undef VW
-#undef WSFX
 #undef VL
 #undef SFX
+#undef WSFX
 
+/* ---- float64 compute and storage ------------------------------------- */
 #define T double
 #define V fx_vf64
 #define VI fx_vi64
 #define VW fx_vf64
-#define WSFX(f) f##_f64
 #define VL 8
 #define SFX(f) f##_f64
+#define WSFX(f) f##_f64
+
 #define X16 0
 #define XT double
 #define XLOAD fx_load_f64
@@ -121,30 +127,11 @@
 #define XSET(p, i, v) ((p)[i] = (v))
 #define NM(f) f##_f64
 #define KFN(f) FX_CAT3(f, f64, FX_ISA)
-#include "kernels_impl.h"
-#undef NM
-#undef KFN
-#undef X16
-#undef XT
-#undef XLOAD
-#undef XLOAD_TAIL
-#undef XSTORE
-#undef XSTORE_TAIL
-#undef XGET
-#undef XSET
-#undef T
-#undef V
-#undef VI
-#undef VW
-#undef WSFX
-#undef VL
-#undef SFX
+#include "rows/all.h"
 
-/* Every storage dtype, or float32/float64 only (16-bit inputs of those ops
-   are widened by the Python layer). */
+/* Every op has a kernel for every storage dtype. */
 #define FX_ALL(op) {FX_CAT3(op, f32, FX_ISA), FX_CAT3(op, f64, FX_ISA), \
                     FX_CAT3(op, f16, FX_ISA), FX_CAT3(op, bf16, FX_ISA)}
-#define FX_BOTH(op) {FX_CAT3(op, f32, FX_ISA), FX_CAT3(op, f64, FX_ISA), NULL, NULL}
 
 const fx_isa FX_CAT2(fx_isa, FX_ISA) = {
     .name = FX_ISA_NAME,
@@ -163,6 +150,12 @@ const fx_isa FX_CAT2(fx_isa, FX_ISA) = {
         [FX_KL_LOGITS] = FX_ALL(kl_logits),
         [FX_BCE_LOGITS] = FX_ALL(bce_logits),
         [FX_BCE_PROBS] = FX_ALL(bce_probs),
+    },
+    .split = {
+        [FX_CE_HARD] = FX_ALL(ce_hard_split),
+        [FX_LOGSUMEXP] = FX_ALL(logsumexp_split),
+        [FX_LOG_SOFTMAX] = FX_ALL(log_softmax_split),
+        [FX_SOFTMAX] = FX_ALL(softmax_split),
     },
     .range_max = FX_ALL(range_max),
     .chunk_sums = FX_ALL(chunk_sums),

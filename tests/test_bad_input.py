@@ -19,8 +19,6 @@ import pytest
 
 import fastxent
 
-HAS_KL = hasattr(fastxent, "kl_div")
-HAS_BCE = hasattr(fastxent, "binary_cross_entropy")
 
 N, C = 4, 5
 BAD = (ValueError, TypeError)
@@ -37,23 +35,18 @@ def _probs(shape=(N, C)):
 
 # Every public function that takes arrays, with a builder of a valid call:
 # name -> (kind, positional args).  kind: "ce", "block", "norm" (out=), "kl", "bce".
-def _calls():
-    calls = {
-        "cross_entropy": "ce",
-        "cross_entropy_with_grad": "ce",
-        "logsumexp": "block",
-        "entropy": "block",
-        "log_softmax": "norm",
-        "softmax": "norm",
-    }
-    if HAS_KL:
-        calls.update(kl_div="kl", kl_div_with_grad="kl")
-    if HAS_BCE:
-        calls.update(binary_cross_entropy="bce", binary_cross_entropy_with_grad="bce")
-    return calls
-
-
-CALLS = _calls()
+CALLS = {
+    "cross_entropy": "ce",
+    "cross_entropy_with_grad": "ce",
+    "logsumexp": "block",
+    "entropy": "block",
+    "log_softmax": "norm",
+    "softmax": "norm",
+    "kl_div": "kl",
+    "kl_div_with_grad": "kl",
+    "binary_cross_entropy": "bce",
+    "binary_cross_entropy_with_grad": "bce",
+}
 ALL = sorted(CALLS)
 WITH_AXIS = [n for n in ALL if CALLS[n] != "bce"]
 WITH_BASE = [n for n in ALL if CALLS[n] in ("ce", "kl", "bce")] + ["entropy"]
@@ -543,6 +536,50 @@ def test_bce_probabilities_outside_the_unit_interval(name, which, bad):
     q = np.full((N, C), 0.5)
     (p if which == "logits" else q)[2, 3] = bad
     expect(ValueError, lambda: call(name, p, q, from_logits=False), which, str(bad))
+
+
+@pytest.mark.parametrize("name", CE)
+@pytest.mark.parametrize("soft", [False, True], ids=["labels", "probabilities"])
+@pytest.mark.parametrize("bad", [-0.5, 1.5, math.inf, -math.inf])
+def test_ce_probabilities_outside_the_unit_interval(name, soft, bad):
+    """Only the true class's entry enters the loss, so a bad entry elsewhere
+    would go unnoticed: every entry is checked, as for BCE, and the
+    reference follows the same rule."""
+    from fastxent import reference
+
+    p = _probs()
+    p[2, 3] = bad
+    y = _probs() if soft else np.zeros(N, dtype=np.int64)
+    expect(ValueError, lambda: call(name, p, y, from_logits=False), "logits", str(bad), "(2, 3)")
+    expect(ValueError, lambda: getattr(reference, name)(p, y, from_logits=False), str(bad), "(2, 3)")
+    # The position is the argument's own, whatever the class axis.
+    expect(ValueError, lambda: call(name, p.T.copy(), y.T.copy() if soft else y, axis=0,
+                                    from_logits=False), str(bad), "(3, 2)")
+
+
+def test_ce_probabilities_nan_passes_through():
+    p = _probs()
+    p[1, 0] = math.nan
+    y = np.zeros(N, dtype=np.int64)
+    loss = fastxent.cross_entropy(p, y, from_logits=False, reduction="none")
+    assert np.isnan(loss[1]) and np.isfinite(np.delete(loss, 1)).all()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_torch_tensor_requiring_grad_points_at_fastxent_torch(name):
+    torch = pytest.importorskip("torch")
+    x = torch.tensor(_x(), requires_grad=True)
+    second = second_arg(name, _x())
+    if second is not None:
+        second = torch.from_numpy(second)
+    args = (x,) if second is None else (x, second)
+    expect(TypeError, lambda: getattr(fastxent, name)(*args), f"fastxent.torch.{name}", "detach()")
+    # A second argument that requires grad (a distillation teacher) too.
+    if CALLS[name] in ("kl", "bce"):
+        t = torch.tensor(second_arg(name, _x()), requires_grad=True)
+        expect(TypeError, lambda: getattr(fastxent, name)(_x(), t), f"fastxent.torch.{name}")
+    # Detached, the same tensor is just an array.
+    getattr(fastxent, name)(*(a.detach() for a in args))
 
 
 @pytest.mark.parametrize("name", WITH_GRAD)

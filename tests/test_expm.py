@@ -1,5 +1,6 @@
-"""The exp kernel (csrc/expm.h): at most 1 ulp over every float32 in
-[ln(FLT_MIN), 0], bit-identical on every ISA, 0 below the cutoff, NaN kept."""
+"""The exp kernel (csrc/simd/expm.h): at most 0.977 ulp (the documented bound)
+over every float32 in [ln(FLT_MIN), 0], bit-identical on every ISA, 0 below
+the cutoff, NaN kept."""
 import numpy as np
 import pytest
 
@@ -8,11 +9,16 @@ from fastxent import _core
 CUTOFF32 = np.float32(-87.33654475)
 
 
-def test_float32_exhaustive_within_one_ulp():
+# The measured maximum is 0.97639 ulp (at x = -5.86065); the documented
+# bound is that figure rounded up.
+EXP_F32_MAX_ULP = 0.977  # docs/API.md, "Numerics"
+
+
+def test_float32_exhaustive_within_the_documented_bound():
     # Every float32 in [-87.3365, 0] (about 1.1e9 values), scanned in C
     # against the C library's double exp: seconds on two cores.
     worst, where = _core.expm_f32_max_ulp(float(CUTOFF32), 0.0)
-    assert worst <= 1.0, f"max error {worst} ulp at x = {where!r}"
+    assert worst <= EXP_F32_MAX_ULP, f"max error {worst} ulp at x = {where!r}"
     assert worst > 0.5  # the scan did compare something (not correctly rounded everywhere)
 
 

@@ -143,9 +143,11 @@ def build_case(name, rng, shape, dtype):
         x = to16(rng.uniform(0.01, 0.99, shape), dtype)  # 16-bit p of 1 would give a gradient of 1e12
     elif name == "ce_probs":
         # Used as given: the true class gets at least 0.05, so that -w/p stays
-        # inside float16's range (65504) however wide the row.
+        # inside float16's range (65504) however wide the row (and at most 1:
+        # probabilities outside [0, 1] are an error).
         p = random_probs(rng, shape, np.float64)
-        np.put_along_axis(p, labels[..., None], 0.05 + np.take_along_axis(p, labels[..., None], -1), -1)
+        true_p = np.minimum(1.0, 0.05 + np.take_along_axis(p, labels[..., None], -1))
+        np.put_along_axis(p, labels[..., None], true_p, -1)
         x = to16(p, dtype)
     else:
         x = to16(3.0 * rng.standard_normal(shape), dtype)

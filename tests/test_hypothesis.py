@@ -50,8 +50,6 @@ _PROFILE = os.environ.get("FASTXENT_HYPOTHESIS_PROFILE", "ci")
 # not change the settings of other test modules.
 PROFILE = settings.get_profile(_PROFILE)
 
-HAS_KL = hasattr(fastxent, "kl_div")
-HAS_BCE = hasattr(fastxent, "binary_cross_entropy")
 
 EPS32 = 2.0**-23
 EPS16 = 2.0**-10
@@ -612,7 +610,6 @@ def _kl_condition(v, t_ref, opts):
     return float(per_row.mean())
 
 
-@pytest.mark.skipif(not HAS_KL, reason="fastxent has no kl_div yet")
 @settings_for()
 @given(case=kl_case(), nt=threads(), data=st.data())
 def test_kl_div(case, nt, data):
@@ -693,7 +690,6 @@ def bce_case(draw):
     return dtype, shape, v, x, target, t_ref, opts
 
 
-@pytest.mark.skipif(not HAS_BCE, reason="fastxent has no binary_cross_entropy yet")
 @settings_for()
 @given(case=bce_case(), nt=threads(), data=st.data())
 def test_binary_cross_entropy(case, nt, data):

@@ -26,7 +26,9 @@ def _by_parts(fn, x, *args, **kw):
 
 @pytest.mark.parametrize("offset", [0, 1, 5])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_gradient_streamed_matches_cached(data, offset, threads, isa):
+def test_gradient_of_a_big_call_matches_small_calls(data, offset, threads, isa):
+    """Gradients (cached stores at every size) of a call larger than the
+    cache, into an out= at every alignment, give the bits of small calls."""
     x, y = data
     buf = np.empty(N * C + 16, np.float32)
     out = buf[offset:offset + N * C].reshape(N, C)

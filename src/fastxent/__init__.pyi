@@ -3,9 +3,29 @@ from typing import Any, Literal, NamedTuple, Optional, Sequence, Tuple, Union
 import numpy as np
 import numpy.typing as npt
 
+from . import reference as reference
+
 __version__: str
+__all__ = [
+    "cross_entropy",
+    "cross_entropy_with_grad",
+    "logsumexp",
+    "log_softmax",
+    "softmax",
+    "entropy",
+    "kl_div",
+    "kl_div_with_grad",
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_grad",
+    "set_num_threads",
+    "get_num_threads",
+    "show_config",
+    "__version__",
+]
 
 _Reduction = Literal["mean", "sum", "none"]
+_KLReduction = Literal["batchmean", "mean", "sum", "none"]
+_TargetKind = Literal["probs", "log_probs", "logits"]
 _Array = npt.ArrayLike
 _Result = Union[np.floating[Any], npt.NDArray[np.floating[Any]]]
 
@@ -52,6 +72,54 @@ def entropy(
     base: Optional[float] = ...,
     num_threads: Optional[int] = ...,
 ) -> _Result: ...
+def kl_div(
+    logits: _Array,
+    target: _Array,
+    *,
+    axis: int = ...,
+    target_kind: _TargetKind = ...,
+    reduction: _KLReduction = ...,
+    temperature: float = ...,
+    base: Optional[float] = ...,
+    num_threads: Optional[int] = ...,
+) -> _Result: ...
+def kl_div_with_grad(
+    logits: _Array,
+    target: _Array,
+    *,
+    axis: int = ...,
+    target_kind: _TargetKind = ...,
+    reduction: _KLReduction = ...,
+    temperature: float = ...,
+    base: Optional[float] = ...,
+    num_threads: Optional[int] = ...,
+    grad_output: Union[float, _Array] = ...,
+    out: Optional[np.ndarray] = ...,
+) -> Tuple[_Result, np.ndarray]: ...
+def binary_cross_entropy(
+    logits: _Array,
+    target: _Array,
+    *,
+    weight: Optional[_Array] = ...,
+    pos_weight: Optional[_Array] = ...,
+    reduction: _Reduction = ...,
+    from_logits: bool = ...,
+    base: Optional[float] = ...,
+    num_threads: Optional[int] = ...,
+) -> _Result: ...
+def binary_cross_entropy_with_grad(
+    logits: _Array,
+    target: _Array,
+    *,
+    weight: Optional[_Array] = ...,
+    pos_weight: Optional[_Array] = ...,
+    reduction: _Reduction = ...,
+    from_logits: bool = ...,
+    base: Optional[float] = ...,
+    num_threads: Optional[int] = ...,
+    grad_output: Union[float, _Array] = ...,
+    out: Optional[np.ndarray] = ...,
+) -> Tuple[_Result, np.ndarray]: ...
 def set_num_threads(n: Optional[int]) -> None: ...
 def get_num_threads() -> int: ...
 def show_config(print_: bool = ...) -> dict[str, Any]: ...

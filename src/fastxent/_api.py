@@ -46,15 +46,17 @@ _REDUCTIONS = ("mean", "sum", "none")
 # C-contiguous and aligned: np.ascontiguousarray keeps a misaligned view,
 # which the C kernels must never see.
 _CA = ("C", "A")
-_MAX_THREADS = 1024
-_thread_override = None  # set by set_num_threads; None: follow OpenMP
+_MAX_THREADS = _core.MAX_THREADS
 
 
 # --------------------------------------------------------------------------
-# Threads
+# Threads (a call's count is resolved by _core.threads, in one place)
 # --------------------------------------------------------------------------
 
 def _check_threads(n, name="num_threads"):
+    """num_threads as an int in [1, _MAX_THREADS]; None stays None (the default)."""
+    if n is None:
+        return None
     try:
         n = operator.index(n)
     except TypeError:
@@ -71,21 +73,12 @@ def set_num_threads(n):
     each call and so honours ``OMP_NUM_THREADS`` and ``threadpoolctl``. An
     explicit count takes precedence over both.
     """
-    global _thread_override
-    _thread_override = None if n is None else _check_threads(n, "n")
+    _core.set_default_threads(_check_threads(n, "n") or 0)
 
 
 def get_num_threads():
     """The thread count a call with ``num_threads=None`` uses now."""
-    if _thread_override is not None:
-        return _thread_override
-    return max(1, _core.max_threads())
-
-
-def _threads(num_threads):
-    if num_threads is None:
-        return get_num_threads()
-    return _check_threads(num_threads)
+    return _core.threads(None)
 
 
 # --------------------------------------------------------------------------
@@ -98,7 +91,7 @@ try:  # bfloat16 is optional
 
     _UPCAST_16.add(np.dtype(_ml_dtypes.bfloat16))
 except ImportError:  # pragma: no cover - depends on the environment
-    _ml_dtypes = None
+    _ml_dtypes = None  # type: ignore[assignment]
 
 
 def _compute_dtype(dt, name):
@@ -151,22 +144,29 @@ def _storage_code(dt):
     return -1
 
 
-class _Input:
-    """An input with a class axis, seen as ``(N, C)`` rows.
+def _refuse_autograd(name, *arrays):
+    """A torch tensor that requires grad cannot become a NumPy array: say
+    where its autograd lives instead of torch's numpy() error."""
+    for a in arrays:
+        if type(a).__module__.startswith("torch") and getattr(a, "requires_grad", False) is True:
+            raise TypeError(f"{name}() got a torch tensor that requires grad; use "
+                            f"fastxent.torch.{name} for autograd, or pass tensor.detach() "
+                            "for the value alone")
 
-    keep16: an op whose kernels read 16-bit rows directly; float16 and
-    bfloat16 rows then stay 16-bit (``code`` says which) instead of being
-    widened to float32 here."""
+
+class _Input:
+    """An input with a class axis, seen as ``(N, C)`` rows. float16 and
+    bfloat16 rows stay 16-bit (``code`` says which): the kernels read them."""
 
     __slots__ = ("array", "moved", "rows", "batch_shape", "n", "c", "dtype", "out_dtype", "axis",
                  "code")
 
-    def __init__(self, data, axis, name, keep16=False):
+    def __init__(self, data, axis, name):
         a = np.asarray(data)
         if a.ndim == 0:
             raise ValueError(f"{name} must have at least one dimension (the class axis)")
         self.dtype, self.out_dtype = _compute_dtype(a.dtype, name)
-        self.code = _storage_code(a.dtype) if keep16 else -1
+        self.code = _storage_code(a.dtype)
         self.axis = _normalize_axis(axis, a.ndim, name)
         self.array = a
         self.moved = a if self.axis == a.ndim - 1 else np.moveaxis(a, self.axis, -1)
@@ -233,6 +233,17 @@ def _check_overlap(out, inputs, logits):
                              "may share memory with an input")
 
 
+def _out_rows(out, inp, inputs):
+    """(rows_out, rows): the rows of out= the kernel may write directly (or
+    None) and the rows it writes (rows_out, or a temporary)."""
+    rows_out = None
+    if out is not None:
+        rows_out = _check_out(out, inp, inp.out_dtype)
+        _check_overlap(out, inputs, inp.array)
+    rows = rows_out if rows_out is not None else np.empty((inp.n, inp.c), inp.rows.dtype)
+    return rows_out, rows
+
+
 def _write_out(out, rows_tmp, inp):
     """Copy an (N, C) result into out (shaped like the input)."""
     moved = out if inp.axis == out.ndim - 1 else np.moveaxis(out, inp.axis, -1)
@@ -246,6 +257,16 @@ def _fresh_like(rows, inp, dtype):
     if inp.axis != inp.array.ndim - 1:
         res = np.moveaxis(res, -1, inp.axis)
     return res.astype(dtype, copy=False)
+
+
+def _result_rows(out, rows_out, rows, inp):
+    """The (N, C) rows a kernel wrote, as the caller's result: out= itself
+    (copied into when the kernel wrote a temporary), else a new array."""
+    if out is not None:
+        if rows_out is None:
+            _write_out(out, rows, inp)
+        return out
+    return _fresh_like(rows, inp, inp.out_dtype)
 
 
 # --------------------------------------------------------------------------
@@ -312,16 +333,22 @@ def _check_labels(labels, inp, ignore_index):
         raise ValueError(f"integer labels must have the batch shape {inp.batch_shape} "
                          f"(logits' shape without axis {inp.axis}), got {lab.shape}")
     flat = lab.reshape(-1)
-    bad = (flat < 0) | (flat >= inp.c)
-    if ignore_index is not None:
-        bad &= flat != ignore_index
+    bad = ((flat < 0) | (flat >= inp.c)) & (flat != ignore_index)
     if bad.any():
         i = int(np.argmax(bad))
         pos = np.unravel_index(i, inp.batch_shape) if inp.batch_shape else ()
-        pos = tuple(int(p) for p in pos)
-        raise ValueError(f"label {flat[i]} at position {pos} is out of range [0, {inp.c})"
-                         + (f" and is not ignore_index ({ignore_index})" if ignore_index is not None else ""))
+        raise _core.label_error(flat[i], tuple(int(p) for p in pos), inp.c, ignore_index)
     return np.require(flat, np.int64, _CA)
+
+
+def _check_probabilities(a, name):
+    """With from_logits=False, every entry of a must lie in [0, 1] (NaN passes)."""
+    bad = (a < 0) | (a > 1)
+    if bad.any():
+        i = int(np.argmax(bad.reshape(-1)))
+        pos = tuple(int(p) for p in np.unravel_index(i, a.shape))
+        raise ValueError(f"with from_logits=False, {name} must hold probabilities in [0, 1]; "
+                         f"found {a.reshape(-1)[i]} at position {pos}")
 
 
 def _check_ignore_index(ignore_index):
@@ -334,10 +361,11 @@ def _check_ignore_index(ignore_index):
     return ii
 
 
-def _grad_output_array(grad_output):
-    """grad_output as float64; TypeError naming it for anything not real."""
+def _grad_output(grad_output, reduction, shape, what):
+    """grad_output as a float, or (reduction "none") a float64 array of
+    ``shape``; TypeError naming it for anything not real."""
     if isinstance(grad_output, float):
-        return np.float64(grad_output)
+        return float(grad_output)
     try:
         g = np.asarray(grad_output)
     except Exception as exc:  # ragged sequences and the like
@@ -345,81 +373,28 @@ def _grad_output_array(grad_output):
     if g.dtype.kind not in "biuf" and g.dtype not in _UPCAST_16:
         raise TypeError(f"grad_output must be a real number or array, got dtype {g.dtype} "
                         f"({'complex' if g.dtype.kind == 'c' else 'not numeric'})")
+    if g.ndim == 0:
+        return float(grad_output)
+    if reduction != "none":
+        raise ValueError(f"grad_output must be a scalar for reduction={reduction!r}, got shape {g.shape}")
+    if g.shape != shape:
+        raise ValueError(f"grad_output must be a scalar or have the {what} {shape}, got {g.shape}")
     return g.astype(np.float64, copy=False)
 
 
-def _gscale(grad_output, reduction, inp, factor):
-    """grad_output times the reduction's factor, as contiguous float64 (1 or N)."""
-    g = _grad_output_array(grad_output)
-    if g.ndim == 0:
-        val = float(grad_output) * factor
-        return np.array([val], dtype=np.float64)
+def _per_row(g):
+    """A grad_output of _grad_output as run takes it: a float, or one per row."""
+    return g if isinstance(g, float) else np.ascontiguousarray(g.reshape(-1))
+
+
+def _row_loss(res, reduction, inp, scale):
+    """run's result as the loss: the reduced scalar as it is; for reduction
+    "none", the row values times scale, of the batch shape."""
     if reduction != "none":
-        raise ValueError(f"grad_output must be a scalar for reduction={reduction!r}, got shape {g.shape}")
-    if g.shape != inp.batch_shape:
-        raise ValueError(f"grad_output must be a scalar or have the batch shape {inp.batch_shape}, got {g.shape}")
-    return np.require(g.reshape(-1) * factor, np.float64, _CA)
-
-
-def _grad_buffers(grad_output, reduction, inp, factor, out, inputs):
-    """(gscale, rows_out, grad_rows): the per-row gradient scale, the rows of
-    out= the kernel may write directly (or None) and the rows it writes."""
-    gscale = _gscale(grad_output, reduction, inp, factor)
-    rows_out = None
-    if out is not None:
-        rows_out = _check_out(out, inp, inp.out_dtype)
-        _check_overlap(out, inputs, inp.array)
-    grad_rows = rows_out if rows_out is not None else np.empty((inp.n, inp.c), inp.rows.dtype)
-    return gscale, rows_out, grad_rows
-
-
-def _reduce(row_loss, reduction, inp, scale, denom):
-    """Per-row float64 losses as the result: batch-shaped for "none", else
-    their fixed-order sum (over denom, if given; NaN when denom is 0) as a
-    scalar of the compute dtype."""
-    if reduction == "none":
-        if scale != 1.0:
-            row_loss *= scale
-        return inp.batch_result(row_loss)
-    total = _core.sum_f64(row_loss)
-    if denom is not None:
-        total = total / denom if denom != 0 else np.float64(np.nan)
-    return inp.dtype.type(total * scale)
-
-
-def _with_grad(loss, out, rows_out, grad_rows, inp):
-    """(loss, gradient shaped like the logits): out= itself when given."""
-    if out is not None:
-        if rows_out is None:
-            _write_out(out, grad_rows, inp)
-        return loss, out
-    return loss, _fresh_like(grad_rows, inp, inp.out_dtype)
-
-
-# --------------------------------------------------------------------------
-# Fast paths: the common call goes straight to _core (which returns None for
-# anything it does not take); the general path gives the same bits.
-# --------------------------------------------------------------------------
-
-def _fast_ok(axis, num_threads):
-    """The last axis and a valid num_threads (or None)."""
-    return (type(axis) is int and axis == -1
-            and (num_threads is None or (type(num_threads) is int and 1 <= num_threads <= _MAX_THREADS)))
-
-
-def _ce_fast_ok(axis, weight, ignore_index, reduction, label_smoothing, from_logits, base,
-                num_threads):
-    """cross_entropy's default options (any ignore_index that fits in int64)."""
-    return (type(reduction) is str and reduction == "mean" and weight is None
-            and from_logits is True and base is None
-            and type(label_smoothing) in (int, float) and label_smoothing == 0
-            and type(ignore_index) is int and -2**63 <= ignore_index < 2**63
-            and _fast_ok(axis, num_threads))
-
-
-def _fast_threads(num_threads):
-    """The thread count a fast path passes to _core (0: OpenMP's maximum)."""
-    return num_threads or _thread_override or 0
+        return res
+    if scale != 1.0:
+        res *= scale
+    return inp.batch_result(res)
 
 
 # --------------------------------------------------------------------------
@@ -428,15 +403,18 @@ def _fast_threads(num_threads):
 
 def _cross_entropy(logits, labels, axis, weight, ignore_index, reduction, label_smoothing,
                    from_logits, base, num_threads, want_grad, grad_output, out):
+    _refuse_autograd("cross_entropy_with_grad" if want_grad else "cross_entropy",
+                     logits, labels, weight)
     lab = np.asarray(labels)
-    inp = _Input(logits, axis, "logits", keep16=True)
+    inp = _Input(logits, axis, "logits")
     reduction = _check_reduction(reduction)
     eps = _check_smoothing(label_smoothing)
     scale = _log_base_scale(base)
     ignore_index = _check_ignore_index(ignore_index)
-    nt = _threads(num_threads)
+    nt = _check_threads(num_threads)
     w, w_sum = _check_weight(weight, inp)
 
+    denom = 0.0
     if lab.dtype.kind in "iu":
         soft = False
         labels64 = _check_labels(lab, inp, ignore_index)
@@ -462,26 +440,23 @@ def _cross_entropy(logits, labels, axis, weight, ignore_index, reduction, label_
     if from_logits:
         op = _core.CE_SOFT if soft else _core.CE_HARD
     else:
+        _check_probabilities(inp.array, "logits")
         op = _core.CE_PROBS_SOFT if soft else _core.CE_PROBS_HARD
 
-    factor = scale
-    if reduction == "mean":
-        factor = scale / denom if denom != 0 else 0.0
-
-    gscale = rows_out = grad_rows = None
+    g = rows_out = grad_rows = None
     if want_grad:
-        gscale, rows_out, grad_rows = _grad_buffers(
-            grad_output, reduction, inp, factor, out,
-            [("logits", inp.array), ("labels", lab), ("weight", weight)])
-
-    row_loss = np.empty(inp.n, np.float64)
-    _core.run(op, inp.rows, labels64, target, w, w_sum, ignore_index, eps,
-              grad_rows, row_loss, gscale, nt, xdtype=inp.code)
+        g = _per_row(_grad_output(grad_output, reduction, inp.batch_shape, "batch shape"))
+        rows_out, grad_rows = _out_rows(out, inp, [("logits", inp.array), ("labels", lab),
+                                                   ("weight", weight)])
     # A mean over no counted label (or counted weights summing to 0) is NaN.
-    loss = _reduce(row_loss, reduction, inp, scale, denom if reduction == "mean" else None)
+    res = _core.run(op, inp.rows, num_threads=nt, xdtype=inp.code, labels=labels64,
+                    ignore_index=ignore_index, target=target, weight=w, w_sum=w_sum,
+                    smoothing=eps, out=grad_rows, grad_output=g, reduction=reduction,
+                    denom=denom, scale=scale)
+    loss = _row_loss(res, reduction, inp, scale)
     if not want_grad:
         return loss
-    return _with_grad(loss, out, rows_out, grad_rows, inp)
+    return loss, _result_rows(out, rows_out, grad_rows, inp)
 
 
 def cross_entropy(logits, labels, *, axis=-1, weight=None, ignore_index=-100,
@@ -492,16 +467,15 @@ def cross_entropy(logits, labels, *, axis=-1, weight=None, ignore_index=-100,
     ``labels`` are integer class indices (the logits' shape without ``axis``)
     or floating class probabilities (the logits' shape). Semantics follow
     ``torch.nn.functional.cross_entropy`` (pass ``axis=1`` for its layout).
+    The full contract: docs/API.md.
     """
-    # The common call (2-D float logits, int64 labels, default options) skips
-    # the general checks; it gives the same bits as the general path.
-    if _ce_fast_ok(axis, weight, ignore_index, reduction, label_smoothing, from_logits, base,
-                   num_threads):
-        res = _core.cross_entropy_fast(logits, labels, ignore_index, _fast_threads(num_threads))
-        if res is not None:
-            return res
-    return _cross_entropy(logits, labels, axis, weight, ignore_index, reduction,
-                          label_smoothing, from_logits, base, num_threads, False, None, None)
+    # The common call is parsed and run whole by _core (same bits as below).
+    loss = _core.cross_entropy_common(logits, labels, axis, weight, ignore_index, reduction,
+                                      label_smoothing, from_logits, base, num_threads)
+    if loss is None:
+        loss = _cross_entropy(logits, labels, axis, weight, ignore_index, reduction,
+                              label_smoothing, from_logits, base, num_threads, False, None, None)
+    return loss
 
 
 def cross_entropy_with_grad(logits, labels, *, axis=-1, weight=None, ignore_index=-100,
@@ -510,84 +484,69 @@ def cross_entropy_with_grad(logits, labels, *, axis=-1, weight=None, ignore_inde
     """``(loss, d(loss)/d(logits) * grad_output)`` from one fused pass.
 
     ``out=`` takes an array shaped like ``logits`` (of its dtype) for the
-    gradient; ``out=logits`` overwrites the logits in place.
+    gradient; ``out=logits`` overwrites the logits in place. See docs/API.md.
     """
-    # The common call, as in cross_entropy: same bits as the general path.
-    if type(grad_output) is float and _ce_fast_ok(axis, weight, ignore_index, reduction,
-                                                   label_smoothing, from_logits, base, num_threads):
-        res = _core.cross_entropy_fast(logits, labels, ignore_index, _fast_threads(num_threads),
-                                       True, grad_output, out)
-        if res is not None:
-            return res
-    return _cross_entropy(logits, labels, axis, weight, ignore_index, reduction,
-                          label_smoothing, from_logits, base, num_threads, True, grad_output, out)
+    res = _core.cross_entropy_common(logits, labels, axis, weight, ignore_index, reduction,
+                                     label_smoothing, from_logits, base, num_threads, True,
+                                     grad_output, out)
+    if res is None:
+        res = _cross_entropy(logits, labels, axis, weight, ignore_index, reduction,
+                             label_smoothing, from_logits, base, num_threads, True,
+                             grad_output, out)
+    return res
 
 
 # --------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------
 
-def _row_values(op, x, axis, num_threads, name="x"):
-    inp = _Input(x, axis, name, keep16=True)
-    nt = _threads(num_threads)
-    row = np.empty(inp.n, np.float64)
-    _core.run(op, inp.rows, None, None, None, 0.0, 0, 0.0, None, row, None, nt, xdtype=inp.code)
-    return inp, row
+def _row_values(name, op, x, axis, num_threads, arg="x"):
+    _refuse_autograd(name, x)
+    inp = _Input(x, axis, arg)
+    return inp, _core.run(op, inp.rows, num_threads=_check_threads(num_threads), xdtype=inp.code)
 
 
 def logsumexp(x, *, axis=-1, num_threads=None):
     """``log(sum(exp(x)))`` along ``axis``: an array of the batch shape."""
-    if _fast_ok(axis, num_threads):
-        res = _core.blocks_fast(_core.LOGSUMEXP, x, None, _fast_threads(num_threads))
-        if res is not None:
-            return res
-    inp, row = _row_values(_core.LOGSUMEXP, x, axis, num_threads)
-    return inp.batch_result(row)
+    res = _core.rows_common(_core.LOGSUMEXP, x, axis, num_threads)
+    if res is None:
+        inp, row = _row_values("logsumexp", _core.LOGSUMEXP, x, axis, num_threads)
+        res = inp.batch_result(row)
+    return res
 
 
 def entropy(logits, *, axis=-1, from_logits=True, base=None, num_threads=None):
     """Entropy of ``softmax(logits)`` (or of the probabilities themselves with
     ``from_logits=False``) along ``axis``: an array of the batch shape."""
-    if from_logits is True and base is None and _fast_ok(axis, num_threads):
-        res = _core.blocks_fast(_core.ENTROPY, logits, None, _fast_threads(num_threads))
-        if res is not None:
-            return res
-    scale = _log_base_scale(base)
-    op = _core.ENTROPY if from_logits else _core.ENTROPY_PROBS
-    inp, row = _row_values(op, logits, axis, num_threads, "logits")
-    if scale != 1.0:
-        row *= scale
-    return inp.batch_result(row)
+    res = _core.rows_common(_core.ENTROPY, logits, axis, num_threads, None, from_logits, base)
+    if res is None:
+        scale = _log_base_scale(base)
+        op = _core.ENTROPY if from_logits else _core.ENTROPY_PROBS
+        inp, row = _row_values("entropy", op, logits, axis, num_threads, "logits")
+        res = _row_loss(row, "none", inp, scale)
+    return res
 
 
-def _normalise(op, x, axis, out, num_threads):
-    if _fast_ok(axis, num_threads):
-        res = _core.blocks_fast(op, x, out, _fast_threads(num_threads))
-        if res is not None:
-            return res
-    inp = _Input(x, axis, "x", keep16=True)
-    nt = _threads(num_threads)
-    rows_out = None
-    if out is not None:
-        rows_out = _check_out(out, inp, inp.out_dtype)
-        _check_overlap(out, [("logits", inp.array)], inp.array)
-    res = rows_out if rows_out is not None else np.empty((inp.n, inp.c), inp.rows.dtype)
-    _core.run(op, inp.rows, None, None, None, 0.0, 0, 0.0, res, None, None, nt, xdtype=inp.code)
-    if out is not None:
-        if rows_out is None:
-            _write_out(out, res, inp)
-        return out
-    return _fresh_like(res, inp, inp.out_dtype)
+def _normalise(name, op, x, axis, out, num_threads):
+    res = _core.rows_common(op, x, axis, num_threads, out)
+    if res is None:
+        _refuse_autograd(name, x)
+        inp = _Input(x, axis, "x")
+        nt = _check_threads(num_threads)
+        rows_out, rows = _out_rows(out, inp, [("logits", inp.array)])
+        _core.run(op, inp.rows, num_threads=nt, xdtype=inp.code, out=rows)
+        res = _result_rows(out, rows_out, rows, inp)
+    return res
 
 
 def log_softmax(x, *, axis=-1, out=None, num_threads=None):
     """``x - max - log(sum(exp(x - max)))`` along ``axis``, in x's dtype."""
-    return _normalise(_core.LOG_SOFTMAX, x, axis, out, num_threads)
+    return _normalise("log_softmax", _core.LOG_SOFTMAX, x, axis, out, num_threads)
 
 
 def softmax(x, *, axis=-1, out=None, num_threads=None):
     """``exp(x - logsumexp(x))`` along ``axis``, in x's dtype."""
-    return _normalise(_core.SOFTMAX, x, axis, out, num_threads)
+    return _normalise("softmax", _core.SOFTMAX, x, axis, out, num_threads)
 
 
 # --------------------------------------------------------------------------
@@ -607,13 +566,14 @@ def _check_temperature(temperature):
 
 def _kl_div(logits, target, axis, target_kind, reduction, temperature, base, num_threads,
             want_grad, grad_output, out):
-    inp = _Input(logits, axis, "logits", keep16=True)
+    _refuse_autograd("kl_div_with_grad" if want_grad else "kl_div", logits, target)
+    inp = _Input(logits, axis, "logits")
     reduction = _check_reduction(reduction, _KL_REDUCTIONS)
     if not isinstance(target_kind, str) or target_kind not in _KL_OPS:
         raise ValueError(f"target_kind must be one of 'probs', 'log_probs', 'logits'; got {target_kind!r}")
     T = _check_temperature(temperature)
     scale = _log_base_scale(base)
-    nt = _threads(num_threads)
+    nt = _check_threads(num_threads)
     tgt = np.asarray(target)
     if tgt.dtype.kind not in "f" and tgt.dtype not in _UPCAST_16:
         if tgt.dtype.kind in "iub":
@@ -622,21 +582,20 @@ def _kl_div(logits, target, axis, target_kind, reduction, temperature, base, num
             raise TypeError(f"target must have a real floating dtype, got {tgt.dtype}")
     target_rows = inp.same_layout(tgt, "target")
     op = getattr(_core, _KL_OPS[target_kind])
-    mean = reduction in ("batchmean", "mean")
-    factor = scale / inp.n if (mean and inp.n) else scale
 
-    gscale = rows_out = grad_rows = None
+    g = rows_out = grad_rows = None
     if want_grad:
-        gscale, rows_out, grad_rows = _grad_buffers(
-            grad_output, reduction, inp, factor, out, [("logits", inp.array), ("target", tgt)])
-
-    row_loss = np.empty(inp.n, np.float64)
-    _core.run(op, inp.rows, None, target_rows, None, 0.0, 0, 0.0, grad_rows, row_loss,
-              gscale, nt, T, xdtype=inp.code)
-    loss = _reduce(row_loss, reduction, inp, scale, inp.n if mean else None)
+        g = _per_row(_grad_output(grad_output, reduction, inp.batch_shape, "batch shape"))
+        rows_out, grad_rows = _out_rows(out, inp, [("logits", inp.array), ("target", tgt)])
+    # "batchmean" and "mean" both divide by the number of rows.
+    red = "mean" if reduction == "batchmean" else reduction
+    res = _core.run(op, inp.rows, num_threads=nt, xdtype=inp.code, target=target_rows,
+                    temperature=T, out=grad_rows, grad_output=g, reduction=red,
+                    denom=float(inp.n), scale=scale)
+    loss = _row_loss(res, red, inp, scale)
     if not want_grad:
         return loss
-    return _with_grad(loss, out, rows_out, grad_rows, inp)
+    return loss, _result_rows(out, rows_out, grad_rows, inp)
 
 
 def kl_div(logits, target, *, axis=-1, target_kind="probs", reduction="batchmean",
@@ -644,7 +603,7 @@ def kl_div(logits, target, *, axis=-1, target_kind="probs", reduction="batchmean
     """KL(P || Q) with ``Q = softmax(logits / T)`` along ``axis`` and P the target
     (``target_kind``: "probs", "log_probs", or "logits", softened by T too),
     times ``T**2``. "batchmean" and "mean" divide the sum by the number of rows;
-    "none" gives one value per row. ``0 * log 0`` counts as 0."""
+    "none" gives one value per row. ``0 * log 0`` counts as 0. See docs/API.md."""
     return _kl_div(logits, target, axis, target_kind, reduction, temperature, base,
                    num_threads, False, None, None)
 
@@ -661,24 +620,26 @@ def kl_div_with_grad(logits, target, *, axis=-1, target_kind="probs", reduction=
 # --------------------------------------------------------------------------
 
 class _Elementwise:
-    """An elementwise input seen as (N, D) rows, D its last axis."""
+    """An elementwise input seen as (N, C) rows, C its last axis (an input
+    of the shape helpers of _Input: out=, results)."""
 
-    __slots__ = ("array", "rows", "n", "d", "dtype", "out_dtype", "shape", "code")
+    __slots__ = ("array", "moved", "rows", "n", "c", "axis", "dtype", "out_dtype", "shape", "code")
 
     def __init__(self, data, name):
         a = np.asarray(data)
         self.dtype, self.out_dtype = _compute_dtype(a.dtype, name)
         self.code = _storage_code(a.dtype)  # 16-bit rows stay 16-bit
-        self.array = a
+        self.array = self.moved = a
+        self.axis = a.ndim - 1
         self.shape = a.shape
-        self.d = a.shape[-1] if a.ndim else 1
-        self.n = a.size // self.d if self.d else 0
+        self.c = a.shape[-1] if a.ndim else 1
+        self.n = a.size // self.c if self.c else 0
         store = self.dtype if self.code < 0 else np.dtype(a.dtype.newbyteorder("="))
         self.rows = self.as_rows(a, store)
 
     def as_rows(self, b, dtype=None):
         moved = b.reshape(1) if b.ndim == 0 else b
-        return _as_rows(moved, self.n, self.d, dtype or self.dtype)
+        return _as_rows(moved, self.n, self.c, dtype or self.dtype)
 
     def broadcast_rows(self, b, name):
         b = np.asarray(b)
@@ -699,10 +660,12 @@ class _Elementwise:
 
 def _binary_cross_entropy(logits, target, weight, pos_weight, reduction, from_logits, base,
                           num_threads, want_grad, grad_output, out):
+    _refuse_autograd("binary_cross_entropy_with_grad" if want_grad else "binary_cross_entropy",
+                     logits, target, weight, pos_weight)
     inp = _Elementwise(logits, "logits")
     reduction = _check_reduction(reduction)
     scale = _log_base_scale(base)
-    nt = _threads(num_threads)
+    nt = _check_threads(num_threads)
     tgt = np.asarray(target)
     if tgt.shape != inp.shape:
         raise ValueError(f"target must have the shape of logits {inp.shape}, got {tgt.shape}")
@@ -711,76 +674,38 @@ def _binary_cross_entropy(logits, target, weight, pos_weight, reduction, from_lo
     w_rows = None if weight is None else inp.broadcast_rows(weight, "weight")
     pw_rows = None if pos_weight is None else inp.broadcast_rows(pos_weight, "pos_weight")
     if not from_logits:
-        for name, arr in (("logits", inp.rows), ("target", t_rows)):
-            bad = (arr < 0) | (arr > 1)
-            if bad.any():
-                i = int(np.argmax(bad.reshape(-1)))
-                raise ValueError(f"with from_logits=False, {name} must hold probabilities in "
-                                 f"[0, 1]; found {arr.reshape(-1)[i]} at flat index {i}")
+        _check_probabilities(inp.array, "logits")
+        _check_probabilities(tgt, "target")
     op = _core.BCE_LOGITS if from_logits else _core.BCE_PROBS
-    size = inp.n * inp.d
-    factor = scale / size if (reduction == "mean" and size) else scale
 
-    grad_rows = rows_out = gscale = gout = None
+    g = gout = rows_out = grad_rows = None
     if want_grad:
-        g = _grad_output_array(grad_output)
-        if g.ndim == 0:
-            gscale = np.array([float(g) * factor])
-        elif reduction != "none":
-            raise ValueError(f"grad_output must be a scalar for reduction={reduction!r}, got shape {g.shape}")
-        elif g.shape != inp.shape:
-            raise ValueError(f"grad_output must be a scalar or have the input shape {inp.shape}, got {g.shape}")
-        else:
-            gscale = np.array([factor])
-            gout = inp.as_rows(g.astype(inp.dtype))
-        if out is not None:
-            if not isinstance(out, np.ndarray):
-                raise ValueError(f"out must be a writable NumPy array, got {type(out).__name__}")
-            if out.shape != inp.shape:
-                raise ValueError(f"out must have shape {inp.shape}, got {out.shape}")
-            if out.dtype != inp.out_dtype:
-                raise ValueError(f"out must have dtype {inp.out_dtype}, got {out.dtype}")
-            if not out.flags.writeable:
-                raise ValueError("out is read-only")
-            _check_overlap(out, [("logits", inp.array), ("target", tgt), ("weight", weight),
-                                 ("pos_weight", pos_weight)], inp.array)
-            if out.dtype == inp.rows.dtype and out.dtype.isnative and out.flags.aligned and \
-                    (inp.d <= 1 or out.strides[-1] == out.itemsize) and out.ndim:
-                try:
-                    rows_out = np.reshape(out, (inp.n, inp.d), copy=False)
-                except (ValueError, TypeError):
-                    rows_out = None
-        grad_rows = rows_out if rows_out is not None else np.empty((inp.n, inp.d), inp.rows.dtype)
-
-    loss_rows = np.empty((inp.n, inp.d), inp.dtype) if reduction == "none" else None
-    row_loss = np.empty(inp.n, np.float64)
-    _core.run_elementwise(op, inp.rows, t_rows, w_rows, pw_rows, loss_rows, grad_rows,
-                          row_loss, gscale, gout, nt, xdtype=inp.code)
-
+        g = _grad_output(grad_output, reduction, inp.shape, "input shape")
+        if not isinstance(g, float):
+            # Elementwise: grad_output scales each element (as gout), not each row.
+            g, gout = 1.0, inp.as_rows(g.astype(inp.dtype))
+        rows_out, grad_rows = _out_rows(out, inp, [("logits", inp.array), ("target", tgt),
+                                                   ("weight", weight), ("pos_weight", pos_weight)])
+    loss_rows = np.empty((inp.n, inp.c), inp.dtype) if reduction == "none" else None
+    loss = _core.run(op, inp.rows, num_threads=nt, xdtype=inp.code, target=t_rows,
+                     weight=w_rows, pos_weight=pw_rows, loss_out=loss_rows, out=grad_rows,
+                     grad_output=g, gout=gout, reduction=reduction,
+                     denom=float(inp.n * inp.c), scale=scale)
     if reduction == "none":
         if scale != 1.0:
             loss_rows *= inp.dtype.type(scale)
         loss = loss_rows.reshape(inp.shape)
         loss = loss[()] if loss.ndim == 0 else loss
-    else:
-        total = _core.sum_f64(row_loss)
-        if reduction == "mean":
-            total = total / size if size else np.float64(np.nan)
-        loss = inp.dtype.type(total * scale)
     if not want_grad:
         return loss
-    grad = grad_rows.reshape(inp.shape).astype(inp.out_dtype, copy=False)
-    if out is not None:
-        if rows_out is None:
-            np.copyto(out, grad, casting="unsafe")
-        return loss, out
-    return loss, grad
+    return loss, _result_rows(out, rows_out, grad_rows, inp)
 
 
 def binary_cross_entropy(logits, target, *, weight=None, pos_weight=None, reduction="mean",
                          from_logits=True, base=None, num_threads=None):
     """Elementwise binary cross entropy: torch's ``binary_cross_entropy_with_logits``
-    (or ``binary_cross_entropy`` on probabilities with ``from_logits=False``)."""
+    (or ``binary_cross_entropy`` on probabilities with ``from_logits=False``).
+    See docs/API.md."""
     return _binary_cross_entropy(logits, target, weight, pos_weight, reduction, from_logits,
                                  base, num_threads, False, None, None)
 

@@ -1,4 +1,4 @@
-from typing import Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -11,6 +11,12 @@ LOG_SOFTMAX: int
 SOFTMAX: int
 ENTROPY: int
 ENTROPY_PROBS: int
+KL_PROBS: int
+KL_LOG_PROBS: int
+KL_LOGITS: int
+BCE_LOGITS: int
+BCE_PROBS: int
+MAX_THREADS: int
 
 def init_status() -> int: ...
 def available_isas() -> list[str]: ...
@@ -19,19 +25,54 @@ def set_isa(name: str) -> None: ...
 def openmp_enabled() -> bool: ...
 def max_threads() -> int: ...
 def set_omp_threads(n: int) -> None: ...
+def set_default_threads(n: int) -> None: ...
+def threads(num_threads: Optional[int] = ...) -> int: ...
 def run(
     op: int,
     x: np.ndarray,
-    labels: Optional[np.ndarray],
-    target: Optional[np.ndarray],
-    weight: Optional[np.ndarray],
-    w_sum: float,
-    ignore_index: int,
-    smoothing: float,
-    out: Optional[np.ndarray],
-    row_out: Optional[np.ndarray],
-    gscale: Optional[np.ndarray],
-    num_threads: int,
-) -> None: ...
+    *,
+    num_threads: Optional[int] = ...,
+    xdtype: int = ...,
+    labels: Optional[np.ndarray] = ...,
+    ignore_index: int = ...,
+    target: Optional[np.ndarray] = ...,
+    weight: Optional[np.ndarray] = ...,
+    w_sum: float = ...,
+    smoothing: float = ...,
+    temperature: float = ...,
+    pos_weight: Optional[np.ndarray] = ...,
+    out: Optional[np.ndarray] = ...,
+    grad_output: Union[float, np.ndarray, None] = ...,
+    gout: Optional[np.ndarray] = ...,
+    loss_out: Optional[np.ndarray] = ...,
+    reduction: str = ...,
+    denom: float = ...,
+    scale: float = ...,
+) -> Any: ...
+def label_error(value: Any, position: tuple[int, ...], n_classes: int, ignore_index: Any) -> ValueError: ...
+def cross_entropy_common(
+    x: Any,
+    labels: Any,
+    axis: Any,
+    weight: Any,
+    ignore_index: Any,
+    reduction: Any,
+    label_smoothing: Any,
+    from_logits: Any,
+    base: Any,
+    num_threads: Any,
+    want_grad: bool = ...,
+    grad_output: Any = ...,
+    out: Any = ...,
+) -> Any: ...
+def rows_common(
+    op: int,
+    x: Any,
+    axis: Any,
+    num_threads: Any,
+    out: Any = ...,
+    from_logits: Any = ...,
+    base: Any = ...,
+) -> Any: ...
 def expm(x: np.ndarray) -> np.ndarray: ...
 def expm_f32_max_ulp(lo: float, hi: float) -> tuple[float, float]: ...

@@ -1,17 +1,39 @@
-# The thin binding: array geometry in, C job out, GIL released.
+# cython: autotestdict=False
+
+# The thin binding: arrays in, one C job out, the GIL released around it.
 #
-# fastxent._api has already validated the values (label range, dtypes,
-# shapes); this module re-checks only the cheap geometric facts the C
-# kernels index by (2-D, contiguous rows, matching shapes, dtype), so that
-# no call through it can read or write out of bounds.
+# fastxent._api validates every value (labels, options, dtypes, shapes,
+# overlap) and lays every input out as (N, C) rows. `run` re-checks only the
+# geometry the kernels index by (2-D, contiguous rows, matching shapes and
+# dtypes, writeable outputs, the job fields its op reads), so that no call
+# through it can read or write out of bounds. A call crosses into this
+# module once: `run` builds the job, runs it and returns the reduced loss
+# (or the per-row values).
+#
+# The common calls with default options (`cross_entropy_common`,
+# `rows_common`) are parsed and checked here whole, so that a tiny call
+# costs little more than its kernel. They build their job with the same
+# field setters, resolve threads, scale the gradient and reduce with the
+# same functions as `run`, so they give the same bits; for anything else
+# they return None and _api takes the general path.
+#
+# Adding an op: name it in the enum below, give it a line in `_IO` (the job
+# fields it reads and writes) and, if it reads a field no op read before, a
+# keyword of `run` and a setter.
 
 from libc.stdint cimport int64_t
 from libc.string cimport memset
 from libc.stdlib cimport malloc, free
+from libc.math cimport NAN
 cimport numpy as cnp
 import numpy as np
 
 cnp.import_array()
+
+cdef extern from "numpy/arrayobject.h":
+    # A NumPy scalar of descr's type from the value at data (base: unused
+    # for numbers).
+    object PyArray_Scalar(void *data, cnp.dtype descr, object base)
 
 cdef extern from "fastxent.h" nogil:
     ctypedef struct fx_job:
@@ -39,10 +61,28 @@ cdef extern from "fastxent.h" nogil:
         const void *gout
         int64_t gout_ld
 
-    int FX_CE_HARD, FX_CE_SOFT, FX_CE_PROBS_HARD, FX_CE_PROBS_SOFT
-    int FX_LOGSUMEXP, FX_LOG_SOFTMAX, FX_SOFTMAX, FX_ENTROPY, FX_ENTROPY_PROBS
-    int FX_KL_PROBS, FX_KL_LOG_PROBS, FX_KL_LOGITS, FX_BCE_LOGITS, FX_BCE_PROBS
-    int FX_F32, FX_F64, FX_F16, FX_BF16
+    enum:  # fx_op
+        FX_CE_HARD
+        FX_CE_SOFT
+        FX_CE_PROBS_HARD
+        FX_CE_PROBS_SOFT
+        FX_LOGSUMEXP
+        FX_LOG_SOFTMAX
+        FX_SOFTMAX
+        FX_ENTROPY
+        FX_ENTROPY_PROBS
+        FX_KL_PROBS
+        FX_KL_LOG_PROBS
+        FX_KL_LOGITS
+        FX_BCE_LOGITS
+        FX_BCE_PROBS
+        FX_NUM_OPS
+
+    enum:  # fx_dtype
+        FX_F32
+        FX_F64
+        FX_F16
+        FX_BF16
 
     int fx_init()
     int fx_num_isas()
@@ -53,7 +93,6 @@ cdef extern from "fastxent.h" nogil:
     int fx_max_threads()
     void fx_set_omp_threads(int n)
     void fx_run(int op, int dtype, const fx_job *job, int num_threads)
-    int fx_has_kernel(int op, int dtype)
     void fx_expm_f32_array(const float *x, float *y, int64_t n)
     void fx_expm_f64_array(const double *x, double *y, int64_t n)
     double fx_expm_f32_max_ulp(float lo, float hi, float *worst_x)
@@ -76,6 +115,32 @@ KL_LOGITS = FX_KL_LOGITS
 BCE_LOGITS = FX_BCE_LOGITS
 BCE_PROBS = FX_BCE_PROBS
 
+# The job fields each op reads and writes besides x (the rows).
+cdef enum:
+    _LABELS = 1    # labels, ignore_index (required); class weights w, w_sum, smoothing
+    _TARGET = 2    # t: rows like x (required); class weights w, w_sum, smoothing
+    _ROWS = 4      # writes row_out, one float64 per row
+    _OUT = 8       # writes out, rows like x (required)
+    _GRAD = 16     # may write the gradient into out, times gscale
+    _TEMP = 32     # temperature
+    _ELEM = 64     # elementwise: weight, pos_weight and gout as rows, loss_out
+
+cdef int _IO[<int>FX_NUM_OPS]
+_IO[FX_CE_HARD] = _LABELS | _ROWS | _GRAD
+_IO[FX_CE_PROBS_HARD] = _LABELS | _ROWS | _GRAD
+_IO[FX_CE_SOFT] = _TARGET | _ROWS | _GRAD
+_IO[FX_CE_PROBS_SOFT] = _TARGET | _ROWS | _GRAD
+_IO[FX_LOGSUMEXP] = _ROWS
+_IO[FX_ENTROPY] = _ROWS
+_IO[FX_ENTROPY_PROBS] = _ROWS
+_IO[FX_LOG_SOFTMAX] = _OUT
+_IO[FX_SOFTMAX] = _OUT
+_IO[FX_KL_PROBS] = _TARGET | _ROWS | _GRAD | _TEMP
+_IO[FX_KL_LOG_PROBS] = _TARGET | _ROWS | _GRAD | _TEMP
+_IO[FX_KL_LOGITS] = _TARGET | _ROWS | _GRAD | _TEMP
+_IO[FX_BCE_LOGITS] = _TARGET | _ROWS | _GRAD | _ELEM
+_IO[FX_BCE_PROBS] = _TARGET | _ROWS | _GRAD | _ELEM
+
 _init_status = fx_init()
 
 
@@ -90,6 +155,7 @@ def available_isas():
 
 
 def get_isa():
+    """The instruction set whose kernels run now."""
     return fx_get_isa().decode()
 
 
@@ -100,41 +166,69 @@ def set_isa(name):
 
 
 def openmp_enabled():
+    """Whether the kernels were built with OpenMP."""
     return bool(fx_openmp_enabled())
 
 
 def max_threads():
+    """omp_get_max_threads() (1 without OpenMP)."""
     return fx_max_threads()
 
 
 def set_omp_threads(int n):
+    """omp_set_num_threads(n) (for tests)."""
     fx_set_omp_threads(n)
 
 
-cdef int _dtype_code(cnp.ndarray a) except -1:
-    cdef int num = cnp.PyArray_TYPE(a)
-    if num == cnp.NPY_FLOAT32:
-        return FX_F32
-    if num == cnp.NPY_FLOAT64:
-        return FX_F64
-    raise TypeError("internal: kernels take float32 or float64")
+# --------------------------------------------------------------------------
+# Threads: the one place a call's thread count is resolved
+# --------------------------------------------------------------------------
+
+cdef enum:
+    _MAX_THREADS = 1024
+MAX_THREADS = _MAX_THREADS
+cdef int _default_threads = 0  # fastxent.set_num_threads's count; 0: follow OpenMP
 
 
-cdef int _storage(cnp.ndarray x, int xdtype, int *cnum) except -1:
-    """The kernels' dtype code for x's rows; 16-bit rows (xdtype FX_F16 or
-    FX_BF16) set *cnum, the type of targets and weights, to float32."""
-    if xdtype == FX_F16 or xdtype == FX_BF16:
-        if cnp.PyArray_ITEMSIZE(x) != 2:
-            raise ValueError("internal: 16-bit rows must have 2-byte items")
-        if xdtype == FX_F16 and cnp.PyArray_TYPE(x) != cnp.NPY_FLOAT16:
-            raise ValueError("internal: float16 rows expected")
-        cnum[0] = cnp.NPY_FLOAT32
-        return xdtype
-    return _dtype_code(x)
+def set_default_threads(int n):
+    """The count of calls with num_threads=None (0: OpenMP's, read at each call)."""
+    global _default_threads
+    if not 0 <= n <= _MAX_THREADS:
+        raise ValueError(f"internal: thread count {n}")
+    _default_threads = n
 
 
-cdef int64_t _rows(cnp.ndarray a, int64_t n, int64_t c, int num, str name) except? -1:
-    """Row stride in elements of a (n, c) array with contiguous rows."""
+cdef int _threads(object num_threads) except -1:
+    """A call's thread count: num_threads (already checked to lie in
+    [1, MAX_THREADS]) or, for None, set_num_threads's count or OpenMP's."""
+    cdef int n
+    if num_threads is None:
+        if _default_threads > 0:
+            return _default_threads
+        n = fx_max_threads()
+        return n if n > 0 else 1
+    n = num_threads
+    if n < 1:
+        raise ValueError("internal: num_threads must be >= 1")
+    return n
+
+
+def threads(num_threads=None):
+    """The thread count a call given num_threads (None: the default) uses."""
+    return _threads(num_threads)
+
+
+cdef inline bint _threads_ok(object num_threads):
+    """num_threads is None or an int in [1, MAX_THREADS] (else _api explains)."""
+    return num_threads is None or (type(num_threads) is int and 1 <= num_threads <= _MAX_THREADS)
+
+
+# --------------------------------------------------------------------------
+# Job fields: each set in one place, with the geometry C indexes it by
+# --------------------------------------------------------------------------
+
+cdef int64_t _ld(cnp.ndarray a, int64_t n, int64_t c, int num, str name) except? -1:
+    """Row stride in elements of a (n, c) array of type num with contiguous rows."""
     if cnp.PyArray_NDIM(a) != 2 or a.shape[0] != n or a.shape[1] != c:
         raise ValueError(f"internal: {name} must have shape ({n}, {c})")
     if cnp.PyArray_TYPE(a) != num:
@@ -151,130 +245,261 @@ cdef int64_t _rows(cnp.ndarray a, int64_t n, int64_t c, int num, str name) excep
     return a.strides[0] // item
 
 
-def run(int op, cnp.ndarray x, cnp.ndarray labels, cnp.ndarray target,
-        cnp.ndarray weight, double w_sum, int64_t ignore_index, double smoothing,
-        cnp.ndarray out, cnp.ndarray row_out, cnp.ndarray gscale, int num_threads,
-        double temperature=1.0, int xdtype=-1):
-    """Run one operation over the rows of the 2-D array x (see fastxent.h).
-
-    xdtype: FX_F16 or FX_BF16 for 16-bit rows (x and out in that storage
-    type; target and weight float32); otherwise taken from x's dtype."""
-    cdef fx_job job
-    memset(&job, 0, sizeof(job))
-    if op == FX_BCE_LOGITS or op == FX_BCE_PROBS:
-        raise ValueError("internal: elementwise ops go through run_elementwise")
-    if temperature <= 0:
-        raise ValueError("internal: temperature must be positive")
-    job.temperature = temperature
-    job.w_ld = 0
-    job.pw = NULL
-    job.pw_ld = 0
-    job.loss_out = NULL
-    job.loss_ld = 0
-    job.gout = NULL
-    job.gout_ld = 0
+cdef int _set_x(fx_job *job, cnp.ndarray x, int xdtype, int *cnum) except -1:
+    """A job over the rows of x and nothing else; returns the kernels' dtype
+    code. xdtype: FX_F16 or FX_BF16 for 16-bit rows, else -1 (x's dtype).
+    *cnum: the type number of targets and weights (float32 for 16-bit x)."""
     cdef int num = cnp.PyArray_TYPE(x)
-    cdef int cnum = num
-    cdef int dt = _storage(x, xdtype, &cnum)
-    if not fx_has_kernel(op, dt):
-        raise ValueError("internal: no kernel for this op and dtype")
-    cdef int64_t n, c
+    cdef int dt
+    if xdtype == FX_F16 or xdtype == FX_BF16:
+        if cnp.PyArray_ITEMSIZE(x) != 2 or (xdtype == FX_F16 and num != cnp.NPY_FLOAT16):
+            raise ValueError("internal: 16-bit rows expected")
+        dt = xdtype
+        cnum[0] = cnp.NPY_FLOAT32
+    elif num == cnp.NPY_FLOAT32:
+        dt = FX_F32
+        cnum[0] = num
+    elif num == cnp.NPY_FLOAT64:
+        dt = FX_F64
+        cnum[0] = num
+    else:
+        raise TypeError("internal: kernels take float32, float64 or 16-bit rows")
     if cnp.PyArray_NDIM(x) != 2:
         raise ValueError("internal: x must be 2-D")
-    n = x.shape[0]
-    c = x.shape[1]
-    job.n_rows = n
-    job.n_cols = c
+    memset(job, 0, sizeof(fx_job))
+    job.n_rows = x.shape[0]
+    job.n_cols = x.shape[1]
     job.x = cnp.PyArray_DATA(x)
-    job.x_ld = _rows(x, n, c, num, "x")
-    job.t = NULL
-    job.t_ld = 0
-    if target is not None:
-        job.t_ld = _rows(target, n, c, cnum, "target")
-        job.t = cnp.PyArray_DATA(target)
-    job.labels = NULL
-    if labels is not None:
-        if (cnp.PyArray_NDIM(labels) != 1 or labels.shape[0] != n
-                or cnp.PyArray_TYPE(labels) != cnp.NPY_INT64
-                or not cnp.PyArray_IS_C_CONTIGUOUS(labels)):
-            raise ValueError("internal: labels must be contiguous int64 of length n")
-        job.labels = <const int64_t *>cnp.PyArray_DATA(labels)
+    job.x_ld = _ld(x, job.n_rows, job.n_cols, num, "x")
+    job.temperature = 1.0
+    return dt
+
+
+cdef int _set_labels(fx_job *job, cnp.ndarray labels, int64_t ignore_index) except -1:
+    if (cnp.PyArray_NDIM(labels) != 1 or labels.shape[0] != job.n_rows
+            or cnp.PyArray_TYPE(labels) != cnp.NPY_INT64
+            or not cnp.PyArray_IS_C_CONTIGUOUS(labels)):
+        raise ValueError("internal: labels must be contiguous int64 of length n")
+    job.labels = <const int64_t *>cnp.PyArray_DATA(labels)
     job.ignore_index = ignore_index
-    job.w = NULL
-    if weight is not None:
-        if (cnp.PyArray_NDIM(weight) != 1 or weight.shape[0] != c
-                or cnp.PyArray_TYPE(weight) != cnum or not cnp.PyArray_IS_C_CONTIGUOUS(weight)):
-            raise ValueError("internal: weight must be contiguous, of length C, in x's dtype")
-        job.w = cnp.PyArray_DATA(weight)
-    job.w_sum = w_sum
-    job.smoothing = smoothing
-    job.out = NULL
-    job.out_ld = 0
-    if out is not None:
-        if not cnp.PyArray_ISWRITEABLE(out):
-            raise ValueError("internal: out is read-only")
-        job.out_ld = _rows(out, n, c, num, "out")
-        job.out = cnp.PyArray_DATA(out)
-    elif op == FX_LOG_SOFTMAX or op == FX_SOFTMAX:
-        raise ValueError("internal: out is required")
+    return 0
+
+
+cdef int _set_class_weight(fx_job *job, cnp.ndarray weight, int cnum) except -1:
+    if (cnp.PyArray_NDIM(weight) != 1 or weight.shape[0] != job.n_cols
+            or cnp.PyArray_TYPE(weight) != cnum or not cnp.PyArray_IS_C_CONTIGUOUS(weight)):
+        raise ValueError("internal: weight must be contiguous, of length C, in x's dtype")
+    job.w = cnp.PyArray_DATA(weight)
+    return 0
+
+
+cdef int _set_out(fx_job *job, cnp.ndarray out, int num) except -1:
+    if not cnp.PyArray_ISWRITEABLE(out):
+        raise ValueError("internal: out is read-only")
+    job.out_ld = _ld(out, job.n_rows, job.n_cols, num, "out")
+    job.out = cnp.PyArray_DATA(out)
+    return 0
+
+
+cdef const void *_in_rows(cnp.ndarray a, fx_job *job, int num, str name,
+                          int64_t *ld) except? NULL:
+    """An input of x's geometry: its data, with its row stride in *ld."""
+    ld[0] = _ld(a, job.n_rows, job.n_cols, num, name)
+    return cnp.PyArray_DATA(a)
+
+
+# --------------------------------------------------------------------------
+# Reductions and the gradient scale, shared by run and the common calls
+# --------------------------------------------------------------------------
+
+cdef enum:
+    _NONE = 0
+    _SUM = 1
+    _MEAN = 2
+
+
+cdef int _reduction(str reduction) except -1:
+    if reduction == "mean":
+        return _MEAN
+    if reduction == "sum":
+        return _SUM
+    if reduction == "none":
+        return _NONE
+    raise ValueError(f"internal: reduction {reduction!r}")
+
+
+cdef inline double _grad_factor(int red, double denom, double scale):
+    """d(loss)/d(row value): scale, over denom for a mean (0 when nothing counted)."""
+    if red == _MEAN:
+        return scale / denom if denom != 0 else 0.0
+    return scale
+
+
+cdef cnp.dtype _F32 = np.dtype(np.float32)
+cdef cnp.dtype _F64 = np.dtype(np.float64)
+
+
+cdef object _loss(double total, int red, double denom, double scale, int dt):
+    """The fixed-order sum of the row values as the loss: over denom for a
+    mean (NaN when nothing counted), times scale, in the compute dtype."""
+    cdef float f
+    if red == _MEAN:
+        total = total / denom if denom != 0 else NAN
+    total = total * scale
+    if dt == FX_F64:
+        return PyArray_Scalar(&total, _F64, None)
+    f = <float>total
+    return PyArray_Scalar(&f, _F32, None)
+
+
+cdef enum:
+    _STACK_ROWS = 256  # row values of a reduced call kept on the stack up to here
+
+
+cdef object _execute(int op, int dt, fx_job *job, int nt, int red, double denom,
+                     double scale):
+    """Run a job whose fields are set, except row_out; returns the loss
+    (red _SUM or _MEAN), the float64 row values (_NONE), or None for an op
+    that writes no row values."""
+    cdef double stack_rows[_STACK_ROWS]
+    cdef double total
+    cdef cnp.ndarray rv
+    cdef int64_t n = job.n_rows
+    if not _IO[op] & _ROWS:
+        with nogil:
+            fx_run(op, dt, job, nt)
+        return None
+    if red == _NONE:
+        rv = cnp.PyArray_EMPTY(1, [n], cnp.NPY_FLOAT64, 0)
+        job.row_out = <double *>cnp.PyArray_DATA(rv)
+        with nogil:
+            fx_run(op, dt, job, nt)
+        return rv
+    job.row_out = stack_rows
+    if n > _STACK_ROWS:
+        job.row_out = <double *>malloc(n * sizeof(double))
+        if job.row_out == NULL:
+            raise MemoryError()
+    with nogil:
+        fx_run(op, dt, job, nt)
+        total = fx_sum_f64(job.row_out, n)
+    if job.row_out != stack_rows:
+        free(job.row_out)
     job.row_out = NULL
-    if op != FX_LOG_SOFTMAX and op != FX_SOFTMAX:
-        if (row_out is None or cnp.PyArray_NDIM(row_out) != 1 or row_out.shape[0] != n
-                or cnp.PyArray_TYPE(row_out) != cnp.NPY_FLOAT64
-                or not cnp.PyArray_IS_C_CONTIGUOUS(row_out) or not cnp.PyArray_ISWRITEABLE(row_out)):
-            raise ValueError("internal: row_out must be writable contiguous float64 of length n")
-        job.row_out = <double *>cnp.PyArray_DATA(row_out)
-    if (op == FX_CE_HARD or op == FX_CE_PROBS_HARD) and labels is None:
-        raise ValueError("internal: labels are required")
-    if (op == FX_CE_SOFT or op == FX_CE_PROBS_SOFT or op == FX_KL_PROBS
-            or op == FX_KL_LOG_PROBS or op == FX_KL_LOGITS) and target is None:
-        raise ValueError("internal: target is required")
-    job.gscale = NULL
-    job.gscale_step = 0
-    if job.out != NULL and op != FX_LOG_SOFTMAX and op != FX_SOFTMAX:
-        if (gscale is None or cnp.PyArray_NDIM(gscale) != 1
-                or cnp.PyArray_TYPE(gscale) != cnp.NPY_FLOAT64
-                or not cnp.PyArray_IS_C_CONTIGUOUS(gscale)
-                or (gscale.shape[0] != n and gscale.shape[0] != 1)):
-            raise ValueError("internal: gscale must be contiguous float64 of length 1 or n")
-        job.gscale = <const double *>cnp.PyArray_DATA(gscale)
-        job.gscale_step = 1 if gscale.shape[0] == n and n != 1 else 0
-    if num_threads < 1:
-        raise ValueError("internal: num_threads must be >= 1")
-    with nogil:
-        fx_run(op, dt, &job, num_threads)
+    return _loss(total, red, denom, scale, dt)
 
 
-def sum_f64(cnp.ndarray v):
-    """The fixed-order sum of a contiguous float64 vector (reduce.c)."""
-    if (cnp.PyArray_NDIM(v) != 1 or cnp.PyArray_TYPE(v) != cnp.NPY_FLOAT64
-            or not cnp.PyArray_IS_C_CONTIGUOUS(v)):
-        raise ValueError("internal: sum_f64 takes a contiguous float64 vector")
-    cdef double r
-    cdef int64_t n = v.shape[0]
-    with nogil:
-        r = fx_sum_f64(<const double *>cnp.PyArray_DATA(v), n)
-    return r
+def run(int op, cnp.ndarray x not None, *, num_threads=None, int xdtype=-1,
+        cnp.ndarray labels=None, int64_t ignore_index=0,
+        cnp.ndarray target=None, cnp.ndarray weight=None, double w_sum=0.0,
+        double smoothing=0.0, double temperature=1.0, cnp.ndarray pos_weight=None,
+        cnp.ndarray out=None, grad_output=1.0, cnp.ndarray gout=None,
+        cnp.ndarray loss_out=None, str reduction="none", double denom=0.0,
+        double scale=1.0):
+    """Run op (fastxent.h) over the rows of the 2-D array x.
+
+    x: (n, c) rows of float32 or float64, or 16-bit rows with xdtype FX_F16
+    or FX_BF16 (then target, weight, pos_weight, gout and loss_out are
+    float32). The keywords are the job fields the op reads (see _IO):
+    labels (n,) int64; target (n, c); weight (c,) class weights, or for an
+    elementwise op (n, c) rows like pos_weight (row stride 0: broadcast);
+    out (n, c) for the gradient or the (log-)softmax; loss_out (n, c).
+    The gradient written into out is grad_output (a number, or (n,)
+    contiguous float64 per row) times the reduction's factor
+    (scale, over denom for "mean"), times gout elementwise when given.
+
+    Returns, for an op with row values, their fixed-order sum reduced as
+    reduction says ("mean": over denom) times scale, in the compute dtype;
+    for reduction "none" the (n,) float64 row values themselves (unscaled);
+    otherwise None.
+    """
+    cdef fx_job job
+    cdef int cnum
+    cdef int dt = _set_x(&job, x, xdtype, &cnum)
+    cdef int io = _IO[op] if 0 <= op < FX_NUM_OPS else 0
+    cdef int red = _reduction(reduction)
+    cdef double gs = 0.0
+    cdef cnp.ndarray gsa = None
+    cdef int nt = _threads(num_threads)
+    if io == 0:
+        raise ValueError(f"internal: no op {op}")
+    if io & _LABELS:
+        if labels is None:
+            raise ValueError("internal: labels are required")
+        _set_labels(&job, labels, ignore_index)
+    if io & _TARGET:
+        if target is None:
+            raise ValueError("internal: target is required")
+        job.t = _in_rows(target, &job, cnum, "target", &job.t_ld)
+    if io & (_LABELS | _TARGET) and not io & _ELEM:
+        if weight is not None:
+            _set_class_weight(&job, weight, cnum)
+        job.w_sum = w_sum
+        job.smoothing = smoothing
+    if io & _ELEM:
+        if weight is not None:
+            job.w = _in_rows(weight, &job, cnum, "weight", &job.w_ld)
+        if pos_weight is not None:
+            job.pw = _in_rows(pos_weight, &job, cnum, "pos_weight", &job.pw_ld)
+        if loss_out is not None:
+            if not cnp.PyArray_ISWRITEABLE(loss_out):
+                raise ValueError("internal: loss_out is read-only")
+            job.loss_out = <void *>_in_rows(loss_out, &job, cnum, "loss_out", &job.loss_ld)
+        if gout is not None:
+            job.gout = _in_rows(gout, &job, cnum, "grad_output", &job.gout_ld)
+    if io & _TEMP:
+        if not temperature > 0:
+            raise ValueError("internal: temperature must be positive")
+        job.temperature = temperature
+    if io & _OUT:
+        if out is None:
+            raise ValueError("internal: out is required")
+        _set_out(&job, out, cnp.PyArray_TYPE(x))
+    elif out is not None:
+        if not io & _GRAD:
+            raise ValueError("internal: this op writes no gradient")
+        _set_out(&job, out, cnp.PyArray_TYPE(x))
+        gsa = _gscale(&job, grad_output, _grad_factor(red, denom, scale), &gs)
+    return _execute(op, dt, &job, nt, red, denom, scale)
 
 
-_float32 = np.float32
-_float64 = np.float64
-_nan = float("nan")
+cdef cnp.ndarray _gscale(fx_job *job, grad_output, double factor, double *gs):
+    """Point job.gscale at grad_output times factor: *gs for a number, else
+    a new array of one value per row (returned, to be kept alive)."""
+    cdef cnp.ndarray g, res
+    cdef const double *pg
+    cdef double *pr
+    cdef int64_t i, n = job.n_rows
+    if not isinstance(grad_output, cnp.ndarray):
+        gs[0] = <double>grad_output * factor
+        job.gscale = gs
+        job.gscale_step = 0
+        return None
+    g = <cnp.ndarray>grad_output
+    if (cnp.PyArray_NDIM(g) != 1 or g.shape[0] != n or cnp.PyArray_TYPE(g) != cnp.NPY_FLOAT64
+            or not cnp.PyArray_IS_C_CONTIGUOUS(g)):
+        raise ValueError("internal: grad_output must be contiguous float64 of length n")
+    res = cnp.PyArray_EMPTY(1, [n], cnp.NPY_FLOAT64, 0)
+    pg = <const double *>cnp.PyArray_DATA(g)
+    pr = <double *>cnp.PyArray_DATA(res)
+    for i in range(n):
+        pr[i] = pg[i] * factor
+    job.gscale = pr
+    job.gscale_step = 1 if n != 1 else 0
+    return res
 
-DEF _STACK_ROWS = 256
+
+# --------------------------------------------------------------------------
+# The common calls: default options on a 2-D C-contiguous float array
+# --------------------------------------------------------------------------
+
+cdef inline bint _last_axis(object axis):
+    return type(axis) is int and axis == -1
 
 
-cdef bint _overlaps(cnp.ndarray a, cnp.ndarray b):
-    """Whether the byte ranges of two contiguous arrays intersect."""
-    cdef char *pa = <char *>cnp.PyArray_DATA(a)
-    cdef char *pb = <char *>cnp.PyArray_DATA(b)
-    return pa < pb + cnp.PyArray_NBYTES(b) and pb < pa + cnp.PyArray_NBYTES(a)
-
-
-cdef int _fast_dtype(x):
-    """x's type number when it is what the fast paths take: a 2-D
-    C-contiguous aligned native float32/float64 ndarray with at least one row
-    and one column; -1 otherwise."""
+cdef int _common_dtype(x):
+    """x's type number when it is a 2-D C-contiguous aligned native float32
+    or float64 ndarray with at least one row and one column; -1 otherwise."""
     if type(x) is not np.ndarray:
         return -1
     cdef cnp.ndarray xa = <cnp.ndarray>x
@@ -289,28 +514,25 @@ cdef int _fast_dtype(x):
     return tnum
 
 
-cdef void _fast_job(fx_job *job, cnp.ndarray xa):
-    """A job over the rows of a _fast_dtype array, nothing else set."""
-    memset(job, 0, sizeof(fx_job))
-    job.n_rows = xa.shape[0]
-    job.n_cols = xa.shape[1]
-    job.x = cnp.PyArray_DATA(xa)
-    job.x_ld = xa.shape[1]
-    job.temperature = 1.0
+cdef bint _overlaps(cnp.ndarray a, cnp.ndarray b):
+    """Whether the byte ranges of two contiguous arrays intersect."""
+    cdef char *pa = <char *>cnp.PyArray_DATA(a)
+    cdef char *pb = <char *>cnp.PyArray_DATA(b)
+    return pa < pb + cnp.PyArray_NBYTES(b) and pb < pa + cnp.PyArray_NBYTES(a)
 
 
-cdef cnp.ndarray _fast_out(out, int64_t n, int64_t c, int tnum, cnp.ndarray xa,
-                          cnp.ndarray la):
-    """out= for a fast path: a new (n, c) array when None, out itself when
-    it is an (n, c) array of type tnum, C-contiguous, aligned, native and
-    writeable that is x itself or shares no memory with x (nor with la,
-    when given); None otherwise (the general path then decides)."""
+cdef cnp.ndarray _common_out(out, cnp.ndarray xa, cnp.ndarray la):
+    """out= of a common call: a new array like xa when None; out itself when
+    it is an array like xa (C-contiguous, aligned, native, writeable) that
+    is xa itself or shares no memory with xa (nor with la, when given);
+    None otherwise (the general path then decides)."""
+    cdef int tnum = cnp.PyArray_TYPE(xa)
     if out is None:
-        return cnp.PyArray_EMPTY(2, [n, c], tnum, 0)
+        return cnp.PyArray_EMPTY(2, cnp.PyArray_DIMS(xa), tnum, 0)
     if type(out) is not np.ndarray:
         return None
     cdef cnp.ndarray ga = <cnp.ndarray>out
-    if (cnp.PyArray_NDIM(ga) != 2 or ga.shape[0] != n or ga.shape[1] != c
+    if (cnp.PyArray_NDIM(ga) != 2 or ga.shape[0] != xa.shape[0] or ga.shape[1] != xa.shape[1]
             or cnp.PyArray_TYPE(ga) != tnum or not cnp.PyArray_IS_C_CONTIGUOUS(ga)
             or not cnp.PyArray_ISALIGNED(ga) or not cnp.PyArray_ISNOTSWAPPED(ga)
             or not cnp.PyArray_ISWRITEABLE(ga)):
@@ -320,178 +542,111 @@ cdef cnp.ndarray _fast_out(out, int64_t n, int64_t c, int tnum, cnp.ndarray xa,
     return ga
 
 
-def cross_entropy_fast(x, labels, int64_t ignore_index, int num_threads,
-                       bint want_grad=False, double grad_output=1.0, out=None):
-    """Mean cross entropy for the common case, or None when the case is not
-    common: 2-D contiguous aligned native float32/float64 logits with C > 0,
-    at least one row, contiguous int64 labels all in range (at least one
-    counted, when the gradient is wanted). Anything else (and every error)
-    goes through the general path in _api.py, which gives the same bits:
-    same kernel, same fixed-order sum, same gradient scale.
+def label_error(value, position, int64_t n_classes, ignore_index):
+    """The ValueError for a label outside [0, C) that is not ignore_index."""
+    return ValueError(f"label {value} at position {position} is out of range [0, {n_classes})"
+                      f" and is not ignore_index ({ignore_index})")
 
-    With want_grad, returns (loss, gradient): the gradient of the mean times
-    grad_output, written into out (None: a new array; else an array of x's
-    dtype and shape, C-contiguous, aligned, writeable, either x itself or
-    sharing no memory with x or labels)."""
-    cdef int tnum = _fast_dtype(x)
+
+def cross_entropy_common(x, labels, axis, weight, ignore_index, reduction, label_smoothing,
+                         from_logits, base, num_threads, bint want_grad=False,
+                         grad_output=1.0, out=None):
+    """fastxent.cross_entropy[_with_grad] for its common call, or None.
+
+    The common call: default options (any ignore_index), a 2-D C-contiguous
+    aligned native float32/float64 x with C > 0 and at least one row,
+    contiguous int64 labels; with want_grad, a float grad_output and out as
+    in _common_out. Every label is checked here (a bad one raises as _api
+    does); everything else is left to the general path."""
+    if not (weight is None and from_logits is True and base is None and _last_axis(axis)
+            and type(reduction) is str and reduction == "mean"
+            and (type(label_smoothing) is float or type(label_smoothing) is int)
+            and label_smoothing == 0 and type(ignore_index) is int
+            and _threads_ok(num_threads)):
+        return None
+    if want_grad and type(grad_output) is not float:
+        return None
+    cdef int tnum = _common_dtype(x)
     if tnum < 0 or type(labels) is not np.ndarray:
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
     cdef cnp.ndarray la = <cnp.ndarray>labels
     if (cnp.PyArray_NDIM(la) != 1 or cnp.PyArray_TYPE(la) != cnp.NPY_INT64
-            or not cnp.PyArray_IS_C_CONTIGUOUS(la) or not cnp.PyArray_ISALIGNED(la)
-            or not cnp.PyArray_ISNOTSWAPPED(la)):
-        return None
-    cdef int64_t n = xa.shape[0], c = xa.shape[1], counted = 0
-    if la.shape[0] != n:
+            or la.shape[0] != xa.shape[0] or not cnp.PyArray_IS_C_CONTIGUOUS(la)
+            or not cnp.PyArray_ISALIGNED(la) or not cnp.PyArray_ISNOTSWAPPED(la)):
         return None
     cdef cnp.ndarray ga = None
     if want_grad:
-        ga = _fast_out(out, n, c, tnum, xa, la)
+        ga = _common_out(out, xa, la)
         if ga is None:
             return None
-    cdef const int64_t *lab = <const int64_t *>cnp.PyArray_DATA(la)
-    if fx_check_labels(lab, n, c, ignore_index, &counted) >= 0:
+    cdef int64_t ii
+    try:
+        ii = ignore_index
+    except OverflowError:
         return None
-    if want_grad and counted == 0:
-        return None
-    cdef double gs = 0.0
-    if want_grad:
-        # As _api._gscale: grad_output times the mean's factor 1 / counted.
-        gs = grad_output * (1.0 / <double>counted)
-    cdef double stack_rows[_STACK_ROWS]
-    cdef double *rows = stack_rows
-    if n > _STACK_ROWS:
-        rows = <double *>malloc(n * sizeof(double))
-        if rows == NULL:
-            raise MemoryError()
     cdef fx_job job
-    _fast_job(&job, xa)
-    job.labels = lab
-    job.ignore_index = ignore_index
-    job.w_sum = <double>c
-    job.row_out = rows
+    cdef int cnum
+    cdef int dt = _set_x(&job, xa, -1, &cnum)
+    cdef int64_t counted = 0
+    _set_labels(&job, la, ii)
+    cdef int64_t bad = fx_check_labels(job.labels, job.n_rows, job.n_cols, ii, &counted)
+    if bad >= 0:
+        raise label_error(job.labels[bad], (bad,), job.n_cols, ii)
+    job.w_sum = <double>job.n_cols
+    cdef double gs
     if want_grad:
-        job.out = cnp.PyArray_DATA(ga)
-        job.out_ld = c
-        job.gscale = &gs
-        job.gscale_step = 0
-    cdef int nt = num_threads if num_threads > 0 else fx_max_threads()
-    cdef int dt = FX_F32 if tnum == cnp.NPY_FLOAT32 else FX_F64
-    cdef double total
-    with nogil:
-        fx_run(FX_CE_HARD, dt, &job, nt if nt > 0 else 1)
-        total = fx_sum_f64(rows, n)
-    if rows != stack_rows:
-        free(rows)
-    total = total / counted if counted else _nan
-    loss = _float32(total) if dt == FX_F32 else _float64(total)
+        _set_out(&job, ga, tnum)
+        _gscale(&job, grad_output, _grad_factor(_MEAN, <double>counted, 1.0), &gs)
+    loss = _execute(FX_CE_HARD, dt, &job, _threads(num_threads), _MEAN, <double>counted, 1.0)
     if want_grad:
         return loss, ga
     return loss
 
 
-def blocks_fast(int op, x, out, int num_threads):
+def rows_common(int op, x, axis, num_threads, out=None, from_logits=True, base=None):
     """logsumexp / entropy (row values) or log_softmax / softmax (rows) for
-    the common case, or None: 2-D contiguous aligned native float32/float64
-    x with at least one row and one column, along the last axis; out as in
-    cross_entropy_fast. Everything else goes through the general path, which
-    runs the same kernel: same bits."""
-    cdef int tnum = _fast_dtype(x)
+    the common call, or None: default options, the last axis of a 2-D
+    C-contiguous aligned native float32/float64 x with at least one row
+    and one column; out as in _common_out. Everything else goes through the
+    general path, which runs the same kernel: same bits."""
+    if not (from_logits is True and base is None and _last_axis(axis)
+            and _threads_ok(num_threads)):
+        return None
+    cdef int tnum = _common_dtype(x)
     if tnum < 0:
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
-    cdef int64_t n = xa.shape[0], c = xa.shape[1]
-    cdef bint rows = op == FX_LOG_SOFTMAX or op == FX_SOFTMAX
-    if not rows and (out is not None or (op != FX_LOGSUMEXP and op != FX_ENTROPY)):
+    cdef bint writes_rows = _IO[op] & _OUT
+    if not writes_rows and out is not None:
         return None
     cdef cnp.ndarray ga = None
-    if rows:
-        ga = _fast_out(out, n, c, tnum, xa, None)
+    cdef fx_job job
+    cdef int cnum
+    cdef int dt = _set_x(&job, xa, -1, &cnum)
+    if writes_rows:
+        ga = _common_out(out, xa, None)
         if ga is None:
             return None
-    cdef cnp.ndarray rv = None
-    cdef fx_job job
-    _fast_job(&job, xa)
-    if rows:
-        job.out = cnp.PyArray_DATA(ga)
-        job.out_ld = c
-    else:
-        rv = cnp.PyArray_EMPTY(1, [n], cnp.NPY_FLOAT64, 0)
-        job.row_out = <double *>cnp.PyArray_DATA(rv)
-    cdef int nt = num_threads if num_threads > 0 else fx_max_threads()
-    cdef int dt = FX_F32 if tnum == cnp.NPY_FLOAT32 else FX_F64
-    with nogil:
-        fx_run(op, dt, &job, nt if nt > 0 else 1)
-    if rows or dt == FX_F64:
-        return ga if rows else rv
+        _set_out(&job, ga, tnum)
+    cdef object rv = _execute(op, dt, &job, _threads(num_threads), _NONE, 0.0, 1.0)
+    if writes_rows:
+        return ga
+    if dt == FX_F64:
+        return rv
     # float32 results, rounded once from the float64 row values as astype does.
+    cdef int64_t i, n = job.n_rows
     cdef cnp.ndarray r32 = cnp.PyArray_EMPTY(1, [n], cnp.NPY_FLOAT32, 0)
     cdef float *p32 = <float *>cnp.PyArray_DATA(r32)
-    cdef const double *p64 = <const double *>cnp.PyArray_DATA(rv)
-    cdef int64_t i
+    cdef const double *p64 = <const double *>cnp.PyArray_DATA(<cnp.ndarray>rv)
     for i in range(n):
         p32[i] = <float>p64[i]
     return r32
 
 
-def run_elementwise(int op, cnp.ndarray x, cnp.ndarray target, cnp.ndarray weight,
-                    cnp.ndarray pos_weight, cnp.ndarray loss_out, cnp.ndarray out,
-                    cnp.ndarray row_out, cnp.ndarray gscale, cnp.ndarray gout,
-                    int num_threads, int xdtype=-1):
-    """An elementwise loss (BCE) over the rows of x; weight and pos_weight
-    are arrays of x's shape whose rows may be broadcast (row stride 0).
-    xdtype as for run: 16-bit x and out, everything else float32."""
-    cdef fx_job job
-    if op != FX_BCE_LOGITS and op != FX_BCE_PROBS:
-        raise ValueError("internal: not an elementwise op")
-    cdef int num = cnp.PyArray_TYPE(x)
-    cdef int cnum = num
-    cdef int dt = _storage(x, xdtype, &cnum)
-    if cnp.PyArray_NDIM(x) != 2:
-        raise ValueError("internal: x must be 2-D")
-    cdef int64_t n = x.shape[0], c = x.shape[1]
-    memset(&job, 0, sizeof(job))
-    job.n_rows = n
-    job.n_cols = c
-    job.x = cnp.PyArray_DATA(x)
-    job.x_ld = _rows(x, n, c, num, "x")
-    job.t_ld = _rows(target, n, c, cnum, "target")
-    job.t = cnp.PyArray_DATA(target)
-    job.temperature = 1.0
-    if weight is not None:
-        job.w_ld = _rows(weight, n, c, cnum, "weight")
-        job.w = cnp.PyArray_DATA(weight)
-    if pos_weight is not None:
-        job.pw_ld = _rows(pos_weight, n, c, cnum, "pos_weight")
-        job.pw = cnp.PyArray_DATA(pos_weight)
-    if gout is not None:
-        job.gout_ld = _rows(gout, n, c, cnum, "grad_output")
-        job.gout = cnp.PyArray_DATA(gout)
-    if loss_out is not None:
-        if not cnp.PyArray_ISWRITEABLE(loss_out):
-            raise ValueError("internal: loss_out is read-only")
-        job.loss_ld = _rows(loss_out, n, c, cnum, "loss_out")
-        job.loss_out = cnp.PyArray_DATA(loss_out)
-    if out is not None:
-        if not cnp.PyArray_ISWRITEABLE(out):
-            raise ValueError("internal: out is read-only")
-        job.out_ld = _rows(out, n, c, num, "out")
-        job.out = cnp.PyArray_DATA(out)
-        if (gscale is None or cnp.PyArray_NDIM(gscale) != 1 or gscale.shape[0] != 1
-                or cnp.PyArray_TYPE(gscale) != cnp.NPY_FLOAT64):
-            raise ValueError("internal: gscale must be one float64")
-        job.gscale = <const double *>cnp.PyArray_DATA(gscale)
-    if (row_out is None or cnp.PyArray_NDIM(row_out) != 1 or row_out.shape[0] != n
-            or cnp.PyArray_TYPE(row_out) != cnp.NPY_FLOAT64
-            or not cnp.PyArray_IS_C_CONTIGUOUS(row_out) or not cnp.PyArray_ISWRITEABLE(row_out)):
-        raise ValueError("internal: row_out must be writable contiguous float64 of length n")
-    job.row_out = <double *>cnp.PyArray_DATA(row_out)
-    if num_threads < 1:
-        raise ValueError("internal: num_threads must be >= 1")
-    with nogil:
-        fx_run(op, dt, &job, num_threads)
-
+# --------------------------------------------------------------------------
+# Accuracy probes of the exp kernel
+# --------------------------------------------------------------------------
 
 def expm(cnp.ndarray x):
     """The active ISA's exp kernel for x <= 0 (expm.h), for accuracy tests."""

@@ -1,6 +1,6 @@
 """Plain NumPy twins of every fastxent function: the oracle of the tests.
 
-Each function here has the signature of its fast counterpart (see API.md) and
+Each function here has the signature of its fast counterpart (see docs/API.md) and
 computes the same thing in the most direct way NumPy allows, so that a reader
 can see exactly what the library computes.  The tests compare the C kernels
 against these functions and the benchmarks use them as the baseline.
@@ -124,6 +124,15 @@ def _into(out, result):
     _check_out(out, result.shape)
     np.copyto(out, result, casting="unsafe")
     return out
+
+
+def _check_unit_interval(p, name):
+    """ValueError naming the first entry of p outside [0, 1] and its position."""
+    bad = (p < 0) | (p > 1)
+    if np.any(bad):
+        position = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"with from_logits=False, {name} must hold probabilities in [0, 1]; "
+                         f"found {p[position]} at position {position}")
 
 
 def _reduce(per_position, reduction, denominator):
@@ -270,6 +279,12 @@ def _cross_entropy(logits, labels, axis, weight, ignore_index, reduction,
             f"got dtype {labels.dtype}"
         )
 
+    if not from_logits:
+        # Probabilities outside [0, 1] are an error (NaN passes through), as
+        # for binary_cross_entropy: the loss reads only some entries of a
+        # row, so a bad entry elsewhere would go unnoticed.
+        _check_unit_interval(np.moveaxis(x, -1, axis), "logits")
+
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         if from_logits:
             log_q = _log_softmax_last(x)
@@ -311,8 +326,9 @@ def cross_entropy(logits, labels, *, axis=-1, weight=None, ignore_index=-100,
 
     Semantics of ``torch.nn.functional.cross_entropy`` (integer class
     indices or probability targets; weight, ignore_index, label_smoothing,
-    reduction).  With ``from_logits=False``, ``logits`` holds probabilities:
-    the loss is ``-sum(w * t * log(p))`` with no renormalisation or clipping.
+    reduction).  With ``from_logits=False``, ``logits`` holds probabilities,
+    each in [0, 1] (else ValueError; NaN passes through): the loss is
+    ``-sum(w * t * log(p))`` with no renormalisation or clipping.
     """
     loss, _ = _cross_entropy(logits, labels, axis, weight, ignore_index, reduction,
                              label_smoothing, from_logits, base, 1.0, want_grad=False)
@@ -449,10 +465,8 @@ def _binary_cross_entropy(logits, target, weight, pos_weight, reduction, from_lo
             # loss on sigmoid(x) the from_logits=True loss on x (up to the
             # clamps).  torch raises for p or t outside [0, 1]; so do we, but
             # NaN passes through (a NaN element gives NaN).
-            if np.any((x < 0) | (x > 1)):
-                raise ValueError("with from_logits=False, every element of logits must be in [0, 1]")
-            if np.any((t < 0) | (t > 1)):
-                raise ValueError("with from_logits=False, every element of target must be in [0, 1]")
+            _check_unit_interval(x, "logits")
+            _check_unit_interval(t, "target")
             log_p = np.maximum(np.log(x), -100.0)
             log_1mp = np.maximum(np.log1p(-x), -100.0)
             loss = -(pw * t * log_p + (1.0 - t) * log_1mp)

@@ -108,7 +108,7 @@ FX_INLINE int fx_any_f64(fx_vi64 m)
    gradient pass over main memory. Same bits as a normal store. */
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
-#define FX_HAVE_STREAM 1
+
 FX_INLINE void fx_stream_f32(float *p, fx_vf32 v)
 {
 #if defined(__AVX512F__)
@@ -135,7 +135,7 @@ FX_INLINE void fx_stream_f64(double *p, fx_vf64 v)
 }
 FX_INLINE void fx_stream_fence(void) { _mm_sfence(); }
 #else
-#define FX_HAVE_STREAM 0
+
 FX_INLINE void fx_stream_f32(float *p, fx_vf32 v) { memcpy(p, &v, sizeof v); }
 FX_INLINE void fx_stream_f64(double *p, fx_vf64 v) { memcpy(p, &v, sizeof v); }
 FX_INLINE void fx_stream_fence(void) {}

@@ -1,0 +1,439 @@
+/*
+ * rows/ce.h - cross entropy, the whole family.
+ *
+ * FX_CE_HARD (ce_hard: row kernel, pairs, small rows, split rows)
+ *   IN   x[n_rows, n_cols] (x_ld)   logits
+ *        labels[n_rows]             each in [0, n_cols) or ignore_index
+ *        ignore_index
+ *        w[n_cols] or NULL, w_sum   class weights (T) and their sum
+ *        smoothing                  label smoothing eps in [0, 1]
+ *        gscale[r * gscale_step]    per-row gradient scale (with out)
+ *   OUT  row_out[n_rows]            per-row loss (double)
+ *        out[n_rows, n_cols] (out_ld) or NULL: the gradient; may equal x
+ * FX_CE_SOFT (ce_soft)
+ *   IN   as FX_CE_HARD, with t[n_rows, n_cols] (t_ld, T) target
+ *        probabilities instead of labels
+ *   OUT  as FX_CE_HARD
+ * FX_CE_PROBS_HARD, FX_CE_PROBS_SOFT (ce_probs)
+ *   IN   x: probabilities; labels (hard) or t (soft); w, smoothing, gscale
+ *   OUT  as FX_CE_HARD
+ */
+
+/* The per-row scalars of cross entropy with an integer label, from the
+ * row's max m, sum s = sum_c exp(x_c - m), log(s) and, with label
+ * smoothing, d = sum_c w_c (x_c - m):
+ *   loss = (1-eps) w_y (log s - (x_y - m)) + eps/C (W log s - d)
+ *   gradient = exp(x - m) k1 - k2 w, except at the true class: gy
+ * The row, small-row and split-row kernels all take them from here. The
+ * row and split-row kernels pass exp(x_y - m) from libm, the small-row
+ * kernel from the vector kernel (a whole group at once): each path is
+ * deterministic and the same on every ISA, but the last bit of the true
+ * class's gradient may differ between a row short enough for the
+ * small-row kernel and a longer one.
+ *
+ * The arithmetic is written once, as macros that take doubles or vectors
+ * of doubles (one row per lane), so that the small-row kernel's lanewise
+ * form of a group of plain rows gives the scalar form's bits. */
+#ifndef FX_CE_ROW_ONCE
+#define FX_CE_ROW_ONCE
+#define FX_CE_LOSS(c1, logs, xy, m) ((c1) * ((logs) - ((xy) - (m))))
+#define FX_CE_A(c1, ec, W) ((c1) + (ec) * (W))
+#define FX_CE_K1(gs, A, s) ((gs) * (A) / (s))
+#define FX_CE_K2(gs, ec) ((gs) * (ec))
+#define FX_CE_GY(gs, exy, s, A, c1, ec, wy) ((gs) * ((exy) / (s) * (A) - (c1) - (ec) * (wy)))
+
+typedef struct fx_ce_row {
+    double loss, k1, k2, gy;
+} fx_ce_row;
+
+/* exy = exp(x_y - m), used only when grad is set: the small-row kernels
+   evaluate it for a whole group of rows at once. */
+static inline fx_ce_row fx_ce_hard_row_e(double xy, double wy, double m, double s, double logs,
+                                         double d, double eps, int64_t n, double W, double gs,
+                                         int grad, double exy)
+{
+    const double ec = eps / (double)n, c1 = (1.0 - eps) * wy;
+    fx_ce_row o = {0.0, 0.0, 0.0, 0.0};
+    /* A true class of coefficient 0 (eps == 1, or weight 0) costs 0 even at
+       x_y = -inf (0 log 0 = 0); a NaN s (undefined softmax) still poisons. */
+    o.loss = (c1 == 0 && xy == -INFINITY && !isnan(s)) ? 0.0 : FX_CE_LOSS(c1, logs, xy, m);
+    if (eps > 0) o.loss += ec * (W * logs - d);
+    if (grad) {
+        const double A = FX_CE_A(c1, ec, W);
+        o.k1 = FX_CE_K1(gs, A, s);
+        o.k2 = FX_CE_K2(gs, ec);
+        /* p_y - 1 formed in double from x_y, before any rounding. */
+        o.gy = FX_CE_GY(gs, exy, s, A, c1, ec, wy);
+    }
+    return o;
+}
+
+static inline fx_ce_row fx_ce_hard_row(double xy, double wy, double m, double s, double logs,
+                                       double d, double eps, int64_t n, double W, double gs,
+                                       int grad)
+{
+    return fx_ce_hard_row_e(xy, wy, m, s, logs, d, eps, n, W, gs, grad,
+                            grad ? exp(xy - m) : 0.0);
+}
+#endif
+
+/* Soft-target statistics for a finite m:
+     return  s = sum_c exp(x_c - m)
+     *a = sum_c w_c t_c (x_c - m)   (terms with w_c t_c == 0 count 0, even
+                                     when x_c = -inf: a class of probability
+                                     0 that the target never names costs 0)
+     *b = sum_c w_c t_c
+     *d = sum_c w_c (x_c - m)       (only needed with label smoothing) */
+FX_INLINE double NM(row_soft)(const XT *x, const T *t, const T *w, int64_t n, T m,
+                                   double *a, double *b, double *d)
+{
+    const V vm = SPLAT(m), zero = SPLAT(0);
+    double s = 0.0, aa = 0.0, bb = 0.0, dd = 0.0;
+    for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
+        const int64_t c1 = NM(chunk_end)(c0, n);
+        ACC vs = AINIT(zero), va = vs, vb = vs, vd = vs;
+        FX_LANES(i, c0, c1, k, {
+            const V z = NM(zload_lin)(x, i, k, vm, m);
+            const V tv = k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, 0);
+            const V wv = NM(wload)(w, i, k);
+            const V wt = wv * tv;
+            vs = AADD(vs, EXPM(NM(zload_exp)(x, i, k, vm)));
+            va = AADD(va, SEL(SFX(fx_eq)(wt, zero), zero, wt * z));
+            vb = AADD(vb, wt);
+            vd = AADD(vd, SEL(SFX(fx_eq)(wv, zero), zero, wv * z));
+        });
+        s += HSUM(AGET(vs));
+        aa += HSUM(AGET(va));
+        bb += HSUM(AGET(vb));
+        dd += HSUM(AGET(vd));
+    }
+    *a = aa;
+    *b = bb;
+    *d = dd;
+    return s;
+}
+
+static void NM(ce_hard_small)(const fx_job *job, int64_t r0, int64_t r1)
+{
+    const int64_t n = job->n_cols;
+    const T *w = (const T *)job->w;
+    const double eps = job->smoothing, W = job->w_sum;
+    T buf[SMALL_C * VL], ebuf[SMALL_C * VL], k1[VL], k2[VL];
+    double gy[VL]; /* the true class's gradient, formed in double */
+    for (int64_t r = r0; r < r1; r += VL) {
+        const int64_t nr = r1 - r < VL ? r1 - r : VL;
+        const XT *x = (const XT *)job->x + r * job->x_ld;
+        XT *out = job->out ? (XT *)job->out + r * job->out_ld : NULL;
+        NM(small_load)(x, job->x_ld, nr, n, buf);
+        VW sv;
+        const V m = NM(small_stats)(buf, n, &sv, out ? ebuf : NULL, NULL);
+        VW dv = __builtin_convertvector(SPLAT(0), VW);
+        if (eps > 0) {
+            ACCW adv = AWINIT(dv);
+            for (int64_t c = 0; c < n; c++) {
+                const T wc = w ? w[c] : 1;
+                if (wc != 0)
+                    adv = AWADD(adv, __builtin_convertvector(SPLAT(wc) * (LOAD(buf + c * VL) - m), VW));
+            }
+            dv = AWGET(adv);
+        }
+        const VW lv = NM(small_log)(sv);
+        /* exp(x_y - m) of every row of the group by the vector kernel: a
+           libm call per row cost more than the row's other arithmetic. */
+        double xyv[VL], mv[VL], exy[VL], gsv[VL];
+        /* plain: every row labelled, with finite m and s, no weights, no
+           smoothing; fx_ce_hard_row's arithmetic then runs lanewise. */
+        const int plain = nr == VL && !w && eps == 0
+                          && NM(plain_group)(job->labels + r, job->ignore_index, buf, m, sv, xyv, mv);
+        if (!plain) {
+            for (int64_t j = 0; j < VL; j++) {
+                const int64_t y = j < nr ? job->labels[r + j] : job->ignore_index;
+                const int ok = y != job->ignore_index && isfinite(m[j]);
+                xyv[j] = ok ? (double)buf[y * VL + j] : 0.0;
+                mv[j] = ok ? (double)m[j] : 0.0;
+            }
+        }
+        if (out) {
+            for (int64_t j = 0; j < VL; j++)
+                gsv[j] = j < nr ? job->gscale[(r + j) * job->gscale_step] : 0.0;
+            for (int h = 0; h < VL / 8; h++)
+                fx_store_f64(exy + 8 * h, fx_expm_f64(fx_load_f64(xyv + 8 * h) - fx_load_f64(mv + 8 * h)));
+        }
+        V vk1, vk2;
+        if (plain) {
+            /* The same operations, in the same order, as fx_ce_hard_row
+               with wy = 1 and eps = 0, so the same bits. */
+            const double ec = eps / (double)n, c1 = (1.0 - eps) * 1.0;
+            VW xw, mw;
+            memcpy(&xw, xyv, sizeof xw);
+            memcpy(&mw, mv, sizeof mw);
+            VW c1w;
+            for (int j = 0; j < (int)(sizeof(VW) / sizeof(double)); j++) c1w[j] = c1;
+            NM(store_w)(job->row_out + r, FX_CE_LOSS(c1w, lv, xw, mw));
+            if (out) {
+                const double A = FX_CE_A(c1, ec, W);
+                VW gw, ew;
+                memcpy(&gw, gsv, sizeof gw);
+                memcpy(&ew, exy, sizeof ew);
+                vk1 = __builtin_convertvector(FX_CE_K1(gw, A, sv), V);
+                vk2 = __builtin_convertvector(FX_CE_K2(gw, ec), V);
+                NM(store_w)(gy, FX_CE_GY(gw, ew, sv, A, c1, ec, 1.0));
+            }
+        } else {
+        for (int64_t j = 0; j < VL; j++) {
+            k1[j] = 0;
+            k2[j] = 0;
+            if (j >= nr) continue;
+            const int64_t y = job->labels[r + j];
+            if (y == job->ignore_index) {
+                job->row_out[r + j] = 0.0;
+                continue;
+            }
+            const double s = isfinite(m[j]) ? (double)sv[j] : NAN;
+            const fx_ce_row o = fx_ce_hard_row_e(
+                (double)buf[y * VL + j], w ? (double)w[y] : 1.0, (double)m[j], s,
+                isnan(s) ? s : (double)lv[j], (double)dv[j], eps, n, W,
+                gsv[j], out != NULL, out ? exy[j] : 0.0);
+            job->row_out[r + j] = o.loss;
+            k1[j] = (T)o.k1;
+            k2[j] = (T)o.k2;
+            gy[j] = o.gy;
+        }
+        vk1 = LOAD(k1);
+        vk2 = LOAD(k2);
+        }
+        if (!out) continue;
+        for (int64_t c = 0; c < n; c++) {
+            const V e = LOAD(ebuf + c * VL);
+            const V wc = SPLAT(w ? w[c] : 0);
+            STORE(ebuf + c * VL, NM(grad_v)(e, vk1, vk2, w ? &wc : NULL));
+        }
+        NM(small_store)(ebuf, nr, n, out, job->out_ld);
+        for (int64_t j = 0; j < nr; j++) {
+            const int64_t y = job->labels[r + j];
+            XT *orow = out + j * job->out_ld;
+            if (y == job->ignore_index) NM(row_zero)(orow, n);
+            else XSET(orow, y, (T)gy[j]);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------
+ * Cross entropy from logits with integer labels.
+ *   loss_r = (1-eps) w_y (-log p_y) + eps/C sum_c w_c (-log p_c)
+ *          = (1-eps) w_y (log s - (x_y - m)) + eps/C (W log s - d)
+ *   grad_c = gs [ p_c ((1-eps) w_y + eps/C W) - (1-eps) w_y [c == y] - eps/C w_c ]
+ * Ignored rows: loss 0, gradient 0.
+ * ---------------------------------------------------------------------- */
+/* One row of ce_hard. n, w, eps and W come from the caller, which reads
+   them once: reread here after each row's double store (row_out, which
+   may alias them as far as the compiler knows), they kept GCC from
+   specialising the row loop, and gradients ran 7% slower. */
+FX_INLINE void NM(ce_hard_row)(const fx_job *job, int64_t r, int64_t r1, int64_t n, const T *w,
+                               double eps, double W)
+{
+    const XT *x = (const XT *)job->x + r * job->x_ld;
+    XT *out = job->out ? (XT *)job->out + r * job->out_ld : NULL;
+    const int64_t y = job->labels[r];
+    if (y == job->ignore_index) {
+        job->row_out[r] = 0.0;
+        if (out) NM(row_zero)(out, n);
+        return;
+    }
+    const double xy = (double)XGET(x, y);
+    const double wy = w ? (double)w[y] : 1.0;
+    T m = NM(row_max)(x, n);
+    double s, d = 0.0;
+    /* float32/float64 gradients stash exp(x - m) in out on the way. */
+    T *stash = NULL;
+#if !X16
+    if (out && isfinite(m)) stash = out;
+#endif
+    if (isfinite(m))
+        s = NM(row_sumexp)(x, w, n, m, eps > 0 ? &d : NULL, stash, NM(next_row)(job, r, r1));
+    else s = NAN;
+    const fx_ce_row o = fx_ce_hard_row(xy, wy, (double)m, s, log(s), d, eps, n, W,
+                                       out ? job->gscale[r * job->gscale_step] : 0.0,
+                                       out != NULL);
+    job->row_out[r] = o.loss;
+    if (out) {
+        const T k1 = (T)o.k1, k2 = (T)o.k2;
+        if (stash) NM(grad_write)(x, out, w, n, m, k1, k2, 1);
+        else NM(grad_write)(x, out, w, n, m, k1, k2, 0);
+        /* The true class from the saved x_y (out may be x). */
+        XSET(out, y, (T)o.gy);
+    }
+}
+
+static void KFN(ce_hard)(const fx_job *job, int64_t r0, int64_t r1)
+{
+    const int64_t n = job->n_cols;
+    if (NM(small)(job)) {
+        NM(ce_hard_small)(job, r0, r1);
+        return;
+    }
+    const T *w = (const T *)job->w;
+    const double eps = job->smoothing, W = job->w_sum;
+    int64_t r = r0;
+    /* The loss alone, without smoothing (a third sum): rows in pairs. */
+    if (NM(paired)(job, FX_CE_HARD) && !job->out && !(eps > 0))
+        for (; r + 1 < r1; r += 2) {
+            const int64_t y[2] = {job->labels[r], job->labels[r + 1]};
+            T m[2];
+            double s[2];
+            if (y[0] == job->ignore_index || y[1] == job->ignore_index ||
+                !NM(pair_stats)(job, r, r1, m, s)) {
+                NM(ce_hard_row)(job, r, r1, n, w, eps, W);
+                NM(ce_hard_row)(job, r + 1, r1, n, w, eps, W);
+                continue;
+            }
+            for (int j = 0; j < 2; j++) {
+                const XT *x = (const XT *)job->x + (r + j) * job->x_ld;
+                job->row_out[r + j] = fx_ce_hard_row((double)XGET(x, y[j]),
+                                                     w ? (double)w[y[j]] : 1.0, (double)m[j],
+                                                     s[j], log(s[j]), 0.0, eps, n, W, 0.0, 0)
+                                          .loss;
+            }
+        }
+    for (; r < r1; r++) NM(ce_hard_row)(job, r, r1, n, w, eps, W);
+}
+
+/* One labelled row split across threads (parallel.c's driver, split.h's
+   passes): float32/float64 rows without smoothing, whose (m, s) the driver
+   forms from the row kernel's own chunk sums, in its order; the scalars
+   then come from fx_ce_hard_row as in ce_hard_row, so the row's bits do
+   not depend on the split. */
+static int KFN(ce_hard_split)(const fx_job *job, fx_split *sp, int phase)
+{
+    const int64_t n = job->n_cols, r = sp ? sp->r : 0;
+    const T *w = (const T *)job->w;
+    XT *out = job->out ? (XT *)job->out + r * job->out_ld : NULL;
+    switch (phase) {
+    case FX_SPLIT_JOB:
+        return !X16 && job->smoothing == 0;
+    case FX_SPLIT_BEGIN: {
+        const int64_t y = job->labels[r];
+        if (y == job->ignore_index) return 0; /* the row kernel's zeros */
+        /* x_y is read first: out may be x. As the row kernels, the sums pass
+           keeps exp(x - m) in out (except for rows too big for the cache,
+           whose kept exponentials would come back from memory). */
+        sp->xy = (double)XGET((const XT *)job->x + r * job->x_ld, y);
+        sp->stash = out && (double)n * sizeof(XT) <= (double)FX_STREAM_BYTES;
+        return 1;
+    }
+    case FX_SPLIT_FINISH: {
+        const int64_t y = job->labels[r];
+        const fx_ce_row o = fx_ce_hard_row(sp->xy, w ? (double)w[y] : 1.0, sp->m, sp->s,
+                                           log(sp->s), 0.0, job->smoothing, n, job->w_sum,
+                                           out ? job->gscale[r * job->gscale_step] : 0.0,
+                                           out != NULL);
+        job->row_out[r] = o.loss;
+        sp->k1 = o.k1;
+        sp->k2 = o.k2;
+        sp->gy = o.gy;
+        sp->w = w;
+        return out != NULL;
+    }
+    default: /* FX_SPLIT_END: the true class, from the saved x_y */
+        if (out) XSET(out, job->labels[r], (T)sp->gy);
+        return 0;
+    }
+}
+
+/* ------------------------------------------------------------------------
+ * Cross entropy from logits with probability targets t (used as given),
+ * smoothed to t' = (1-eps) t + eps/C:
+ *   loss_r = sum_c w_c t'_c (log s - (x_c - m)) = B' log s - A'
+ *            with B' = (1-eps) b + eps/C W,  A' = (1-eps) a + eps/C d
+ *   grad_c = gs [ p_c B' - w_c t'_c ]
+ * ---------------------------------------------------------------------- */
+static void KFN(ce_soft)(const fx_job *job, int64_t r0, int64_t r1)
+{
+    const int64_t n = job->n_cols;
+    const T *w = (const T *)job->w;
+    const double eps = job->smoothing, ec = eps / (double)n, W = job->w_sum;
+    for (int64_t r = r0; r < r1; r++) {
+        const XT *x = (const XT *)job->x + r * job->x_ld;
+        const T *t = (const T *)job->t + r * job->t_ld;
+        XT *out = job->out ? (XT *)job->out + r * job->out_ld : NULL;
+        T m = NM(row_max)(x, n);
+        double s, a = 0.0, b = 0.0, d = 0.0;
+        if (isfinite(m)) s = NM(row_soft)(x, t, w, n, m, &a, &b, &d);
+        else s = NAN;
+        const double Bp = (1.0 - eps) * b + ec * W;
+        double Ap = eps < 1 ? (1.0 - eps) * a : 0.0;
+        if (eps > 0) Ap += ec * d;
+        job->row_out[r] = Bp * log(s) - Ap;
+        if (out) {
+            const double gs = job->gscale[r * job->gscale_step];
+            const V vm = SPLAT(m), k1 = SPLAT((T)(gs * Bp / s));
+            const V k2 = SPLAT((T)(gs * (1.0 - eps))), k3 = SPLAT((T)(gs * ec));
+            FX_LANES(i, 0, n, k, {
+                const V e = EXPM(NM(zload_exp)(x, i, k, vm));
+                const V tv = k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, 0);
+                const V g = e * k1 - NM(wload)(w, i, k) * (tv * k2 + k3);
+                if (k == VL) XSTORE(out + i, g);
+                else XSTORE_TAIL(out + i, g, k);
+            });
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------
+ * Cross entropy from probabilities p (from_logits=False): no softmax, no
+ * renormalisation, no clipping.
+ *   loss_r = -sum_c w_c t'_c log p_c   (terms of coefficient 0 count 0
+ *   grad_c = -gs w_c t'_c / p_c         unless p_c is NaN)
+ * Integer labels give t' = (1-eps) onehot(y) + eps/C. Not a hot path:
+ * plain loops in double with the C library's log.
+ * ---------------------------------------------------------------------- */
+static void KFN(ce_probs)(const fx_job *job, int64_t r0, int64_t r1)
+{
+    const int64_t n = job->n_cols;
+    const T *w = (const T *)job->w;
+    const double eps = job->smoothing, ec = eps / (double)n;
+    const int hard = job->labels != NULL;
+    for (int64_t r = r0; r < r1; r++) {
+        const XT *p = (const XT *)job->x + r * job->x_ld;
+        const T *t = hard ? NULL : (const T *)job->t + r * job->t_ld;
+        XT *out = job->out ? (XT *)job->out + r * job->out_ld : NULL;
+        const int64_t y = hard ? job->labels[r] : -1;
+        if (hard && y == job->ignore_index) {
+            job->row_out[r] = 0.0;
+            if (out) NM(row_zero)(out, n);
+            continue;
+        }
+        double loss = 0.0;
+        if (hard) {
+            const double coef = (1.0 - eps) * (w ? (double)w[y] : 1.0);
+            loss = coef != 0 || isnan(XGET(p, y)) ? -coef * log((double)XGET(p, y)) : 0.0;
+            if (eps > 0) {
+                double acc = 0.0;
+                for (int64_t c = 0; c < n; c++) {
+                    const double wc = w ? (double)w[c] : 1.0;
+                    if (wc != 0 || isnan(XGET(p, c))) acc += wc * log((double)XGET(p, c));
+                }
+                loss -= ec * acc;
+            }
+        } else {
+            for (int64_t c = 0; c < n; c++) {
+                const double coef = (w ? (double)w[c] : 1.0) * ((1.0 - eps) * (double)t[c] + ec);
+                if (coef != 0 || isnan(XGET(p, c))) loss -= coef * log((double)XGET(p, c));
+            }
+        }
+        job->row_out[r] = loss;
+        if (out) {
+            const double gs = job->gscale[r * job->gscale_step];
+            const double py = hard ? (double)XGET(p, y) : 0.0;
+            for (int64_t c = 0; c < n; c++) {
+                const double tc = hard ? ec : (1.0 - eps) * (double)t[c] + ec;
+                const double coef = (w ? (double)w[c] : 1.0) * tc;
+                XSET(out, c, coef == 0 && !isnan(XGET(p, c)) ? (T)0 : (T)(-gs * coef / (double)XGET(p, c)));
+            }
+            if (hard) {
+                const double coef = (w ? (double)w[y] : 1.0) * ((1.0 - eps) + ec);
+                XSET(out, y, coef == 0 && !isnan(py) ? (T)0 : (T)(-gs * coef / py));
+            }
+        }
+    }
+}

@@ -1,0 +1,301 @@
+/*
+ * rows/softmax.h - logsumexp, log_softmax, softmax and entropy: the row
+ * values and normalised outputs of softmax(x), the whole family.
+ *
+ * FX_LOGSUMEXP (logsumexp: row kernel, pairs, small rows, split rows)
+ *   IN   x[n_rows, n_cols] (x_ld)
+ *   OUT  row_out[n_rows]              log(sum_c exp(x_c)) (double)
+ * FX_LOG_SOFTMAX, FX_SOFTMAX (log_softmax, softmax: the same four paths)
+ *   IN   x
+ *   OUT  out[n_rows, n_cols] (out_ld) in x's storage dtype; may equal x
+ * FX_ENTROPY (entropy: row kernel, small rows)
+ *   IN   x                            logits
+ *   OUT  row_out[n_rows]              entropy of softmax(x) (double)
+ * FX_ENTROPY_PROBS (entropy_probs)
+ *   IN   x                            probabilities, used as given
+ *   OUT  row_out[n_rows]              -sum_c x_c log x_c (double)
+ */
+
+/* Entropy statistics for a finite m:
+     return  s = sum_c exp(x_c - m),  *q = sum_c exp(x_c - m) (x_c - m)
+   with 0 * log 0 = 0: a class of probability 0 adds nothing. */
+FX_INLINE double NM(row_entropy)(const XT *x, int64_t n, T m, double *q, const char *pf)
+{
+    const V vm = SPLAT(m), zero = SPLAT(0);
+    double s = 0.0, qq = 0.0;
+    for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
+        const int64_t c1 = NM(chunk_end)(c0, n);
+        ACC vs = AINIT(zero), vq = vs;
+        FX_LANES(i, c0, c1, k, {
+            if (pf) NM(prefetch)(pf, i);
+            const V z = NM(zload_exp)(x, i, k, vm);
+            const V e = EXPM(z);
+            vs = AADD(vs, e);
+            vq = AADD(vq, SEL(SFX(fx_eq)(e, zero), zero, e * z));
+        });
+        s += HSUM(AGET(vs));
+        qq += HSUM(AGET(vq));
+    }
+    *q = qq;
+    return s;
+}
+
+/* logsumexp, log-softmax, softmax and entropy of small rows. */
+static void NM(blocks_small)(const fx_job *job, int op, int64_t r0, int64_t r1)
+{
+    const int64_t n = job->n_cols;
+    T buf[SMALL_C * VL], k[VL];
+    for (int64_t r = r0; r < r1; r += VL) {
+        const int64_t nr = r1 - r < VL ? r1 - r : VL;
+        NM(small_load)((const XT *)job->x + r * job->x_ld, job->x_ld, nr, n, buf);
+        VW sv;
+        /* softmax: the exponentials replace x in buf */
+        VW qv;
+        const V m = NM(small_stats)(buf, n, &sv, op == FX_SOFTMAX ? buf : NULL,
+                                    op == FX_ENTROPY ? &qv : NULL);
+        const VW lv = NM(small_log)(sv);
+        V vk;
+        /* A full group of rows with finite m and s (as in plain_group):
+           the per-row arithmetic of the loop below, lanewise (same bits). */
+        if (nr == VL && NM(finite_group)(m, sv)) {
+            if (op == FX_ENTROPY) {
+                NM(store_w)(job->row_out + r, lv - qv / sv);
+                continue;
+            }
+            if (op == FX_LOGSUMEXP) {
+                NM(store_w)(job->row_out + r, __builtin_convertvector(m, VW) + lv);
+                continue;
+            }
+            vk = op == FX_LOG_SOFTMAX
+                     ? __builtin_convertvector(lv, V)
+                     : __builtin_convertvector(__builtin_convertvector(SPLAT(1), VW) / sv, V);
+        } else {
+        for (int64_t j = 0; j < VL; j++) {
+            const double s = j < nr && isfinite(m[j]) ? (double)sv[j] : NAN;
+            const double logs = isnan(s) ? s : (double)lv[j];
+            /* H = log s - q / s (NaN where the softmax is undefined) */
+            if (op == FX_ENTROPY && j < nr) job->row_out[r + j] = logs - (double)qv[j] / s;
+            if (op == FX_LOGSUMEXP && j < nr) {
+                double v = (double)m[j] + logs;
+                if (!isfinite(m[j])) { /* as the row kernel: inf, -inf or NaN */
+                    v = m[j];
+                    for (int64_t c = 0; c < n; c++)
+                        if (isnan(buf[c * VL + j])) v = NAN;
+                }
+                job->row_out[r + j] = v;
+            }
+            k[j] = op == FX_LOG_SOFTMAX ? (T)logs : (T)(1.0 / s);
+        }
+        if (op == FX_LOGSUMEXP || op == FX_ENTROPY) continue;
+        vk = LOAD(k);
+        }
+        for (int64_t c = 0; c < n; c++) {
+            const V v = LOAD(buf + c * VL);
+            STORE(buf + c * VL, op == FX_LOG_SOFTMAX ? NM(lsm_v)(v, m, vk) : v * vk);
+        }
+        NM(small_store)(buf, nr, n, (XT *)job->out + r * job->out_ld, job->out_ld);
+    }
+}
+
+FX_INLINE void NM(logsumexp_row)(const fx_job *job, int64_t r, int64_t r1)
+{
+    const XT *x = (const XT *)job->x + r * job->x_ld;
+    const T m = NM(row_max)(x, job->n_cols);
+    if (isfinite(m)) {
+        job->row_out[r] = (double)m + log(NM(row_sumexp)(x, NULL, job->n_cols, m, NULL, NULL,
+                                                         NM(next_row)(job, r, r1)));
+        return;
+    }
+    /* +inf for a row holding +inf, -inf for a row of -inf; NaN poisons. */
+    double v = m;
+    for (int64_t c = 0; c < job->n_cols; c++)
+        if (isnan(XGET(x, c))) v = NAN;
+    job->row_out[r] = v;
+}
+
+static void KFN(logsumexp)(const fx_job *job, int64_t r0, int64_t r1)
+{
+    if (NM(small)(job)) {
+        NM(blocks_small)(job, FX_LOGSUMEXP, r0, r1);
+        return;
+    }
+    int64_t r = r0;
+    if (NM(paired)(job, FX_LOGSUMEXP))
+        for (; r + 1 < r1; r += 2) {
+            T m[2];
+            double s[2];
+            if (NM(pair_stats)(job, r, r1, m, s)) {
+                job->row_out[r] = (double)m[0] + log(s[0]);
+                job->row_out[r + 1] = (double)m[1] + log(s[1]);
+            } else {
+                NM(logsumexp_row)(job, r, r1);
+                NM(logsumexp_row)(job, r + 1, r1);
+            }
+        }
+    for (; r < r1; r++) NM(logsumexp_row)(job, r, r1);
+}
+
+/* Row r's log-softmax from its (m, s). */
+FX_INLINE void NM(log_softmax_write)(const fx_job *job, int64_t r, T m, double s, int stream)
+{
+    NM(lsm_write)((const XT *)job->x + r * job->x_ld, (XT *)job->out + r * job->out_ld,
+                  job->n_cols, m, (T)log(s), stream);
+}
+
+FX_INLINE void NM(log_softmax_row)(const fx_job *job, int64_t r, int64_t r1, int stream)
+{
+    T m;
+    const double s = NM(row_stats)((const XT *)job->x + r * job->x_ld, job->n_cols, &m,
+                                   NM(next_row)(job, r, r1));
+    NM(log_softmax_write)(job, r, m, s, stream);
+}
+
+static void KFN(log_softmax)(const fx_job *job, int64_t r0, int64_t r1)
+{
+    if (NM(small_lsm)(job)) {
+        NM(blocks_small)(job, FX_LOG_SOFTMAX, r0, r1);
+        return;
+    }
+    int stream = 0;
+#if !X16
+    stream = NM(streaming)(job);
+#endif
+    int64_t r = r0;
+    if (NM(paired)(job, FX_LOG_SOFTMAX))
+        for (; r + 1 < r1; r += 2) {
+            T m[2];
+            double s[2];
+            if (NM(pair_stats)(job, r, r1, m, s)) {
+                NM(log_softmax_write)(job, r, m[0], s[0], stream);
+                NM(log_softmax_write)(job, r + 1, m[1], s[1], stream);
+            } else {
+                NM(log_softmax_row)(job, r, r1, stream);
+                NM(log_softmax_row)(job, r + 1, r1, stream);
+            }
+        }
+    for (; r < r1; r++) NM(log_softmax_row)(job, r, r1, stream);
+#if !X16
+    if (stream) fx_stream_fence();
+#endif
+}
+
+static void KFN(softmax)(const fx_job *job, int64_t r0, int64_t r1)
+{
+    const int64_t n = job->n_cols;
+    if (NM(small)(job)) {
+        NM(blocks_small)(job, FX_SOFTMAX, r0, r1);
+        return;
+    }
+    for (int64_t r = r0; r < r1; r++) {
+        const XT *x = (const XT *)job->x + r * job->x_ld;
+        XT *out = (XT *)job->out + r * job->out_ld;
+#if !X16
+        /* Stash exp(x - m) in out, then scale: one exp per element. */
+        const T mm = NM(row_max)(x, n);
+        if (isfinite(mm)) {
+            const double s = NM(row_sumexp)(x, NULL, n, mm, NULL, out, NM(next_row)(job, r, r1));
+            NM(grad_write)(x, out, NULL, n, mm, (T)(1.0 / s), 0, 1);
+            continue;
+        }
+#endif
+        T m;
+        const double s = NM(row_stats)(x, n, &m, NULL);
+        NM(grad_write)(x, out, NULL, n, m, (T)(1.0 / s), 0, 0);
+    }
+}
+
+/* One row of logsumexp, log_softmax or softmax split across threads
+   (parallel.c's driver, split.h's passes): the row kernels' scalar steps
+   from the driver's (m, s), which are the row kernel's own. */
+FX_INLINE int NM(blocks_split)(const fx_job *job, fx_split *sp, int phase, int op)
+{
+    switch (phase) {
+    case FX_SPLIT_JOB:
+        return 1;
+    case FX_SPLIT_BEGIN:
+        /* float32/float64 softmax keeps exp(x - m) in out, as the row
+           kernel, except for rows too big for the cache. */
+        sp->stash = op == FX_SOFTMAX && !X16
+                    && (double)job->n_cols * sizeof(XT) <= (double)FX_STREAM_BYTES;
+        return 1;
+    case FX_SPLIT_FINISH:
+        if (op == FX_LOGSUMEXP) {
+            job->row_out[sp->r] = sp->m + log(sp->s);
+            return 0;
+        }
+        sp->lsm = op == FX_LOG_SOFTMAX;
+        sp->k1 = sp->lsm ? log(sp->s) : 1.0 / sp->s;
+        sp->k2 = 0.0;
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+static int KFN(logsumexp_split)(const fx_job *job, fx_split *sp, int phase)
+{
+    return NM(blocks_split)(job, sp, phase, FX_LOGSUMEXP);
+}
+static int KFN(log_softmax_split)(const fx_job *job, fx_split *sp, int phase)
+{
+    return NM(blocks_split)(job, sp, phase, FX_LOG_SOFTMAX);
+}
+static int KFN(softmax_split)(const fx_job *job, fx_split *sp, int phase)
+{
+    return NM(blocks_split)(job, sp, phase, FX_SOFTMAX);
+}
+
+/* H = log s - (1/s) sum_c e_c (x_c - m), with e_c = exp(x_c - m). */
+static void KFN(entropy)(const fx_job *job, int64_t r0, int64_t r1)
+{
+    const int64_t n = job->n_cols;
+    if (NM(small)(job)) {
+        NM(blocks_small)(job, FX_ENTROPY, r0, r1);
+        return;
+    }
+    for (int64_t r = r0; r < r1; r++) {
+        const XT *x = (const XT *)job->x + r * job->x_ld;
+        T m = NM(row_max)(x, n);
+        if (!isfinite(m)) {
+            /* softmax of a row whose max is +inf or whose entries are all
+               -inf (or NaN) is undefined (inf - inf): NaN, as in torch. */
+            job->row_out[r] = NAN;
+            continue;
+        }
+        double q;
+        const double s = NM(row_entropy)(x, n, m, &q, NM(next_row)(job, r, r1));
+        job->row_out[r] = log(s) - q / s;
+    }
+}
+
+/* H = -sum_c p_c log p_c (0 log 0 = 0), in double. Eight probabilities at
+   a time with the project's double log (logm.h) where all eight are zero
+   or normal and finite; other blocks, and 16-bit inputs, element by
+   element with the C library. Lanes are added in a fixed order. */
+static void KFN(entropy_probs)(const fx_job *job, int64_t r0, int64_t r1)
+{
+    const int64_t n = job->n_cols;
+    for (int64_t r = r0; r < r1; r++) {
+        const XT *p = (const XT *)job->x + r * job->x_ld;
+        double h = 0.0;
+        int64_t c = 0;
+#if !X16
+        const fx_vf64 zero = fx_splat_f64(0.0);
+        fx_acc_f64 vh = fx_acc_init_f64(zero);
+        for (; c + 8 <= n; c += 8) {
+            const fx_vf64 pv = NM(load8)(p + c);
+            fx_vf64 ps;
+            if (!fx_log_domain_f64(pv, &ps)) {
+                for (int j = 0; j < 8; j++)
+                    if (pv[j] != 0) h -= pv[j] * log(pv[j]);
+                continue;
+            }
+            vh = fx_acc_add_f64(vh, fx_sel_f64(fx_eq_f64(pv, zero), zero, pv * fx_log_pos_f64(ps)));
+        }
+        h -= fx_hsum_f64(fx_acc_get_f64(vh));
+#endif
+        for (; c < n; c++)
+            if (XGET(p, c) != 0) h -= (double)XGET(p, c) * log((double)XGET(p, c));
+        job->row_out[r] = h;
+    }
+}

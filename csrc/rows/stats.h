@@ -1,0 +1,245 @@
+/*
+ * rows/stats.h - the row statistics every family starts from: the row max,
+ * the chunked sums of exponentials, rows in pairs, and the prefetch of the
+ * next row.
+ *
+ * Each row kernel reads one row of n contiguous elements; a row is visited
+ * at most three times (max, sum of exponentials, write) and stays in cache
+ * between visits. Nothing is allocated and no N x C temporary exists:
+ * losses come from the row statistics
+ *     m = max_c x_c,   s = sum_c exp(x_c - m)
+ * as  -log p_y = log(s) - (x_y - m)      (never lse - x_y, which loses all
+ * the digits of the loss when every logit shares a large offset), and
+ * log-softmax as (x_c - m) - log(s), in that order.
+ *
+ * Sums run in T within chunks of CHUNK elements (each lane then adds at
+ * most CHUNK / (2*VL) terms) and the chunk totals are added in double, so a
+ * float32 row of 10^5 classes sums as accurately as a short one.
+ */
+
+FX_INLINE int64_t NM(chunk_end)(int64_t c0, int64_t n)
+{
+    return c0 + CHUNK < n ? c0 + CHUNK : n;
+}
+
+/* Eight elements widened to double, for the kernels that take logs or
+   exps of their inputs in double (entropy of probabilities, KL targets,
+   BCE from probabilities). */
+typedef T NM(t8) __attribute__((vector_size(8 * sizeof(T))));
+
+FX_INLINE fx_vf64 NM(load8)(const T *p)
+{
+    NM(t8) v;
+    memcpy(&v, p, sizeof v);
+    return __builtin_convertvector(v, fx_vf64);
+}
+
+/* max_c x_c, skipping NaN; -inf for an empty or all-NaN row. */
+FX_INLINE T NM(row_max)(const XT *x, int64_t n)
+{
+    ACC a0 = AINIT(SPLAT(-INFINITY)), a1 = a0;
+    int64_t i = 0;
+    for (; i + 2 * VL <= n; i += 2 * VL) {
+        a0 = AMAX(a0, XLOAD(x + i));
+        a1 = AMAX(a1, XLOAD(x + i + VL));
+    }
+    for (; i + VL <= n; i += VL) a0 = AMAX(a0, XLOAD(x + i));
+    if (i < n) a1 = AMAX(a1, XLOAD_TAIL(x + i, n - i, -INFINITY));
+    /* + 0 turns a -0 max into +0, so the max does not depend on which lane
+       saw which zero (a row split across threads gets the same one). */
+    return HMAX(VMAX(AGET(a0), AGET(a1))) + (T)0;
+}
+
+/* Weights of lanes [i, i+k), k <= VL: all 1 when w is NULL; padding 0. */
+FX_INLINE V NM(wload)(const T *w, int64_t i, int64_t k)
+{
+    if (w) return k == VL ? LOAD(w + i) : LOAD_TAIL(w + i, k, 0);
+    V v = SPLAT(0);
+    for (int64_t j = 0; j < k; j++) v[j] = 1;
+    return v;
+}
+
+/* Lanes [i, i+k) of x minus m, padding lanes -inf (their exp is 0). */
+FX_INLINE V NM(zload_exp)(const XT *x, int64_t i, int64_t k, V vm)
+{
+    return (k == VL ? XLOAD(x + i) : XLOAD_TAIL(x + i, k, -INFINITY)) - vm;
+}
+
+/* Lanes [i, i+k) of x minus m, padding lanes 0 (they add nothing). */
+FX_INLINE V NM(zload_lin)(const XT *x, int64_t i, int64_t k, V vm, T m)
+{
+    return (k == VL ? XLOAD(x + i) : XLOAD_TAIL(x + i, k, m)) - vm;
+}
+
+/* Rows up to this many bytes are prefetched into L2 while the row before
+   them is in its sum-of-exponentials pass, which is bound by arithmetic, not
+   memory: the next row's max pass then reads L2 instead of main memory.
+   Two such rows fit in the L2 of current x86 cores (512 KiB and up). */
+#define PF_BYTES (192 << 10)
+
+/* The row after row r of [r0, r1), as bytes to prefetch, or NULL. */
+FX_INLINE const char *NM(next_row)(const fx_job *job, int64_t r, int64_t r1)
+{
+    if (r + 1 >= r1 || job->n_cols * (int64_t)sizeof(XT) > PF_BYTES) return NULL;
+    return (const char *)((const XT *)job->x + (r + 1) * job->x_ld);
+}
+
+/* Prefetch the VL elements of row pf that match x + i (L2 only). */
+FX_INLINE void NM(prefetch)(const char *pf, int64_t i)
+{
+    for (int b = 0; b < VL * (int)sizeof(XT); b += 64)
+        __builtin_prefetch(pf + i * (int64_t)sizeof(XT) + b, 0, 2);
+}
+
+/* The sum of exp(x_c - m) over one chunk [c0, c1) (c1 - c0 <= CHUNK), as
+   one double: the unit that rows split across threads add in order. pf,
+   when not NULL, is the row to prefetch, element for element alongside x.
+   xb, when not NULL, is a second row (max mb, prefetch pfb, no stash)
+   whose sum goes to *sb: the same additions lane for lane, so a row gives
+   the same bits alone or paired (which a thread split decides). */
+FX_INLINE double NM(chunk_sumexp_)(const XT *x, int64_t c0, int64_t c1, V vm, T *st,
+                                   const char *pf, const XT *xb, V vmb, const char *pfb,
+                                   double *sb)
+{
+    ACC a0 = AINIT(SPLAT(0)), a1 = a0, b0 = a0, b1 = a0;
+    int64_t i = c0;
+    for (; i + 2 * VL <= c1; i += 2 * VL) {
+        if (pf) {
+            NM(prefetch)(pf, i);
+            NM(prefetch)(pf, i + VL);
+        }
+        if (pfb) {
+            NM(prefetch)(pfb, i);
+            NM(prefetch)(pfb, i + VL);
+        }
+        const V e0 = EXPM(XLOAD(x + i) - vm), e1 = EXPM(XLOAD(x + i + VL) - vm);
+        a0 = AADD(a0, e0);
+        a1 = AADD(a1, e1);
+        if (xb) {
+            b0 = AADD(b0, EXPM(XLOAD(xb + i) - vmb));
+            b1 = AADD(b1, EXPM(XLOAD(xb + i + VL) - vmb));
+        }
+        if (st) { /* see fx_store_union */
+            SFX(fx_store_union)(st + i, e0);
+            SFX(fx_store_union)(st + i + VL, e1);
+        }
+    }
+    for (; i < c1; i += VL) {
+        const int64_t k = c1 - i < VL ? c1 - i : VL;
+        const V e = EXPM(NM(zload_exp)(x, i, k, vm));
+        a0 = AADD(a0, e);
+        if (xb) b0 = AADD(b0, EXPM(NM(zload_exp)(xb, i, k, vmb)));
+        if (st) {
+            if (k == VL) STORE(st + i, e);
+            else STORE_TAIL(st + i, e, k);
+        }
+    }
+    if (xb) *sb = HSUM(AGET(b0) + AGET(b1));
+    return HSUM(AGET(a0) + AGET(a1));
+}
+
+/* Two copies, so the loop that does not stash has no stores to test. */
+FX_INLINE double NM(chunk_sumexp)(const XT *x, int64_t c0, int64_t c1, V vm, T *st,
+                                  const char *pf)
+{
+    if (st) return NM(chunk_sumexp_)(x, c0, c1, vm, st, pf, NULL, vm, NULL, NULL);
+    return NM(chunk_sumexp_)(x, c0, c1, vm, NULL, pf, NULL, vm, NULL, NULL);
+}
+
+/* Rows of up to PAIR_BYTES are taken two at a time by the forward row
+   kernels: at these lengths the latency of one row's max -> exp -> sum ->
+   log chain is about as long as its arithmetic, and two independent rows
+   in one loop overlap what one row cannot (float32, 64-256 classes:
+   0.77-0.94x the time). Longer rows gained nothing, and at 2 KiB (float32
+   512, float64 256 classes) lost up to 10%. */
+#define PAIR_BYTES 1024 /* <= CHUNK elements */
+
+/* Whether op's rows go in pairs: rows of up to PAIR_BYTES, except that
+   log_softmax pairs only rows below it (at float32 256 classes, 1 KiB, with
+   16 MiB of logits, log_softmax was 1.07-1.1x slower paired). */
+FX_INLINE int NM(paired)(const fx_job *job, int op)
+{
+    const int64_t bytes = job->n_cols * (int64_t)sizeof(XT);
+    return op == FX_LOG_SOFTMAX ? bytes < PAIR_BYTES : bytes <= PAIR_BYTES;
+}
+
+/* Maxima of rows a and b (row_max's value for each). */
+FX_INLINE void NM(row_max2)(const XT *xa, const XT *xb, int64_t n, T *ma, T *mb)
+{
+    ACC a = AINIT(SPLAT(-INFINITY)), b = a;
+    int64_t i = 0;
+    for (; i + VL <= n; i += VL) {
+        a = AMAX(a, XLOAD(xa + i));
+        b = AMAX(b, XLOAD(xb + i));
+    }
+    if (i < n) {
+        a = AMAX(a, XLOAD_TAIL(xa + i, n - i, -INFINITY));
+        b = AMAX(b, XLOAD_TAIL(xb + i, n - i, -INFINITY));
+    }
+    *ma = HMAX(AGET(a)) + (T)0;
+    *mb = HMAX(AGET(b)) + (T)0;
+}
+
+/* (m, s) of rows r and r + 1 of [r0, r1), when both maxima are finite
+   (else 0, and the caller takes the rows one at a time). */
+FX_INLINE int NM(pair_stats)(const fx_job *job, int64_t r, int64_t r1, T *m, double *s)
+{
+    const XT *xa = (const XT *)job->x + r * job->x_ld, *xb = xa + job->x_ld;
+    NM(row_max2)(xa, xb, job->n_cols, &m[0], &m[1]);
+    if (!isfinite(m[0]) || !isfinite(m[1])) return 0;
+    /* The next pair is prefetched during the sum pass. */
+    const char *pa = NM(next_row)(job, r + 1, r1), *pb = NM(next_row)(job, r + 2, r1);
+    /* Never with a stash: gradients and softmax (which stash exponentials)
+       were 1.05-1.3x slower paired. */
+    s[0] = NM(chunk_sumexp_)(xa, 0, job->n_cols, SPLAT(m[0]), NULL, pa, xb, SPLAT(m[1]), pb,
+                             &s[1]);
+    return 1;
+}
+
+/* Row statistics for a finite m:
+     return  s = sum_c exp(x_c - m)
+     *d      = sum_c w_c (x_c - m)          when d is not NULL (smoothing)
+   and, when st is not NULL, st_c = exp(x_c - m) (st may be x itself: each
+   element is read before it is overwritten), so that a gradient pass needs
+   no second exp. pf: the row to prefetch (chunk_sumexp), or NULL. */
+FX_INLINE double NM(row_sumexp)(const XT *x, const T *w, int64_t n, T m, double *d, T *st,
+                                const char *pf)
+{
+    const V vm = SPLAT(m), zero = SPLAT(0);
+    double s = 0.0, dd = 0.0;
+    for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
+        const int64_t c1 = NM(chunk_end)(c0, n);
+        if (!d) {
+            s += NM(chunk_sumexp)(x, c0, c1, vm, st, pf);
+            continue;
+        }
+        ACC a0 = AINIT(zero), b0 = a0;
+        FX_LANES(i, c0, c1, k, {
+            const V e = EXPM(NM(zload_exp)(x, i, k, vm));
+            a0 = AADD(a0, e);
+            /* A class of weight 0 adds nothing, even at x_c = -inf. */
+            const V wv = NM(wload)(w, i, k);
+            b0 = AADD(b0, SEL(SFX(fx_eq)(wv, zero), zero, wv * NM(zload_lin)(x, i, k, vm, m)));
+            if (st) {
+                if (k == VL) STORE(st + i, e);
+                else STORE_TAIL(st + i, e, k);
+            }
+        });
+        dd += HSUM(AGET(b0));
+        s += HSUM(AGET(a0));
+    }
+    if (d) *d = dd;
+    return s;
+}
+
+
+/* (m, s) for any row. A row whose max is +inf, or whose entries are all
+   -inf or NaN, has no softmax (inf - inf): s = NaN makes its log-softmax,
+   softmax, losses, gradients and entropy NaN, as in torch. logsumexp
+   handles that case itself. */
+FX_INLINE double NM(row_stats)(const XT *x, int64_t n, T *m, const char *pf)
+{
+    *m = NM(row_max)(x, n);
+    if (isfinite(*m)) return NM(row_sumexp)(x, NULL, n, *m, NULL, NULL, pf);
+    return NAN;
+}
