@@ -19,6 +19,13 @@ __all__ = [
     "binary_cross_entropy_with_grad",
     "set_num_threads",
     "get_num_threads",
+    "ShardStats",
+    "ShardGradParts",
+    "shard_stats",
+    "rescale_shard_stats",
+    "combine_shard_stats",
+    "shard_loss",
+    "shard_grad",
     "show_config",
     "__version__",
 ]

@@ -40,6 +40,7 @@ and the gradient of class c held by a shard, p_c = exp(x_c - lse):
 """
 from __future__ import annotations
 
+import math
 import operator
 from types import SimpleNamespace
 from typing import NamedTuple
@@ -184,50 +185,12 @@ def _row_blocks(n, c):
         yield r0, min(n, r0 + step)
 
 
-def _stats_numpy(rows, labels64, ignore_index, v0, w_shard, smooth, stash):
-    """The (n, 5) statistics of (n, c) rows in float64 (see _STATS_FIELDS);
-    exp(x - m) into stash if given. NumPy's version of FX_SHARD_STATS."""
-    n, c = rows.shape
-    res = np.zeros((n, 5))
-    # The target logits first: the stash may be the rows themselves.
-    local, inside = _local_labels(labels64, v0, c, ignore_index)
-    rows_in = np.nonzero(inside)[0]
-    res[rows_in, 2] = rows[rows_in, local[rows_in]].astype(np.float64)
-    res[:, 3] = inside
-    for r0, r1 in _row_blocks(n, c):
-        x = rows[r0:r1].astype(np.float64)
-        mb = np.fmax.reduce(x, axis=1)
-        finite = np.isfinite(mb)
-        z = x - np.where(finite, mb, 0.0)[:, None]
-        with np.errstate(invalid="ignore", over="ignore"):
-            e = np.exp(z)
-            sb = e.sum(axis=1)
-            if smooth:
-                w = 1.0 if w_shard is None else w_shard
-                res[r0:r1, 4] = np.where(w == 0, 0.0, w * z).sum(axis=1)
-        # A shard whose classes are all -inf adds nothing to the row (and -inf
-        # to its smoothing sum); a +inf or all-NaN one has no softmax.
-        empty = mb == -np.inf
-        sb[~finite] = np.where(empty[~finite], 0.0, np.nan)
-        if smooth:
-            wk = c if w_shard is None else np.sum(w_shard)
-            res[r0:r1, 4][empty] = -np.inf if wk > 0 else 0.0
-            res[r0:r1, 4][~finite & ~empty] = np.nan
-        res[r0:r1, 0], res[r0:r1, 1] = mb, sb
-        if stash is not None:
-            stash[r0:r1] = np.where(empty[:, None], 0.0, e)
-    return res
-
-
 def _stats(inp, labels64, ignore_index, v0, w_shard, smooth, stash, nt):
-    """The (n, 5) statistics: the row kernel FX_SHARD_STATS where the
-    extension has it, else NumPy in float64."""
-    if hasattr(_core, "run_shard"):
-        res = np.empty(inp.n * 5)
-        _core.run_shard(_core.SHARD_STATS, inp.rows, labels64, w_shard, ignore_index, v0,
-                        1.0 if smooth else 0.0, stash, res, None, nt, xdtype=inp.code)
-        return res.reshape(inp.n, 5)
-    return _stats_numpy(inp.rows, labels64, ignore_index, v0, w_shard, smooth, stash)
+    """The (n, 5) statistics of the shard's rows (the row kernel FX_SHARD_STATS,
+    rows/shard.h): max, sum of exp, target logit, in-shard flag, logit sum."""
+    return _core.run(_core.SHARD_STATS, inp.rows, num_threads=nt, xdtype=inp.code,
+                     labels=labels64, ignore_index=ignore_index, weight=w_shard,
+                     smoothing=1.0 if smooth else 0.0, out=stash, vocab_start=v0)
 
 
 def shard_stats(logits_shard, labels, *, vocab_start, axis=-1, weight=None, ignore_index=-100,
@@ -250,11 +213,11 @@ def shard_stats(logits_shard, labels, *, vocab_start, axis=-1, weight=None, igno
     may be ``logits_shard`` itself), from which ``shard_grad`` makes the
     gradient without a second exponential.
     """
-    inp = _api._Input(logits_shard, axis, "logits_shard", keep16=True)
+    inp = _api._Input(logits_shard, axis, "logits_shard")
     ignore_index = _api._check_ignore_index(ignore_index)
     num_classes = _check_num_classes(num_classes, weight)
     v0 = _check_vocab_start(vocab_start, inp.c, num_classes)
-    nt = _api._threads(num_threads)
+    nt = _api._check_threads(num_threads)
     labels64 = _check_global_labels(labels, inp.batch_shape, num_classes, ignore_index)
     w64, wt = _check_full_weight(weight, num_classes, inp.dtype)
     w_shard = None if wt is None else np.ascontiguousarray(wt[v0:v0 + inp.c])
@@ -400,27 +363,24 @@ def shard_loss(stats, labels, *, weight=None, ignore_index=-100, reduction="mean
     loss = np.where(counted, loss, 0.0)
     if reduction == "none":
         return (loss * scale).reshape(shape)
-    total = _api._core.sum_f64(np.ascontiguousarray(loss))
+    total = math.fsum(loss)  # exactly rounded: no order to depend on
     if reduction == "mean":
         denom = float(np.sum(wy[counted]))
         total = total / denom if denom != 0 else np.float64(np.nan)
     return np.float64(total * scale)
 
 
-def _grad_numpy(rows, labels64, ignore_index, v0, w_shard, row_in, grad_rows, ct):
-    """NumPy's version of FX_SHARD_GRAD (and the affine map over a stash,
-    whose hi is 0): exp(x - hi) k1 - k2 w, the true class gy, ignored rows 0."""
+def _grad_from_stash(rows, labels64, ignore_index, v0, w_shard, row_in, grad_rows, ct):
+    """The gradient from stashed exp(x - m_k): the affine map e k1 - k2 w
+    (k1 carrying exp(m_k - lse)), the true class gy, ignored rows 0."""
     n, c = rows.shape
     local, inside = _local_labels(labels64, v0, c, ignore_index)
     rows_in = np.nonzero(inside)[0]
-    gy = row_in[rows_in, 3].astype(ct)  # before out=rows is overwritten
-    stashed = not row_in[:, 0].any()
+    gy = row_in[rows_in, 3].astype(ct)
     for r0, r1 in _row_blocks(n, c):
-        x = rows[r0:r1].astype(ct, copy=False)
         p = row_in[r0:r1].astype(ct)
-        with np.errstate(invalid="ignore", over="ignore", under="ignore"):
-            e = x if stashed else np.exp(x - p[:, :1])
-            g = e * p[:, 1:2]
+        with np.errstate(invalid="ignore", over="ignore"):
+            g = rows[r0:r1] * p[:, 1:2]
             g -= p[:, 2:3] if w_shard is None else p[:, 2:3] * w_shard
         grad_rows[r0:r1] = g
     grad_rows[rows_in, local[rows_in]] = gy
@@ -464,12 +424,12 @@ def shard_grad(logits_shard, labels, global_lse, *, vocab_start, num_classes=Non
         source = grad_parts.exp
     else:
         source = logits_shard
-    inp = _api._Input(source, axis, "logits_shard", keep16=True)
+    inp = _api._Input(source, axis, "logits_shard")
     reduction = _api._check_reduction(reduction)
     eps = _api._check_smoothing(label_smoothing)
     scale = _api._log_base_scale(base)
     ignore_index = _api._check_ignore_index(ignore_index)
-    nt = _api._threads(num_threads)
+    nt = _api._check_threads(num_threads)
     num_classes = _check_num_classes(num_classes, weight)
     if eps > 0 and num_classes is None:
         raise ValueError("label_smoothing needs num_classes (or weight) in shard_grad: the "
@@ -493,9 +453,9 @@ def shard_grad(logits_shard, labels, global_lse, *, vocab_start, num_classes=Non
     if reduction == "mean":
         denom = float(np.sum(wy))
     factor = scale if denom is None else (scale / denom if denom != 0 else 0.0)
-    gs = _api._gscale(grad_output, reduction, inp, factor)
-    gs = np.broadcast_to(gs, (inp.n,)) if gs.shape[0] == 1 else gs
-    gs = np.where(counted, gs, 0.0)
+    g = _api._grad_output(grad_output, reduction, inp.batch_shape, "batch shape")
+    gs = np.where(counted, np.reshape(g, -1) * factor if not isinstance(g, float) else g * factor,
+                  0.0)
 
     ec = eps / num_classes if eps > 0 else 0.0
     c1 = (1.0 - eps) * wy
@@ -531,12 +491,12 @@ def shard_grad(logits_shard, labels, global_lse, *, vocab_start, num_classes=Non
             hi = lse.astype(ct).astype(np.float64)
             k1 = k1 * np.exp(hi - lse)
     row_in = np.stack([hi, k1, k2, gy], axis=1)
-    if grad_parts is None and hasattr(_core, "run_shard"):
-        _core.run_shard(_core.SHARD_GRAD, inp.rows, labels64, w_shard, ignore_index, v0, 0.0,
-                        grad_rows, None, np.ascontiguousarray(row_in.reshape(-1)), nt,
-                        xdtype=inp.code)
+    if grad_parts is None:
+        _core.run(_core.SHARD_GRAD, inp.rows, num_threads=nt, xdtype=inp.code, labels=labels64,
+                  ignore_index=ignore_index, weight=w_shard, out=grad_rows, vocab_start=v0,
+                  row_in=np.ascontiguousarray(row_in))
     else:
-        _grad_numpy(inp.rows, labels64, ignore_index, v0, w_shard, row_in, grad_rows, ct)
+        _grad_from_stash(inp.rows, labels64, ignore_index, v0, w_shard, row_in, grad_rows, ct)
     if out is not None:
         if rows_out is None:
             _api._write_out(out, grad_rows, inp)

@@ -21,17 +21,18 @@ budget. Needs ``dask[array]`` (``pip install fastxent[dask]``).
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 
 import numpy as np
 
-try:
-    import dask.array as da
-    from dask.base import tokenize
-    from dask.utils import parse_bytes
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("fastxent.dask needs Dask: pip install fastxent[dask] (dask[array])") from exc
+if importlib.util.find_spec("dask") is None:  # pragma: no cover - depends on the environment
+    raise ImportError("fastxent.dask needs Dask: pip install fastxent[dask] (dask[array])")
+
+import dask.array as da  # noqa: E402
+from dask.base import tokenize  # noqa: E402
+from dask.utils import parse_bytes  # noqa: E402
 
 from . import _api, _shard
 from ._api import cross_entropy as _cross_entropy, entropy as _entropy, kl_div as _kl_div

@@ -20,14 +20,16 @@ Works with every backend that has MAX and SUM all-reduces on CPU tensors
 """
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 
-try:
-    import torch
-    import torch.distributed as dist
-except ImportError as exc:  # pragma: no cover - depends on the environment
+if importlib.util.find_spec("torch") is None:  # pragma: no cover - depends on the environment
     raise ImportError("fastxent.torch.distributed needs PyTorch: pip install fastxent[torch] "
-                      "(torch==2.13.0)") from exc
+                      "(torch==2.13.0)")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 from .. import _api, _shard
 
