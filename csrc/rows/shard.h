@@ -33,17 +33,20 @@
  *                   exp(x_c - hi) k1 - k2 w_c, and gy at the label's
  *                   column where it is in the shard; 0 for ignored rows
  *
- * The statistics use the row primitives of the cross-entropy kernels
- * (row_max, row_sumexp: float32 sums within chunks of FX_CHUNK, chunk
- * totals in double), so a shard that holds the whole row gives the bits
- * cross_entropy's own m, s and d have. Each row is one thread's, so the
+ * The statistics use cross entropy's row primitives (stats.h: row_max,
+ * row_sumexp, float32 sums within chunks of FX_CHUNK and chunk totals in
+ * double), and the gradient its writer (write.h: grad_write), so a shard
+ * that holds the whole row gives the bits cross_entropy's own m, s and d
+ * have. Rows are never split across threads (no split function). Each row is one thread's, so the
  * results do not depend on the thread count. exp(x - lse) is taken as
  * exp(x - hi) * exp(hi - lse): x - hi is exact near the row maximum, where
  * the gradient is largest, and the correction rides in k1.
  */
 
+#ifndef FX_SHARD_NSTATS /* included once per dtype */
 #define FX_SHARD_NSTATS 5
 #define FX_SHARD_NIN 4
+#endif
 
 /* True if any of the n elements is NaN: tells an all-NaN row (no softmax)
    from an all -inf one (a shard that adds nothing) once row_max says -inf. */
