@@ -35,6 +35,8 @@ enum fx_op {
     FX_KL_LOGITS,      /* logits, target logits (distillation) -> loss, grad */
     FX_BCE_LOGITS,     /* elementwise: logits, targets   -> loss(es), grad   */
     FX_BCE_PROBS,      /* elementwise: probabilities, targets                */
+    FX_SHARD_STATS,    /* a vocabulary shard: row statistics (rows/shard.h)  */
+    FX_SHARD_GRAD,     /* a vocabulary shard: its gradient (rows/shard.h)    */
     FX_NUM_OPS
 };
 
@@ -70,6 +72,10 @@ typedef struct fx_job {
     int64_t loss_ld;
     const void *gout;        /* elementwise grad_output (n_rows x n_cols, in */
     int64_t gout_ld;         /*   the compute dtype) times gscale, or NULL    */
+    /* Vocabulary shards (rows/shard.h): labels are global classes, column 0
+       is class vocab_start; row_in holds per-row inputs of the gradient. */
+    int64_t vocab_start;
+    const double *row_in;
 } fx_job;
 
 /* Elements summed per chunk of a row (rows/stats.h); a row split across

@@ -150,6 +150,8 @@ const fx_isa FX_CAT2(fx_isa, FX_ISA) = {
         [FX_KL_LOGITS] = FX_ALL(kl_logits),
         [FX_BCE_LOGITS] = FX_ALL(bce_logits),
         [FX_BCE_PROBS] = FX_ALL(bce_probs),
+        [FX_SHARD_STATS] = FX_ALL(shard_stats),
+        [FX_SHARD_GRAD] = FX_ALL(shard_grad),
     },
     .split = {
         [FX_CE_HARD] = FX_ALL(ce_hard_split),

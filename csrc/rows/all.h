@@ -59,6 +59,7 @@
 #include "softmax.h" /* logsumexp, log_softmax, softmax, entropy */
 #include "kl.h"      /* KL divergence */
 #include "bce.h"     /* binary cross entropy (elementwise) */
+#include "shard.h"   /* cross entropy over a vocabulary split into shards */
 
 #if !X16
 static void KFN(expm_array)(const XT *x, T *y, int64_t n)

@@ -9,7 +9,7 @@ plain NumPy (float64) twin of every function.
 import warnings as _warnings
 from importlib import metadata as _metadata
 
-from . import _api, _core, reference
+from . import _api, _core, _shard, reference
 from ._api import (
     binary_cross_entropy,
     binary_cross_entropy_with_grad,
@@ -27,13 +27,22 @@ from ._api import (
 from ._head import linear_cross_entropy, linear_cross_entropy_with_grad
 from ._jsd import jsd, jsd_with_grad
 from .reference import CrossEntropyStats
+from ._shard import (
+    ShardGradParts,
+    ShardStats,
+    combine_shard_stats,
+    rescale_shard_stats,
+    shard_grad,
+    shard_loss,
+    shard_stats,
+)
 
 try:  # the version is written once, in pyproject.toml
     __version__ = _metadata.version("fastxent")
 except _metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
     __version__ = "0+unknown"
 
-__all__ = [*_api.__all__, "show_config", "__version__"]
+__all__ = [*_api.__all__, *_shard.__all__, "show_config", "__version__"]
 __all__ += ["linear_cross_entropy", "linear_cross_entropy_with_grad", "jsd", "jsd_with_grad",
             "CrossEntropyStats"]
 

@@ -1,4 +1,4 @@
-from typing import Any, Literal, NamedTuple, Optional, Tuple, Union
+from typing import Any, Literal, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -19,8 +19,20 @@ __all__ = [
     "binary_cross_entropy_with_grad",
     "set_num_threads",
     "get_num_threads",
+    "ShardStats",
+    "ShardGradParts",
+    "shard_stats",
+    "rescale_shard_stats",
+    "combine_shard_stats",
+    "shard_loss",
+    "shard_grad",
     "show_config",
     "__version__",
+    "linear_cross_entropy",
+    "linear_cross_entropy_with_grad",
+    "jsd",
+    "jsd_with_grad",
+    "CrossEntropyStats",
 ]
 
 _Reduction = Literal["mean", "sum", "none"]
@@ -209,3 +221,63 @@ def jsd_with_grad(
     grad_output: Union[float, _Array] = ...,
     out: Optional[np.ndarray] = ...,
 ) -> Tuple[_Result, np.ndarray]: ...
+class ShardStats(NamedTuple):
+    max: np.ndarray
+    sumexp: np.ndarray
+    target_logit: np.ndarray
+    in_shard: np.ndarray
+    logit_sum: Optional[np.ndarray]
+    weight_sum: float
+    num_classes: int
+    @property
+    def lse(self) -> np.ndarray: ...
+
+class ShardGradParts(NamedTuple):
+    exp: np.ndarray
+    max: np.ndarray
+    target_logit: np.ndarray
+
+def shard_stats(
+    logits_shard: _Array,
+    labels: _Array,
+    *,
+    vocab_start: int,
+    axis: int = ...,
+    weight: Optional[_Array] = ...,
+    ignore_index: int = ...,
+    num_classes: Optional[int] = ...,
+    logit_sum: bool = ...,
+    return_grad_parts: bool = ...,
+    out: Optional[np.ndarray] = ...,
+    num_threads: Optional[int] = ...,
+) -> Union[ShardStats, Tuple[ShardStats, ShardGradParts]]: ...
+def rescale_shard_stats(stats: ShardStats, global_max: _Array) -> ShardStats: ...
+def combine_shard_stats(stats: Union[ShardStats, Sequence[ShardStats]]) -> ShardStats: ...
+def shard_loss(
+    stats: Union[ShardStats, Sequence[ShardStats]],
+    labels: _Array,
+    *,
+    weight: Optional[_Array] = ...,
+    ignore_index: int = ...,
+    reduction: _Reduction = ...,
+    label_smoothing: float = ...,
+    base: Optional[float] = ...,
+) -> _Result: ...
+def shard_grad(
+    logits_shard: Optional[_Array],
+    labels: _Array,
+    global_lse: _Array,
+    *,
+    vocab_start: int,
+    num_classes: Optional[int] = ...,
+    axis: int = ...,
+    weight: Optional[_Array] = ...,
+    ignore_index: int = ...,
+    reduction: _Reduction = ...,
+    label_smoothing: float = ...,
+    base: Optional[float] = ...,
+    grad_output: Union[float, _Array] = ...,
+    out: Optional[np.ndarray] = ...,
+    grad_parts: Optional[ShardGradParts] = ...,
+    num_threads: Optional[int] = ...,
+) -> np.ndarray: ...

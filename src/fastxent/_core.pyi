@@ -16,6 +16,8 @@ KL_LOG_PROBS: int
 KL_LOGITS: int
 BCE_LOGITS: int
 BCE_PROBS: int
+SHARD_STATS: int
+SHARD_GRAD: int
 MAX_THREADS: int
 
 def init_status() -> int: ...
@@ -48,6 +50,8 @@ def run(
     reduction: str = ...,
     denom: float = ...,
     scale: float = ...,
+    vocab_start: int = ...,
+    row_in: Optional[np.ndarray] = ...,
 ) -> Any: ...
 def label_error(value: Any, position: tuple[int, ...], n_classes: int, ignore_index: Any) -> ValueError: ...
 def cross_entropy_common(

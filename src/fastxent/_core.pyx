@@ -60,6 +60,8 @@ cdef extern from "fastxent.h" nogil:
         int64_t loss_ld
         const void *gout
         int64_t gout_ld
+        int64_t vocab_start
+        const double *row_in
 
     enum:  # fx_op
         FX_CE_HARD
@@ -76,6 +78,8 @@ cdef extern from "fastxent.h" nogil:
         FX_KL_LOGITS
         FX_BCE_LOGITS
         FX_BCE_PROBS
+        FX_SHARD_STATS
+        FX_SHARD_GRAD
         FX_NUM_OPS
 
     enum:  # fx_dtype
@@ -114,6 +118,8 @@ KL_LOG_PROBS = FX_KL_LOG_PROBS
 KL_LOGITS = FX_KL_LOGITS
 BCE_LOGITS = FX_BCE_LOGITS
 BCE_PROBS = FX_BCE_PROBS
+SHARD_STATS = FX_SHARD_STATS
+SHARD_GRAD = FX_SHARD_GRAD
 
 # The job fields each op reads and writes besides x (the rows).
 cdef enum:
@@ -124,6 +130,7 @@ cdef enum:
     _GRAD = 16     # may write the gradient into out, times gscale
     _TEMP = 32     # temperature
     _ELEM = 64     # elementwise: weight, pos_weight and gout as rows, loss_out
+    _SHARD = 128   # a vocabulary shard: vocab_start; see _run_shard
 
 cdef int _IO[<int>FX_NUM_OPS]
 _IO[FX_CE_HARD] = _LABELS | _ROWS | _GRAD
@@ -140,6 +147,8 @@ _IO[FX_KL_LOG_PROBS] = _TARGET | _ROWS | _GRAD | _TEMP
 _IO[FX_KL_LOGITS] = _TARGET | _ROWS | _GRAD | _TEMP
 _IO[FX_BCE_LOGITS] = _TARGET | _ROWS | _GRAD | _ELEM
 _IO[FX_BCE_PROBS] = _TARGET | _ROWS | _GRAD | _ELEM
+_IO[FX_SHARD_STATS] = _LABELS | _SHARD
+_IO[FX_SHARD_GRAD] = _LABELS | _SHARD
 
 _init_status = fx_init()
 
@@ -395,7 +404,7 @@ def run(int op, cnp.ndarray x not None, *, num_threads=None, int xdtype=-1,
         double smoothing=0.0, double temperature=1.0, cnp.ndarray pos_weight=None,
         cnp.ndarray out=None, grad_output=1.0, cnp.ndarray gout=None,
         cnp.ndarray loss_out=None, str reduction="none", double denom=0.0,
-        double scale=1.0):
+        double scale=1.0, int64_t vocab_start=0, cnp.ndarray row_in=None):
     """Run op (fastxent.h) over the rows of the 2-D array x.
 
     x: (n, c) rows of float32 or float64, or 16-bit rows with xdtype FX_F16
@@ -411,7 +420,7 @@ def run(int op, cnp.ndarray x not None, *, num_threads=None, int xdtype=-1,
     Returns, for an op with row values, their fixed-order sum reduced as
     reduction says ("mean": over denom) times scale, in the compute dtype;
     for reduction "none" the (n,) float64 row values themselves (unscaled);
-    otherwise None.
+    otherwise None. The shard ops take vocab_start and row_in (_run_shard).
     """
     cdef fx_job job
     cdef int cnum
@@ -447,6 +456,8 @@ def run(int op, cnp.ndarray x not None, *, num_threads=None, int xdtype=-1,
             job.loss_out = <void *>_in_rows(loss_out, &job, cnum, "loss_out", &job.loss_ld)
         if gout is not None:
             job.gout = _in_rows(gout, &job, cnum, "grad_output", &job.gout_ld)
+    if io & _SHARD:
+        return _run_shard(op, dt, cnum, &job, x, out, row_in, vocab_start, nt)
     if io & _TEMP:
         if not temperature > 0:
             raise ValueError("internal: temperature must be positive")
@@ -461,6 +472,31 @@ def run(int op, cnp.ndarray x not None, *, num_threads=None, int xdtype=-1,
         _set_out(&job, out, cnp.PyArray_TYPE(x))
         gsa = _gscale(&job, grad_output, _grad_factor(red, denom, scale), &gs)
     return _execute(op, dt, &job, nt, red, denom, scale)
+
+
+cdef object _run_shard(int op, int dt, int cnum, fx_job *job, cnp.ndarray x, cnp.ndarray out,
+                       cnp.ndarray row_in, int64_t vocab_start, int nt):
+    """The shard ops (rows/shard.h), labels and weights set. FX_SHARD_STATS
+    returns the (n, 5) float64 statistics; out, if given, receives
+    exp(x - max) in the compute dtype. FX_SHARD_GRAD writes the gradient
+    into out (x's type, required) from row_in, (n, 4) contiguous float64."""
+    cdef cnp.ndarray rv = None
+    job.vocab_start = vocab_start
+    if op == FX_SHARD_STATS:
+        if out is not None:
+            _set_out(job, out, cnum)
+        rv = cnp.PyArray_EMPTY(2, [job.n_rows, 5], cnp.NPY_FLOAT64, 0)
+        job.row_out = <double *>cnp.PyArray_DATA(rv)
+    else:
+        if out is None or row_in is None:
+            raise ValueError("internal: out and row_in are required")
+        _set_out(job, out, cnp.PyArray_TYPE(x))
+        if job.n_rows > 1 and _ld(row_in, job.n_rows, 4, cnp.NPY_FLOAT64, "row_in") != 4:
+            raise ValueError("internal: row_in must be contiguous")
+        job.row_in = <const double *>cnp.PyArray_DATA(row_in)
+    with nogil:
+        fx_run(op, dt, job, nt)
+    return rv
 
 
 cdef cnp.ndarray _gscale(fx_job *job, grad_output, double factor, double *gs):
