@@ -81,7 +81,7 @@ def _info(benchmark, shape, dtype, threads, contender):
 
 
 @pytest.mark.parametrize("contender", list(CONTENDERS))
-@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("threads", THREADS, ids=lambda t: f"{t}thread")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_cross_entropy_fwd_bwd(benchmark, handle, shape, dtype, threads, contender):
