@@ -173,7 +173,7 @@ def _loadavg() -> float | None:
 def source_hash() -> str:
     h = hashlib.sha256(SOURCE.read_bytes())
     h.update((CSRC / "simd" / "expm.h").read_bytes())
-    h.update((CSRC / "vec.h").read_bytes())
+    h.update((CSRC / "simd" / "vec.h").read_bytes())
     return h.hexdigest()[:16]
 
 
