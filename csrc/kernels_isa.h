@@ -44,6 +44,7 @@
 #include <string.h>
 
 #include "fastxent.h"
+#include "online.h"
 #include "simd/vec.h"
 #include "simd/expm.h"
 #include "simd/logm.h"
