@@ -88,8 +88,7 @@ typedef void (*fx_rows_fn)(const fx_job *job, int64_t r0, int64_t r1);
    function (rows/<family>.h) between them, with phase:
      FX_SPLIT_JOB     (sp NULL) whether the job's rows split at all
      FX_SPLIT_BEGIN   before any pass; 0: run the row kernel on this row.
-                      Sets online (the row kernel's one-pass form) or
-                      may set stash (chunk sums keep exp(x - m) in out).
+                      May set stash (chunk sums keep exp(x - m) in out).
      FX_SPLIT_FINISH  m and s are set; writes the row's values and, for a
                       write pass (returns 1), sets lsm, k1, k2 and w.
      FX_SPLIT_END     after the write pass (the family's last touches). */
@@ -99,8 +98,6 @@ typedef struct fx_split {
     int64_t r;          /* the row                                         */
     double m, s;        /* its max, and the sum of exp(x - m) in chunk order */
     int stash;          /* exp(x - m) is kept in out by the sums pass      */
-    int online;         /* one pass: each chunk summed against the max of
-                           the row up to it, merged by online.h           */
     int lsm;            /* write pass: out = (x - m) - k1 (log-softmax),   */
     double k1, k2;      /*   else out = exp(x - m) k1 - k2 w               */
     const void *w;      /*   w: n_cols class weights (T), or NULL          */
@@ -118,7 +115,7 @@ typedef struct fx_isa {
     /* The passes over a range of a split row (rows/split.h). */
     double (*range_max[FX_NUM_DTYPES])(const void *x, int64_t c0, int64_t c1);
     void (*chunk_sums[FX_NUM_DTYPES])(const void *x, int64_t n, int64_t k0, int64_t k1,
-                                      const double *mk, double *sums, void *st);
+                                      double m, double *sums, void *st);
     void (*range_write[FX_NUM_DTYPES])(const void *x, void *out, int64_t c0, int64_t c1,
                                        const fx_split *sp);
     void (*expm_f32)(const float *x, float *y, int64_t n);

@@ -44,7 +44,6 @@
 #include <string.h>
 
 #include "fastxent.h"
-#include "online.h"
 #include "simd/vec.h"
 #include "simd/expm.h"
 #include "simd/logm.h"

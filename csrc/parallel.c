@@ -17,7 +17,6 @@
 #include <stdlib.h>
 
 #include "fastxent.h"
-#include "online.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -78,11 +77,10 @@ static fx_split_fn fx_splitter(int op, int dtype, const fx_job *job)
 }
 
 /*
- * One row over several threads: the max of each chunk, merged (exact);
- * the chunk sums of exp(x - max) (against the row's max, or, for the
- * one-pass form, the max up to each chunk), merged in chunk order by one
- * thread (the row kernel's own order, online.h); the family's scalars from
- * (max, sum); then the write pass over ranges. Every number is the one the row kernel computes,
+ * One row over several threads: the max of each range, merged (exact);
+ * the chunk sums of exp(x - max), added in chunk order by one thread (the
+ * row kernel's own order); the family's scalars from (max, sum); then the
+ * write pass over ranges. Every number is the one the row kernel computes,
  * so the row's bits do not depend on the split.
  */
 static void fx_run_split_row(int op, int dtype, fx_split_fn split, const fx_job *job, int64_t r,
@@ -98,8 +96,8 @@ static void fx_run_split_row(int op, int dtype, fx_split_fn split, const fx_job 
         fn(job, r, r + 1);
         return;
     }
-    /* Per chunk: its max, then what the sums pass subtracts (online.h). */
-    double *mk = sums + nchunks;
+    double part[64];
+    if (nt > 64) nt = 64;
     double m = -INFINITY;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt)
@@ -108,35 +106,25 @@ static void fx_run_split_row(int op, int dtype, fx_split_fn split, const fx_job 
         FX_TEAM(t, team);
         /* Ranges in whole chunks, so each chunk is one thread's. */
         const int64_t k0 = nchunks * t / team, k1 = nchunks * (t + 1) / team;
-        for (int64_t k = k0; k < k1; k++) {
-            const int64_t c0 = k * FX_CHUNK, c1 = c0 + FX_CHUNK < n ? c0 + FX_CHUNK : n;
-            mk[k] = fx_active->range_max[dtype](x, c0, c1);
-        }
+        const int64_t c0 = k0 * FX_CHUNK, c1 = k1 * FX_CHUNK < n ? k1 * FX_CHUNK : n;
+        part[t] = c0 < c1 ? fx_active->range_max[dtype](x, c0, c1) : -INFINITY;
 #ifdef _OPENMP
 #pragma omp barrier
 #pragma omp single
 #endif
         {
-            for (int64_t k = 0; k < nchunks; k++) m = mk[k] > m ? mk[k] : m;
-            double run = -INFINITY;
-            for (int64_t k = 0; k < nchunks; k++) {
-                run = mk[k] > run ? mk[k] : run;
-                mk[k] = sp.online ? run : m;
-            }
+            for (int64_t i = 0; i < team; i++) m = part[i] > m ? part[i] : m;
         }
         if (isfinite(m)) {
-            fx_active->chunk_sums[dtype](x, n, k0, k1, mk, sums, sp.stash ? out : NULL);
+            fx_active->chunk_sums[dtype](x, n, k0, k1, m, sums, sp.stash ? out : NULL);
         }
     }
     if (!isfinite(m)) { /* the row kernel's IEEE rules for this row */
         fn(job, r, r + 1);
         return;
     }
-    double s = 0.0, mprev = -INFINITY;
-    for (int64_t k = 0; k < nchunks; k++) {
-        s = fx_online_merge(s, mprev, mk[k], sums[k]);
-        mprev = mk[k];
-    }
+    double s = 0.0;
+    for (int64_t k = 0; k < nchunks; k++) s += sums[k];
     sp.m = m;
     sp.s = s;
     if (split(job, &sp, FX_SPLIT_FINISH)) {
@@ -160,7 +148,7 @@ void fx_run(int op, int dtype, const fx_job *job, int num_threads)
     const fx_split_fn split = n < num_threads && num_threads > 1 ? fx_splitter(op, dtype, job) : NULL;
     if (split) {
         const int64_t nchunks = (job->n_cols + FX_CHUNK - 1) / FX_CHUNK;
-        double *sums = malloc(2 * (size_t)nchunks * sizeof(double));
+        double *sums = malloc((size_t)nchunks * sizeof(double));
         if (sums) {
             for (int64_t r = 0; r < n; r++)
                 fx_run_split_row(op, dtype, split, job, r, num_threads, sums);

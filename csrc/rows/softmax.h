@@ -16,26 +16,15 @@
  *   OUT  row_out[n_rows]              -sum_c x_c log x_c (double)
  */
 
-/* Entropy statistics in one pass over memory (online.h):
+/* Entropy statistics for a finite m:
      return  s = sum_c exp(x_c - m),  *q = sum_c exp(x_c - m) (x_c - m)
-   with 0 * log 0 = 0: a class of probability 0 adds nothing. *m is the
-   row max; the result means nothing unless it is finite. When a block
-   raises the max from M to mk, the blocks before move by one rescale:
-   q -> exp(M - mk) (q + (M - mk) s), then s by fx_online_merge. */
-FX_INLINE double NM(row_entropy)(const XT *x, int64_t n, T *mo, double *q, const char *pf)
+   with 0 * log 0 = 0: a class of probability 0 adds nothing. */
+FX_INLINE double NM(row_entropy)(const XT *x, int64_t n, T m, double *q, const char *pf)
 {
-    const V zero = SPLAT(0);
-    T M = -INFINITY;
+    const V vm = SPLAT(m), zero = SPLAT(0);
     double s = 0.0, qq = 0.0;
     for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
         const int64_t c1 = NM(chunk_end)(c0, n);
-        const T bm = NM(row_max)(x + c0, c1 - c0);
-        const T mk = bm > M ? bm : M;
-        if (mk == -INFINITY) {
-            s = fx_online_merge(s, M, mk, NM(chunk_online)(x, c0, c1, mk, pf));
-            continue;
-        }
-        const V vm = SPLAT(mk);
         ACC vs = AINIT(zero), vq = vs;
         FX_LANES(i, c0, c1, k, {
             if (pf) NM(prefetch)(pf, i);
@@ -44,15 +33,9 @@ FX_INLINE double NM(row_entropy)(const XT *x, int64_t n, T *mo, double *q, const
             vs = AADD(vs, e);
             vq = AADD(vq, SEL(SFX(fx_eq)(e, zero), zero, e * z));
         });
-        if (mk > M && M > -INFINITY) {
-            const double dm = (double)M - (double)mk;
-            qq = exp(dm) * (qq + dm * s);
-        }
+        s += HSUM(AGET(vs));
         qq += HSUM(AGET(vq));
-        s = fx_online_merge(s, M, mk, HSUM(AGET(vs)));
-        M = mk;
     }
-    *mo = M;
     *q = qq;
     return s;
 }
@@ -117,10 +100,10 @@ static void NM(blocks_small)(const fx_job *job, int op, int64_t r0, int64_t r1)
 FX_INLINE void NM(logsumexp_row)(const fx_job *job, int64_t r, int64_t r1)
 {
     const XT *x = (const XT *)job->x + r * job->x_ld;
-    T m;
-    const double s = NM(row_online)(x, job->n_cols, &m, NM(next_row)(job, r, r1));
+    const T m = NM(row_max)(x, job->n_cols);
     if (isfinite(m)) {
-        job->row_out[r] = (double)m + log(s);
+        job->row_out[r] = (double)m + log(NM(row_sumexp)(x, NULL, job->n_cols, m, NULL, NULL,
+                                                         NM(next_row)(job, r, r1)));
         return;
     }
     /* +inf for a row holding +inf, -inf for a row of -inf; NaN poisons. */
@@ -162,8 +145,8 @@ FX_INLINE void NM(log_softmax_write)(const fx_job *job, int64_t r, T m, double s
 FX_INLINE void NM(log_softmax_row)(const fx_job *job, int64_t r, int64_t r1, int stream)
 {
     T m;
-    const double s = NM(row_online)((const XT *)job->x + r * job->x_ld, job->n_cols, &m,
-                                    NM(next_row)(job, r, r1));
+    const double s = NM(row_stats)((const XT *)job->x + r * job->x_ld, job->n_cols, &m,
+                                   NM(next_row)(job, r, r1));
     NM(log_softmax_write)(job, r, m, s, stream);
 }
 
@@ -234,7 +217,6 @@ FX_INLINE int NM(blocks_split)(const fx_job *job, fx_split *sp, int phase, int o
            kernel, except for rows too big for the cache. */
         sp->stash = op == FX_SOFTMAX && !X16
                     && (double)job->n_cols * sizeof(XT) <= (double)FX_STREAM_BYTES;
-        sp->online = op != FX_SOFTMAX; /* as the row kernels */
         return 1;
     case FX_SPLIT_FINISH:
         if (op == FX_LOGSUMEXP) {
@@ -273,12 +255,16 @@ static void KFN(entropy)(const fx_job *job, int64_t r0, int64_t r1)
     }
     for (int64_t r = r0; r < r1; r++) {
         const XT *x = (const XT *)job->x + r * job->x_ld;
-        T m;
+        T m = NM(row_max)(x, n);
+        if (!isfinite(m)) {
+            /* softmax of a row whose max is +inf or whose entries are all
+               -inf (or NaN) is undefined (inf - inf): NaN, as in torch. */
+            job->row_out[r] = NAN;
+            continue;
+        }
         double q;
-        const double s = NM(row_entropy)(x, n, &m, &q, NM(next_row)(job, r, r1));
-        /* softmax of a row whose max is +inf or whose entries are all -inf
-           (or NaN) is undefined (inf - inf): NaN, as in torch. */
-        job->row_out[r] = isfinite(m) ? log(s) - q / s : NAN;
+        const double s = NM(row_entropy)(x, n, m, &q, NM(next_row)(job, r, r1));
+        job->row_out[r] = log(s) - q / s;
     }
 }
 

@@ -2,9 +2,8 @@
  * rows/split.h - the passes of one row split across threads.
  *
  * parallel.c's driver runs them over ranges of the row, in whole chunks:
- * range_max on each chunk (the maxima merged there, exactly), chunk_sums
- * (one double per chunk, which the driver merges in chunk order, online.h),
- * then the
+ * range_max on each range (the maxima merged there, exactly), chunk_sums
+ * (one double per chunk, which the driver adds in chunk order), then the
  * family's split function (ce.h, softmax.h) turns (m, s) into the row's
  * scalars and range_write writes each range. Each pass is the row kernel's
  * own code on part of the row, so a split row gets the unsplit row's bits.
@@ -15,25 +14,20 @@ static double KFN(range_max)(const void *x, int64_t c0, int64_t c1)
     return (double)NM(row_max)((const XT *)x + c0, c1 - c0);
 }
 
-/* sums[k] for chunks [k0, k1) of the row of n: the sum of exp(x - mk[k])
-   over chunk k, as the row kernels form it (chunk_online; mk[k] is the
-   row's max in the two-pass form, the max up to chunk k in the one-pass
-   form). st: where to keep exp(x - m) (the row's output), or NULL. */
-static void KFN(chunk_sums)(const void *xv, int64_t n, int64_t k0, int64_t k1, const double *mk,
-                            double *sums, void *st)
+/* sums[k] for chunks [k0, k1) of the row of n; st: where to keep
+   exp(x - m) (the row's output), or NULL. */
+static void KFN(chunk_sums)(const void *x, int64_t n, int64_t k0, int64_t k1, double m, double *sums,
+                            void *st)
 {
-    const XT *x = (const XT *)xv;
-    for (int64_t k = k0; k < k1; k++) {
-        const int64_t c0 = k * CHUNK, c1 = NM(chunk_end)(c0, n);
-#if !X16
-        if (st) {
-            sums[k] = NM(chunk_sumexp)(x, c0, c1, SPLAT((T)mk[k]), (T *)st, NULL);
-            continue;
-        }
-#endif
-        sums[k] = NM(chunk_online)(x, c0, c1, (T)mk[k], NULL);
-    }
+    const V vm = SPLAT((T)m);
+#if X16
     (void)st; /* 16-bit outputs are not stashed (no family asks) */
+    T *stp = NULL;
+#else
+    T *stp = (T *)st;
+#endif
+    for (int64_t k = k0; k < k1; k++)
+        sums[k] = NM(chunk_sumexp)((const XT *)x, k * CHUNK, NM(chunk_end)(k * CHUNK, n), vm, stp, NULL);
 }
 
 /* Elements [c0, c1) of the row's output, as the family's split function

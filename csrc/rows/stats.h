@@ -233,41 +233,6 @@ FX_INLINE double NM(row_sumexp)(const XT *x, const T *w, int64_t n, T m, double 
 }
 
 
-/* The sum of exp(x_c - mk) over one block [c0, c1) of a row taken in one
-   pass (online.h), mk the max of the row up to this block. While every
-   element so far is -inf or NaN (mk = -inf) nothing adds, but a NaN
-   poisons the row as it does a two-pass sum. */
-FX_INLINE double NM(chunk_online)(const XT *x, int64_t c0, int64_t c1, T mk, const char *pf)
-{
-    if (mk == -INFINITY) {
-        for (int64_t i = c0; i < c1; i++)
-            if (isnan(XGET(x, i))) return NAN;
-        return 0.0;
-    }
-    return NM(chunk_sumexp)(x, c0, c1, SPLAT(mk), NULL, pf);
-}
-
-/* (m, s) of any row in one pass over memory: each block of CHUNK elements
-   is read from memory by its max and summed from L1 (online.h). On the
-   AVX-512 Zen 4 the two-pass form read a long row twice, the max pass from
-   memory and the sum from L2, with the exp about as cheap as the read.
-   A row of at most CHUNK elements gets the two-pass bits. s is NaN where
-   the softmax is undefined, as row_stats's. pf: as chunk_sumexp's. */
-FX_INLINE double NM(row_online)(const XT *x, int64_t n, T *m, const char *pf)
-{
-    T M = -INFINITY;
-    double S = 0.0;
-    for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
-        const int64_t c1 = NM(chunk_end)(c0, n);
-        const T bm = NM(row_max)(x + c0, c1 - c0);
-        const T mk = bm > M ? bm : M;
-        S = fx_online_merge(S, M, mk, NM(chunk_online)(x, c0, c1, mk, pf));
-        M = mk;
-    }
-    *m = M;
-    return isfinite(M) ? S : NAN;
-}
-
 /* (m, s) for any row. A row whose max is +inf, or whose entries are all
    -inf or NaN, has no softmax (inf - inf): s = NaN makes its log-softmax,
    softmax, losses, gradients and entropy NaN, as in torch. logsumexp
