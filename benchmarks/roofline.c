@@ -18,6 +18,9 @@
  *                                        stores: x read, y read (allocate),
  *                                        y written
  *   rw_nt     y[i] = a * x[i]            streaming stores: x read, y written
+ *   read_exp  s += expm(x[i] - m)        read once from memory and
+ *                                        exponentiated once: the one-pass
+ *                                        row statistics' least cost
  *   exp_f32   s += expm(x[i] - m)        fx_expm_f32 of csrc/simd/expm.h on a
  *   exp_f64   s += expm(x[i] - m)        buffer in L1 (16 KiB per thread),
  *                                        exactly the inner loop of the
@@ -192,10 +195,19 @@ static double k_exp_f64(const double *x, int64_t n, double m)
     return fx_hsum_f64(fx_acc_get_f64(a0) + fx_acc_get_f64(a1));
 }
 
+/* One pass that reads each element from memory and exponentiates it once:
+   the least a row's max and sum of exponentials can cost together (the
+   row kernels' one-pass form, csrc/online.h), as sum of exp(x - m) over
+   main-memory data. */
+static double k_read_exp(const float *x, int64_t lo, int64_t hi)
+{
+    return k_exp_f32(x + lo, hi - lo, 2.0f);
+}
+
 /* ------------------------------------------------------------- harness */
 
-enum { READ, WRITE, WRITE_NT, RW, RW_NT, NKIND };
-static const char *kind_name[NKIND] = {"read", "write", "write_nt", "rw", "rw_nt"};
+enum { READ, WRITE, WRITE_NT, RW, RW_NT, READ_EXP, NKIND };
+static const char *kind_name[NKIND] = {"read", "write", "write_nt", "rw", "rw_nt", "read_exp"};
 
 /* One timed pass of kind over n floats with nt threads. */
 static double stream_pass(int kind, float *x, float *y, int64_t n, int nt)
@@ -218,6 +230,7 @@ static double stream_pass(int kind, float *x, float *y, int64_t n, int nt)
         case WRITE_NT: k_write_nt(y, lo, hi, 1.0f); break;
         case RW: k_rw(x, y, lo, hi, 0.5f); break;
         case RW_NT: k_rw_nt(x, y, lo, hi, 0.5f); break;
+        case READ_EXP: total += k_read_exp(x, lo, hi); break;
         }
     }
 #if HAVE_NT

@@ -22,18 +22,23 @@
  * exp(-|x|) <= 1 never overflows; log1p keeps tiny losses exact.
  * row_out gets each row's sum, loss_out (if any) the elements.
  * ---------------------------------------------------------------------- */
+/* Row r's targets, weights, pos_weights, grad_output, elementwise losses
+   and gradient (NULL where the job has none). */
+#define FX_BCE_ROW(job, r)                                                         \
+    const T *t = (const T *)(job)->t + (r) * (job)->t_ld;                          \
+    const T *w = (job)->w ? (const T *)(job)->w + (r) * (job)->w_ld : NULL;        \
+    const T *pw = (job)->pw ? (const T *)(job)->pw + (r) * (job)->pw_ld : NULL;    \
+    const T *go = (job)->gout ? (const T *)(job)->gout + (r) * (job)->gout_ld : NULL; \
+    T *lo = (job)->loss_out ? (T *)(job)->loss_out + (r) * (job)->loss_ld : NULL;  \
+    XT *out = (job)->out ? (XT *)(job)->out + (r) * (job)->out_ld : NULL
+
 static void KFN(bce_logits)(const fx_job *job, int64_t r0, int64_t r1)
 {
     const int64_t n = job->n_cols;
     const V zero = SPLAT(0), one = SPLAT(1);
     for (int64_t r = r0; r < r1; r++) {
         const XT *x = (const XT *)job->x + r * job->x_ld;
-        const T *t = (const T *)job->t + r * job->t_ld;
-        const T *w = job->w ? (const T *)job->w + r * job->w_ld : NULL;
-        const T *pw = job->pw ? (const T *)job->pw + r * job->pw_ld : NULL;
-        const T *go = job->gout ? (const T *)job->gout + r * job->gout_ld : NULL;
-        T *lo = job->loss_out ? (T *)job->loss_out + r * job->loss_ld : NULL;
-        XT *out = job->out ? (XT *)job->out + r * job->out_ld : NULL;
+        FX_BCE_ROW(job, r);
         const V gs = SPLAT(out ? (T)job->gscale[r * job->gscale_step] : 0);
         double total = 0.0;
         for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
@@ -129,12 +134,7 @@ static void KFN(bce_probs)(const fx_job *job, int64_t r0, int64_t r1)
     const double eps = (double)1e-12f;
     for (int64_t r = r0; r < r1; r++) {
         const XT *p = (const XT *)job->x + r * job->x_ld;
-        const T *t = (const T *)job->t + r * job->t_ld;
-        const T *w = job->w ? (const T *)job->w + r * job->w_ld : NULL;
-        const T *pw = job->pw ? (const T *)job->pw + r * job->pw_ld : NULL;
-        const T *go = job->gout ? (const T *)job->gout + r * job->gout_ld : NULL;
-        T *lo = job->loss_out ? (T *)job->loss_out + r * job->loss_ld : NULL;
-        XT *out = job->out ? (XT *)job->out + r * job->out_ld : NULL;
+        FX_BCE_ROW(job, r);
         const double gs = out ? job->gscale[r * job->gscale_step] : 0.0;
         double total = 0.0;
         int64_t c = 0;
@@ -180,3 +180,5 @@ static void KFN(bce_probs)(const fx_job *job, int64_t r0, int64_t r1)
         job->row_out[r] = total;
     }
 }
+
+#undef FX_BCE_ROW
