@@ -44,7 +44,7 @@ while [ $# -gt 0 ]; do
 done
 
 # (UBSan halts at its first report: the broadest tests come first)
-QUICK=(tests/test_errors.py tests/test_softmax.py tests/test_hypothesis.py
+QUICK=(tests/test_softmax.py tests/test_shard.py tests/test_hypothesis.py
        tests/test_concurrency.py tests/test_bad_input.py)
 if [ "$FULL" = 1 ]; then
     PYTEST_ARGS=(tests -m "not slow")
