@@ -16,6 +16,10 @@ Test modules import the helpers below with ``from conftest import ...``
 
 from __future__ import annotations
 
+import ctypes
+import os
+import shutil
+import subprocess
 import zlib
 
 import numpy as np
@@ -372,3 +376,18 @@ def assert_scalar_of(value, dtype, what=""):
     assert isinstance(value, np.generic), f"{what}: {type(value)} is not a NumPy scalar"
     assert value.dtype == np.dtype(dtype), f"{what}: dtype {value.dtype}, expected {np.dtype(dtype)}"
 
+
+
+def compile_c_driver(tmp_path_factory, name, source):
+    """``source`` (which includes headers of csrc/) built as a shared library
+    and loaded with ctypes; skips when there is no C compiler."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    d = tmp_path_factory.mktemp(name)
+    src, lib = d / "driver.c", d / f"{name}.so"
+    src.write_text(source)
+    csrc = os.path.join(os.path.dirname(__file__), os.pardir, "csrc")
+    subprocess.run([cc, "-O2", "-std=c11", "-Wall", "-Werror", "-shared", "-fPIC", "-I", csrc,
+                    str(src), "-o", str(lib), "-lm"], check=True)
+    return ctypes.CDLL(str(lib))

@@ -5,17 +5,13 @@ per-row factors, soft-capping and z-loss, hard and soft labels, in place."""
 from __future__ import annotations
 
 import ctypes
-import os
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
-from conftest import assert_close, grad_scale
+from conftest import assert_close, compile_c_driver, grad_scale
 
 from fastxent import reference
 
-CSRC = os.path.join(os.path.dirname(__file__), os.pardir, "csrc")
 
 DRIVER = """
 #include "rows/ce_opts.h"
@@ -41,15 +37,7 @@ class Job(ctypes.Structure):
 
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory):
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no C compiler")
-    d = tmp_path_factory.mktemp("ce_opts")
-    src, lib = d / "driver.c", d / "ce_opts.so"
-    src.write_text(DRIVER)
-    subprocess.run([cc, "-O2", "-std=c11", "-Wall", "-Werror", "-shared", "-fPIC", "-I", CSRC,
-                    str(src), "-o", str(lib), "-lm"], check=True)
-    return ctypes.CDLL(str(lib))
+    return compile_c_driver(tmp_path_factory, "ce_opts", DRIVER)
 
 
 def _ptr(a):

@@ -13,18 +13,12 @@ import math
 import numpy as np
 
 from . import _api
-from ._options import resolve_threads
+from ._options import block_rows, resolve_threads
 
 __all__ = ["jsd", "jsd_with_grad"]
 
 _JSD_REDUCTIONS = ("batchmean", "mean", "sum", "none")
 _TARGET_KINDS = ("probs", "log_probs", "logits")
-_BLOCK_ROWS = 8
-
-
-def _log_softmax(z):
-    m = np.max(z, axis=1, keepdims=True)
-    return z - m - np.log(np.sum(np.exp(z - m), axis=1, keepdims=True))
 
 
 def _xlogy(a, log_b):
@@ -33,14 +27,14 @@ def _xlogy(a, log_b):
 
 def _jsd_rows(x, t, beta, T, target_kind):
     """(per-row divergence, d(row)/d(student logits)) of float64 blocks."""
-    log_q = _log_softmax(x / T)
+    log_q = _api.log_softmax(x / T, num_threads=1)
     q = np.exp(log_q)
     if target_kind == "probs":
         p, log_p = t, np.log(t)
     elif target_kind == "log_probs":
         p, log_p = np.exp(t), t
     else:
-        log_p = _log_softmax(t / T)
+        log_p = _api.log_softmax(t / T, num_threads=1)
         p = np.exp(log_p)
     if beta == 0.0:  # KL(P || Q)
         terms = _xlogy(p, log_p) - _xlogy(p, log_q)
@@ -108,8 +102,9 @@ def _jsd(student_logits, teacher_logits, beta, temperature, target_kind, labels,
 
     row_loss = np.zeros(inp.n)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        for r0 in range(0, inp.n, _BLOCK_ROWS):
-            r1 = min(inp.n, r0 + _BLOCK_ROWS)
+        rows = block_rows(inp.c)
+        for r0 in range(0, inp.n, rows):
+            r1 = min(inp.n, r0 + rows)
             row, grad = _jsd_rows(inp.rows[r0:r1].astype(np.float64),
                                   t_rows[r0:r1].astype(np.float64), b, T, target_kind)
             keep = counted[r0:r1]

@@ -22,9 +22,15 @@ from . import _api
 
 from .reference import CrossEntropyStats  # one class for the oracle and the library
 
-# Rows per float64 block in option_rows: a few MB of temporaries at a
-# vocabulary of 256k.
-_BLOCK_ROWS = 4
+# The NumPy row routines work on float64 blocks of about this many elements
+# (1 MiB per temporary): few enough for the cache, many enough that short
+# rows do not pay a Python loop iteration each.
+_BLOCK_ELEMS = 1 << 17
+
+
+def block_rows(c):
+    """Rows per float64 block for rows of c classes."""
+    return max(1, _BLOCK_ELEMS // max(c, 1))
 
 
 def _number(value, name, positive=False):
@@ -171,8 +177,9 @@ def option_rows(x, labels, target, weight, ignore_index, eps, z_loss, softcap,
     argmax = np.argmax(x, axis=1) if n else np.zeros(0, np.int64)
     w = None if weight is None else np.asarray(weight, dtype=np.float64)
     cols = np.arange(c)
-    for r0 in range(0, n, _BLOCK_ROWS):
-        r1 = min(n, r0 + _BLOCK_ROWS)
+    rows = block_rows(c)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             xb = x[r0:r1].astype(np.float64)
             t = None
