@@ -52,6 +52,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without jax
     ) from exc
 
 import fastxent as _fx
+from fastxent import _api
 
 __all__ = [
     "cross_entropy",
@@ -98,9 +99,7 @@ def _axis(axis, ndim, name="logits"):
 
 
 def _reduction(reduction, allowed=_REDUCTIONS):
-    if not isinstance(reduction, str) or reduction not in allowed:
-        raise ValueError(f"reduction must be one of {', '.join(map(repr, allowed))}; got {reduction!r}")
-    return reduction
+    return _api._check_reduction(reduction, allowed)
 
 
 def _real(value, name, what):
@@ -123,16 +122,7 @@ def _base(base):
     return b
 
 
-def _threads(num_threads):
-    if num_threads is None:
-        return None
-    try:
-        n = operator.index(num_threads)
-    except TypeError:
-        raise TypeError(f"num_threads must be an integer or None, got {num_threads!r}") from None
-    if not 1 <= n <= 1024:
-        raise ValueError(f"num_threads must be in [1, 1024], got {num_threads!r}")
-    return n
+_threads = _api._check_threads
 
 
 def _ignore_index(ignore_index):

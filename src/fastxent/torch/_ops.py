@@ -20,7 +20,6 @@ second derivative would silently miss a term.
 """
 from __future__ import annotations
 
-import operator
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -28,13 +27,13 @@ import torch
 from torch import Tensor
 
 import fastxent
+from fastxent import _api
 
 try:  # bfloat16 tensors are viewed as ml_dtypes.bfloat16 arrays
     import ml_dtypes as _ml_dtypes
 except ImportError:  # pragma: no cover - depends on the environment
     _ml_dtypes = None
 
-_MAX_THREADS = 1024
 _REDUCTIONS = ("mean", "sum", "none")
 _KL_REDUCTIONS = ("batchmean", "mean", "sum", "none")
 
@@ -89,22 +88,12 @@ def _threads(num_threads):
 
 def check_threads(num_threads):
     """``num_threads=`` of the public functions as the operators' int (0: torch's)."""
-    if num_threads is None:
-        return 0
-    try:
-        n = operator.index(num_threads)
-    except TypeError:
-        raise TypeError(f"num_threads must be an integer or None, got {num_threads!r}") from None
-    if not 1 <= n <= _MAX_THREADS:
-        raise ValueError(f"num_threads must be between 1 and {_MAX_THREADS}, got {n}")
-    return n
+    n = _api._check_threads(num_threads)
+    return 0 if n is None else n
 
 
 def check_reduction(reduction, allowed=_REDUCTIONS):
-    if not isinstance(reduction, str) or reduction not in allowed:
-        raise ValueError(f"reduction must be one of {', '.join(map(repr, allowed))}; "
-                         f"got {reduction!r}")
-    return reduction
+    return _api._check_reduction(reduction, allowed)
 
 
 def _as_loss(value, dtype):
