@@ -17,6 +17,8 @@ Groups:
   growth of the process's resident-memory high-water mark during the step
   (Linux: ``/proc/self/status`` VmHWM, reset through ``/proc/self/clear_refs``),
   ``extra_info["logits_bytes"]`` the size of one N x C float32 tensor.
+  fastxent.torch's cache of gradient buffers is emptied before each step,
+  so the peak includes the loss's gradient as a fresh allocation.
 
 Run (few rounds; the 2-core machines are shared)::
 
@@ -149,6 +151,7 @@ def test_train_step_peak_memory(benchmark, contender):
     def step():
         emb.zero_grad(set_to_none=False)  # gradients allocated once, before the peak
         head.zero_grad(set_to_none=False)
+        ft.empty_cache()  # the step's own gradient counts in its peak
         gc.collect()
         base = _status("VmRSS")
         _reset_peak()

@@ -436,6 +436,9 @@ def test_threads(monkeypatch):
     real = _ops.fastxent.cross_entropy_with_grad
     monkeypatch.setattr(_ops.fastxent, "cross_entropy_with_grad",
                         lambda *a, **kw: seen.append(kw["num_threads"]) or real(*a, **kw))
+    real_at = _ops._core.cross_entropy_mean_at  # the default call's route
+    monkeypatch.setattr(_ops._core, "cross_entropy_mean_at",
+                        lambda *a: seen.append(a[-1]) or real_at(*a))
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -567,3 +570,70 @@ def test_bad_arguments():
         ft.binary_cross_entropy_with_logits(x, torch.rand(4, 3))
     with pytest.raises(IndexError, match="dim 3"):
         ft.log_softmax(x, 3)
+
+
+# ------------------------------------------------ the common call, eager mode
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+def test_mean_fast_path_matches_torch(monkeypatch, dtype):
+    """The default-options call on a contiguous 2-D tensor takes the
+    address-based path; values, gradients and ignore_index as torch's, and
+    the same bits at 1 and 2 threads."""
+    from fastxent import _core
+    calls = []
+    real = _core.cross_entropy_mean_at
+    monkeypatch.setattr(_core, "cross_entropy_mean_at",
+                        lambda *a: calls.append(a) or real(*a))
+    x = (4 * torch.randn(37, 19, generator=gen(5), dtype=dtype)).requires_grad_(True)
+    y = torch.randint(0, 19, (37,), generator=gen(6))
+    y[::5] = -100
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            x.grad = None
+            loss = ft.cross_entropy(x, y)
+            loss.backward()
+            results.append((loss.detach().clone(), x.grad.clone()))
+    finally:
+        torch.set_num_threads(before)
+    assert len(calls) == 2 and loss.dtype == dtype
+    xr = x.detach().double().requires_grad_(True)
+    ref = F.cross_entropy(xr, y)
+    ref.backward()
+    close(results[0][0], ref, dtype, what="loss")
+    close(results[0][1], xr.grad, dtype, scale=1e-3, what="grad")
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert (results[0][1][::5] == 0).all()
+    with torch.no_grad():
+        close(ft.cross_entropy(x, y), ref, dtype, what="no-grad loss")
+    with pytest.raises(ValueError, match="label 19 at position"):
+        ft.cross_entropy(x, torch.full((37,), 19))
+
+
+def test_gradient_buffers_reused_only_when_free():
+    """Large gradients come from a cached buffer, but never from one that a
+    tensor still uses (a held .grad), and a reused buffer holds new values."""
+    _ops.empty_cache()
+    n, c = 64, 8192  # 2 MiB float32: above the cache's floor
+    g = gen(9)
+    y = torch.randint(0, c, (n,), generator=g)
+    leaves, refs = [], []
+    for step in range(3):
+        x = (3 * torch.randn(n, c, generator=g)).requires_grad_(True)
+        ft.cross_entropy(x, y).backward()  # a leaf's .grad is the buffer itself
+        xr = x.detach().double().requires_grad_(True)
+        F.cross_entropy(xr, y).backward()
+        leaves.append(x)
+        refs.append(xr.grad)
+        if step == 1:
+            # step 0's gradient, still held, was not written over
+            close(leaves[0].grad, refs[0], torch.float32, scale=1e-6, what="held")
+            first, second = (t.grad.data_ptr() for t in leaves)
+            leaves.clear()
+    close(x.grad, refs[2], torch.float32, scale=1e-6, what="reused")
+    assert first != second and x.grad.data_ptr() in (first, second)
+    assert len(_ops._cache) == 2
+    _ops.empty_cache()
+    assert not _ops._cache

@@ -54,6 +54,16 @@ def run(
     row_in: Optional[np.ndarray] = ...,
 ) -> Any: ...
 def label_error(value: Any, position: tuple[int, ...], n_classes: int, ignore_index: Any) -> ValueError: ...
+def cross_entropy_mean_at(
+    x: int,
+    n: int,
+    c: int,
+    f64: bool,
+    labels: int,
+    ignore_index: int,
+    out: int,
+    num_threads: int,
+) -> float: ...
 def cross_entropy_common(
     x: Any,
     labels: Any,

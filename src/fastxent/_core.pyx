@@ -640,6 +640,43 @@ def cross_entropy_common(x, labels, axis, weight, ignore_index, reduction, label
     return loss
 
 
+def cross_entropy_mean_at(size_t x, int64_t n, int64_t c, bint f64, size_t labels,
+                          int64_t ignore_index, size_t out, int num_threads):
+    """The mean cross entropy of n contiguous rows of c float32 (f64: float64)
+    logits at address x with int64 labels at address labels, its gradient
+    written to the contiguous rows at out (0: no gradient), as a float.
+
+    For callers whose memory NumPy cannot view without cost (fastxent.torch's
+    eager path, where a view per tensor costs as much as an (8, 10) loss);
+    the caller vouches for the addresses, sizes and contiguity. Labels are
+    checked here as everywhere else."""
+    if n < 1 or c < 1 or num_threads < 1:
+        raise ValueError(f"internal: n={n}, c={c}, num_threads={num_threads}")
+    cdef fx_job job
+    memset(&job, 0, sizeof(fx_job))
+    job.n_rows = n
+    job.n_cols = c
+    job.x = <const void *>x
+    job.x_ld = c if n > 1 else 0
+    job.temperature = 1.0
+    job.labels = <const int64_t *>labels
+    job.ignore_index = ignore_index
+    job.w_sum = <double>c
+    cdef int64_t counted = 0
+    cdef int64_t bad = fx_check_labels(job.labels, n, c, ignore_index, &counted)
+    if bad >= 0:
+        raise label_error(job.labels[bad], (bad,), c, ignore_index)
+    cdef double gs
+    if out != 0:
+        job.out = <void *>out
+        job.out_ld = job.x_ld
+        gs = _grad_factor(_MEAN, <double>counted, 1.0)
+        job.gscale = &gs
+        job.gscale_step = 0
+    return float(_execute(FX_CE_HARD, FX_F64 if f64 else FX_F32, &job, num_threads, _MEAN,
+                          <double>counted, 1.0))
+
+
 def rows_common(int op, x, axis, num_threads, out=None, from_logits=True, base=None):
     """logsumexp / entropy (row values) or log_softmax / softmax (rows) for
     the common call, or None: default options, the last axis of a 2-D

@@ -18,5 +18,6 @@ from . import _functional, _modules
 from ._functional import *  # noqa: F401,F403
 from ._head import linear_cross_entropy
 from ._modules import *  # noqa: F401,F403
+from ._ops import empty_cache
 
-__all__ = _functional.__all__ + _modules.__all__ + ["linear_cross_entropy"]
+__all__ = _functional.__all__ + _modules.__all__ + ["linear_cross_entropy", "empty_cache"]

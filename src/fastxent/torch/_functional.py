@@ -74,6 +74,12 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     safe; refused when autograd still needs ``input``). ``num_threads``
     defaults to ``torch.get_num_threads()``.
     """
+    if (weight is None and size_average is None and reduce is None and reduction == "mean"
+            and label_smoothing == 0.0 and not inplace_backward and num_threads is None
+            and type(ignore_index) is int):
+        loss = _ops.mean_cross_entropy(input, target, ignore_index)
+        if loss is not None:
+            return loss
     reduction = _ops.check_reduction(_reduction_of(size_average, reduce, reduction))
     nt = _ops.check_threads(num_threads)
     _no_grad_wanted("cross_entropy", target=target, weight=weight)

@@ -20,6 +20,9 @@ second derivative would silently miss a term.
 """
 from __future__ import annotations
 
+import os
+import sys
+import threading
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -27,7 +30,7 @@ import torch
 from torch import Tensor
 
 import fastxent
-from fastxent import _api
+from fastxent import _api, _core
 
 try:  # bfloat16 tensors are viewed as ml_dtypes.bfloat16 arrays
     import ml_dtypes as _ml_dtypes
@@ -112,7 +115,7 @@ def eager(t):
     """True outside any tracing and torch.func transform: a plain CPU tensor
     with real memory."""
     return (not torch.compiler.is_compiling() and type(t) is torch.Tensor
-            and t.device.type == "cpu" and torch._C._len_torch_dispatch_stack() == 0
+            and t.is_cpu and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._are_functorch_transforms_active())
 
 
@@ -143,7 +146,10 @@ def _fused(input, out, want_grad, loss_fn, with_grad_fn, x, target, **kw):
     empty) from the loss alone. ``out``: the gradient's tensor (``input``
     itself overwrites the input; None: a new one shaped like it)."""
     if want_grad:
-        grad = torch.empty_like(input) if out is None else out
+        grad = out
+        if out is None:
+            grad = grad_buffer(input) if input.is_contiguous() and eager(input) else \
+                torch.empty_like(input)
         loss, _ = with_grad_fn(x, target, out=x if out is input else _np(grad), **kw)
     else:
         grad = input.new_empty(0)
@@ -630,3 +636,119 @@ class EagerLoss(torch.autograd.Function):
 # The public functions use EagerLoss outside tracing (tests switch it off to
 # run the operators' own autograd formulas in eager mode).
 EAGER_LOSSES = True
+
+
+# --------------------------------------------------------------------------
+# Gradient buffers
+# --------------------------------------------------------------------------
+
+# A fresh logits-sized tensor per training step costs more than the loss:
+# the kernel pages it in (zero-filled by the OS, a page fault per 4 KiB) on
+# the first write, about 4x the time the fused visit itself takes at
+# (4096, 32000) float32. So eager losses write their gradient into a buffer
+# kept from an earlier step once nothing else uses it, as a caching
+# allocator would. A buffer is a NumPy array: every tensor made from it
+# holds one reference to it through its storage, so a reference count of
+# one (the cache's) means no tensor, view or autograd node can see it.
+_CACHE_MIN_BYTES = 1 << 20  # smaller tensors come cheaply from malloc
+_CACHE_MAX_BUFFERS = 4
+_cache = []  # most recently used last
+_cache_lock = threading.Lock()
+CACHE_GRADIENTS = os.environ.get("FASTXENT_TORCH_CACHE", "1") != "0"
+
+
+def empty_cache():
+    """Release the gradient buffers fastxent.torch keeps for reuse."""
+    with _cache_lock:
+        _cache.clear()
+
+
+def _free_buffer(nbytes):
+    for i in range(len(_cache)):
+        # References: the list's and getrefcount's argument.
+        if _cache[i].nbytes == nbytes and sys.getrefcount(_cache[i]) == 2:
+            return _cache.pop(i)
+    return None
+
+
+def grad_buffer(like):
+    """An uninitialised tensor shaped and typed like the contiguous ``like``,
+    from the cache when a buffer of its size is free."""
+    nbytes = like.numel() * like.element_size()
+    if not CACHE_GRADIENTS or nbytes < _CACHE_MIN_BYTES:
+        return torch.empty_like(like, memory_format=torch.contiguous_format)
+    with _cache_lock:
+        buf = _free_buffer(nbytes)
+        if buf is None:
+            # torch's allocator, as the tensor would have come from
+            buf = torch.empty(nbytes, dtype=torch.uint8).numpy()
+            if len(_cache) >= _CACHE_MAX_BUFFERS:
+                _cache.pop(0)
+        _cache.append(buf)
+    return torch.from_numpy(buf).view(like.dtype).view(like.shape)
+
+
+# --------------------------------------------------------------------------
+# The common call in eager mode
+# --------------------------------------------------------------------------
+
+_MEAN_DTYPES = {torch.float32: False, torch.float64: True}
+
+
+class _MeanCrossEntropy(torch.autograd.Function):
+    """``cross_entropy(input, target)`` with the default options on a
+    contiguous 2-D float32/float64 input and int64 target: the kernels read
+    the tensors at their addresses, since a NumPy view per tensor costs as
+    much as an (8, 10) loss does."""
+
+    @staticmethod
+    def forward(ctx, input, target, ignore_index, f64):
+        n, c = input.shape
+        if n * c < _CACHE_MIN_BYTES // 8:
+            # Kept as an attribute, which is cheaper than saving it, for as
+            # long as the graph: small enough not to matter.
+            grad = ctx.grad = torch.empty_like(input)
+        else:
+            # Saved, so that backward releases it for the cache.
+            grad = grad_buffer(input)
+            ctx.save_for_backward(grad)
+            ctx.grad = None
+        loss = _core.cross_entropy_mean_at(input.data_ptr(), n, c, f64, target.data_ptr(),
+                                           ignore_index, grad.data_ptr(),
+                                           torch.get_num_threads())
+        return torch.full((), loss, dtype=input.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():
+            _no_double_backward("cross_entropy")
+        grad = ctx.grad
+        if grad is None:
+            grad = ctx.saved_tensors[0]
+        # The backward of the loss itself: grad_loss is 1 and grad the answer.
+        if grad_loss.item() != 1.0:
+            grad = grad * grad_loss
+        return grad, None, None, None
+
+
+_mean_ce_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, _MeanCrossEntropy)
+
+
+def mean_cross_entropy(input, target, ignore_index):
+    """The default-options cross entropy of a plain 2-D CPU input in eager
+    mode, or None for any other call (the general path then decides)."""
+    f64 = _MEAN_DTYPES.get(input.dtype)
+    if (f64 is None or not EAGER_LOSSES or type(target) is not Tensor
+            or target.dtype != torch.int64 or input.dim() != 2 or target.dim() != 1
+            or target.requires_grad or not eager(input) or not target.is_cpu
+            or input.shape[0] != target.shape[0] or input.numel() == 0
+            or not input.is_contiguous() or not target.is_contiguous()):
+        return None
+    if torch.is_grad_enabled() and input.requires_grad:
+        # Function.apply's Python wrapper only unwraps functorch tensors,
+        # which eager() has ruled out.
+        return _mean_ce_apply(input, target, ignore_index, f64)
+    n, c = input.shape
+    loss = _core.cross_entropy_mean_at(input.data_ptr(), n, c, f64, target.data_ptr(),
+                                       ignore_index, 0, torch.get_num_threads())
+    return torch.full((), loss, dtype=input.dtype)
