@@ -574,7 +574,7 @@ def test_bad_arguments():
 
 # ------------------------------------------------ the common call, eager mode
 
-@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_mean_fast_path_matches_torch(monkeypatch, dtype):
     """The default-options call on a contiguous 2-D tensor takes the
     address-based path; values, gradients and ignore_index as torch's, and

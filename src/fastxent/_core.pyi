@@ -58,7 +58,7 @@ def cross_entropy_mean_at(
     x: int,
     n: int,
     c: int,
-    f64: bool,
+    dtype: int,
     labels: int,
     ignore_index: int,
     out: int,

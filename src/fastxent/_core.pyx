@@ -646,18 +646,19 @@ def cross_entropy_common(x, labels, axis, weight, ignore_index, reduction, label
     return loss
 
 
-def cross_entropy_mean_at(size_t x, int64_t n, int64_t c, bint f64, size_t labels,
+def cross_entropy_mean_at(size_t x, int64_t n, int64_t c, int dtype, size_t labels,
                           int64_t ignore_index, size_t out, int num_threads):
-    """The mean cross entropy of n contiguous rows of c float32 (f64: float64)
-    logits at address x with int64 labels at address labels, its gradient
-    written to the contiguous rows at out (0: no gradient), as a float.
+    """The mean cross entropy of n contiguous rows of c logits of the kernels'
+    dtype code dtype (0 float32, 1 float64, 2 float16, 3 bfloat16) at address
+    x with int64 labels at address labels, its gradient written to the
+    contiguous rows of the same dtype at out (0: no gradient), as a float.
 
     For callers whose memory NumPy cannot view without cost (fastxent.torch's
     eager path, where a view per tensor costs as much as an (8, 10) loss);
     the caller vouches for the addresses, sizes and contiguity. Labels are
     checked here as everywhere else."""
-    if n < 1 or c < 1 or num_threads < 1:
-        raise ValueError(f"internal: n={n}, c={c}, num_threads={num_threads}")
+    if n < 1 or c < 1 or num_threads < 1 or not FX_F32 <= dtype <= FX_BF16:
+        raise ValueError(f"internal: n={n}, c={c}, dtype={dtype}, num_threads={num_threads}")
     cdef fx_job job
     memset(&job, 0, sizeof(fx_job))
     job.n_rows = n
@@ -679,7 +680,7 @@ def cross_entropy_mean_at(size_t x, int64_t n, int64_t c, bint f64, size_t label
         gs = _grad_factor(_MEAN, <double>counted, 1.0)
         job.gscale = &gs
         job.gscale_step = 0
-    return float(_execute(FX_CE_HARD, FX_F64 if f64 else FX_F32, &job, num_threads, _MEAN,
+    return float(_execute(FX_CE_HARD, dtype, &job, num_threads, _MEAN,
                           <double>counted, 1.0))
 
 

@@ -692,17 +692,18 @@ def grad_buffer(like):
 # The common call in eager mode
 # --------------------------------------------------------------------------
 
-_MEAN_DTYPES = {torch.float32: False, torch.float64: True}
+# The kernels' dtype codes (csrc/fastxent.h, enum fx_dtype).
+_MEAN_DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
 
 class _MeanCrossEntropy(torch.autograd.Function):
     """``cross_entropy(input, target)`` with the default options on a
-    contiguous 2-D float32/float64 input and int64 target: the kernels read
+    contiguous 2-D floating input and int64 target: the kernels read
     the tensors at their addresses, since a NumPy view per tensor costs as
     much as an (8, 10) loss does."""
 
     @staticmethod
-    def forward(ctx, input, target, ignore_index, f64):
+    def forward(ctx, input, target, ignore_index, dtype):
         n, c = input.shape
         if n * c < _CACHE_MIN_BYTES // 8:
             # Kept as an attribute, which is cheaper than saving it, for as
@@ -713,7 +714,7 @@ class _MeanCrossEntropy(torch.autograd.Function):
             grad = grad_buffer(input)
             ctx.save_for_backward(grad)
             ctx.grad = None
-        loss = _core.cross_entropy_mean_at(input.data_ptr(), n, c, f64, target.data_ptr(),
+        loss = _core.cross_entropy_mean_at(input.data_ptr(), n, c, dtype, target.data_ptr(),
                                            ignore_index, grad.data_ptr(),
                                            torch.get_num_threads())
         return torch.full((), loss, dtype=input.dtype)
@@ -737,8 +738,8 @@ _mean_ce_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, _MeanCro
 def mean_cross_entropy(input, target, ignore_index):
     """The default-options cross entropy of a plain 2-D CPU input in eager
     mode, or None for any other call (the general path then decides)."""
-    f64 = _MEAN_DTYPES.get(input.dtype)
-    if (f64 is None or not EAGER_LOSSES or type(target) is not Tensor
+    dtype = _MEAN_DTYPES.get(input.dtype)
+    if (dtype is None or not EAGER_LOSSES or type(target) is not Tensor
             or target.dtype != torch.int64 or input.dim() != 2 or target.dim() != 1
             or target.requires_grad or not eager(input) or not target.is_cpu
             or input.shape[0] != target.shape[0] or input.numel() == 0
@@ -747,8 +748,8 @@ def mean_cross_entropy(input, target, ignore_index):
     if torch.is_grad_enabled() and input.requires_grad:
         # Function.apply's Python wrapper only unwraps functorch tensors,
         # which eager() has ruled out.
-        return _mean_ce_apply(input, target, ignore_index, f64)
+        return _mean_ce_apply(input, target, ignore_index, dtype)
     n, c = input.shape
-    loss = _core.cross_entropy_mean_at(input.data_ptr(), n, c, f64, target.data_ptr(),
+    loss = _core.cross_entropy_mean_at(input.data_ptr(), n, c, dtype, target.data_ptr(),
                                        ignore_index, 0, torch.get_num_threads())
     return torch.full((), loss, dtype=input.dtype)
