@@ -375,12 +375,12 @@ static XLA_FFI_Error *check_weight(fx_call *call, const void *w, int64_t count, 
     for (int64_t i = 0; i < count; i++) {
         const double v = value_at(w, i, cdt);
         if (v >= 0 && isfinite(v)) continue;
-        fmt_real(num, sizeof num, v, 64);
+        const char *text = fmt_real(num, sizeof num, v, 64);
         if (bce)
             return BAD(call, "ValueError: %s must be finite and non-negative; %s holds %s at flat "
-                       "index %lld", name, name, num, (long long)i);
+                       "index %lld", name, name, text, (long long)i);
         return BAD(call, "ValueError: weight must be finite and non-negative; weight[%lld] = %s",
-                   (long long)i, num);
+                   (long long)i, text);
     }
     return NULL;
 }
