@@ -7,6 +7,8 @@ Skipped when jax is not installed.
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 import pytest
 
@@ -236,6 +238,14 @@ def test_malformed_calls_are_xla_errors():
     _raises("threads", lambda x: call(loss, x, y, threads=i64(-1), **base), x)
 
 
-def test_the_handler_is_a_capsule():
-    cap = _core.xla_ffi_handler()
-    assert type(cap).__name__ == "PyCapsule"
+def test_the_handler_is_a_capsule_and_follows_set_num_threads():
+    assert type(_core.xla_ffi_handler()).__name__ == "PyCapsule"
+    # The handler's default thread count (num_threads=None) is the extension's
+    # global, which fastxent.set_num_threads sets.
+    default = ctypes.c_int.in_dll(ctypes.CDLL(_core.__file__), "fx_xla_default_threads")
+    try:
+        fastxent.set_num_threads(3)
+        assert default.value == 3
+    finally:
+        fastxent.set_num_threads(None)
+    assert default.value == 0
