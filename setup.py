@@ -131,8 +131,10 @@ ext = Extension(
         os.path.join(CSRC, "parallel.c"),
         os.path.join(CSRC, "selftest.c"),
         os.path.join(CSRC, "reduce.c"),
+        os.path.join(CSRC, "xla_ffi.c"),
     ],
-    include_dirs=[CSRC, np.get_include()],
+    # third_party: the vendored XLA FFI C API header (csrc/third_party/README.md).
+    include_dirs=[CSRC, os.path.join(CSRC, "third_party"), np.get_include()],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     extra_compile_args=list(BASE_FLAGS),
     extra_link_args=list(SANITIZE_FLAGS) if SANITIZE else [],

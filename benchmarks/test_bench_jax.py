@@ -5,13 +5,17 @@
 
 Groups: ``jax_value_and_grad <N>x<C> <dtype> <T>thread`` (the loss and its
 gradient, as a training step computes them) and ``jax_forward ...`` (the loss
-alone). Contenders, each ``jax.jit`` of a mean cross entropy over integer
+alone). At (8, 10) they time the per-call overhead of each way into the
+kernels; the docs/jax.md "Transport" table is
+``-k "8x10-float32-1thread or 4096x32000-float32-1thread"``. Contenders, each ``jax.jit`` of a mean cross entropy over integer
 labels, or of ``jax.value_and_grad`` of it:
 
 - ``fastxent_jax``: ``fastxent.jax.cross_entropy(x, y, num_threads=T)``
-  through the XLA FFI handler (``transport = "ffi"``, the default);
+  through the XLA FFI handler compiled into the extension
+  (``csrc/xla_ffi.c``; ``transport = "ffi"``, the default);
 - ``fastxent_jax-callback``: the same through ``jax.pure_callback``
-  (``transport = "callback"``), which copies the operands and results;
+  (``transport = "callback"``), which copies the operands and results and
+  runs Python on every call;
 - ``optax``: ``optax.softmax_cross_entropy_with_integer_labels(x, y).mean()``.
 
 Threads: fastxent follows the group's ``T``. XLA's own pool (optax, and the

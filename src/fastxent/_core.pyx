@@ -24,6 +24,7 @@
 from libc.stdint cimport int64_t
 from libc.string cimport memset
 from libc.stdlib cimport malloc, free
+from cpython.pycapsule cimport PyCapsule_New
 from libc.math cimport NAN
 cimport numpy as cnp
 import numpy as np
@@ -201,10 +202,11 @@ cdef int _default_threads = 0  # fastxent.set_num_threads's count; 0: follow Ope
 
 def set_default_threads(int n):
     """The count of calls with num_threads=None (0: OpenMP's, read at each call)."""
-    global _default_threads
+    global _default_threads, fx_xla_default_threads
     if not 0 <= n <= _MAX_THREADS:
         raise ValueError(f"internal: thread count {n}")
     _default_threads = n
+    fx_xla_default_threads = n  # the XLA FFI handler's default (xla_ffi.c)
 
 
 cdef int _threads(object num_threads) except -1:
@@ -722,6 +724,21 @@ def rows_common(int op, x, axis, num_threads, out=None, from_logits=True, base=N
     for i in range(n):
         p32[i] = <float>p64[i]
     return r32
+
+
+# --------------------------------------------------------------------------
+# The XLA FFI handler (csrc/xla_ffi.c), for fastxent.jax
+# --------------------------------------------------------------------------
+
+cdef extern from "xla_ffi.h":
+    void *fx_xla_handler_address()
+    int fx_xla_default_threads
+
+
+def xla_ffi_handler():
+    """The XLA FFI handler (API version 1) as a PyCapsule for
+    jax.ffi.register_ffi_target(name, capsule, platform="cpu")."""
+    return PyCapsule_New(fx_xla_handler_address(), NULL, NULL)
 
 
 # --------------------------------------------------------------------------

@@ -12,13 +12,13 @@ semantics are fastxent's NumPy ones (class ``axis=-1``, ``reduction``,
 ``weight``, ``ignore_index``, ``label_smoothing``, ``base``, ...), not
 torch's and not optax's: see ``docs/jax.md`` for the optax equivalents.
 
-Transport: an XLA FFI handler (``jax.ffi``, CPU) that is a ctypes function
-over XLA's FFI C API, so nothing is compiled: XLA's own operand and result
-buffers become NumPy views, the kernels read the logits in place and write
-the gradient straight into XLA's result buffer, with the GIL released.
-``jax.pure_callback`` (which copies operands and results) is the
-alternative: ``FASTXENT_JAX_TRANSPORT=callback``. Measurements of both and
-of a compiled C++ handler: docs/jax.md, "Transport".
+Transport: an XLA FFI handler (``jax.ffi``, CPU) written in C and compiled
+into ``fastxent._core`` (``csrc/xla_ffi.c``): the kernels read XLA's operand
+buffers in place and write the loss and the gradient straight into XLA's
+result buffers, with no Python and no GIL on the way. ``jax.pure_callback``
+(which copies operands and results and runs Python) is the alternative:
+``FASTXENT_JAX_TRANSPORT=callback``. Measurements of both: docs/jax.md,
+"Transport".
 
 Options (``axis``, ``reduction``, ``ignore_index``, ``label_smoothing``,
 ``temperature``, ``base``, ``num_threads``...) are static Python values;
@@ -33,7 +33,6 @@ error carrying fastxent's ``ValueError`` message.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import json
 import math
@@ -52,7 +51,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without jax
     ) from exc
 
 import fastxent as _fx
-from fastxent import _api
+from fastxent import _api, _core
 
 __all__ = [
     "cross_entropy",
@@ -125,11 +124,17 @@ def _base(base):
 _threads = _api._check_threads
 
 
-def _ignore_index(ignore_index):
-    try:
-        return operator.index(ignore_index)
-    except TypeError:
-        raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}") from None
+_ignore_index = _api._check_ignore_index
+
+
+def _classes_last(x, axis, name="logits"):
+    """``x`` with its class axis (checked to have at least one class) last:
+    the handler and the callback only ever see rows of contiguous classes."""
+    x = jnp.asarray(x)
+    ax = _axis(axis, x.ndim, name)
+    if x.shape[ax] == 0:
+        raise ValueError(f"{name} has no classes: axis {axis} has length 0 (C == 0)")
+    return x if ax == x.ndim - 1 else jnp.moveaxis(x, ax, -1)
 
 
 def _batch_shape(shape, axis):
@@ -143,12 +148,13 @@ def _expand(g, axis):
 
 
 # --------------------------------------------------------------- transport
-# One call into fastxent is described by a JSON key: the NumPy function, its
-# static keyword arguments, the names of the array arguments, the unbatched
-# rank of the logits and whether the gradient is wanted. The key is all the
-# compiled program holds (an FFI attribute), so a program from the
-# persistent compilation cache or another process finds its host function
-# by content, never by a per-process index.
+# One call into fastxent: the function, its static keyword arguments, the
+# names of the array arguments, the unbatched rank of the logits and whether
+# the gradient is wanted. The class axis is always last by then (the public
+# functions move it). Everything a compiled program needs is in its
+# operands and attributes, so a program from the persistent compilation
+# cache or another process finds its function by content, never by a
+# per-process index.
 
 
 def _key(**spec):
@@ -163,10 +169,11 @@ def _lead_index(idx, shape):
 
 @functools.lru_cache(maxsize=None)
 def _host(key):
-    """``host(args, rets)``: NumPy views of the inputs and of the results,
-    which it fills. vmap (``vmap_method="expand_dims"``) gives every argument
-    the same leading dimensions, of size 1 where it is not batched; row ops
-    take them as more batch rows, losses are run once per batch element."""
+    """The pure_callback side: ``host(args, rets)`` over NumPy arrays of the
+    inputs and of the results, which it fills. vmap
+    (``vmap_method="expand_dims"``) gives every argument the same leading
+    dimensions, of size 1 where it is not batched; row ops take them as more
+    batch rows, losses are run once per batch element."""
     spec = json.loads(key)
     name, kw = spec["fn"], spec["kw"]
     np_fn = getattr(_fx, name)
@@ -198,8 +205,8 @@ def _host(key):
 
 
 def _run_callback(key, ndim, results, *args):
-    """The pure_callback side: allocate the results (with vmap's leading
-    dimensions) and let the host function fill them."""
+    """Allocate the results (with vmap's leading dimensions) and let the
+    host function fill them."""
     args = [np.asarray(a) for a in args]  # CPU arrays: views, not copies
     lead = args[0].ndim - ndim
     shape = np.broadcast_shapes(*(a.shape[:lead] for a in args))
@@ -208,134 +215,67 @@ def _run_callback(key, ndim, results, *args):
     return tuple(rets)
 
 
+# The handler's attributes (csrc/xla_ffi.c): typed scalars, read without
+# parsing.
+_FFI_FN = {"cross_entropy": 0, "kl_div": 1, "binary_cross_entropy": 2, "log_softmax": 3,
+           "softmax": 4, "logsumexp": 5}
+_FFI_REDUCTION = {"none": 0, "sum": 1, "mean": 2, "batchmean": 2}
+_FFI_KIND = {"probs": 0, "log_probs": 1, "logits": 2}
+
+
+def _ffi_attrs(ndim, fn, kw, names=(), grad=False):
+    i64, f64 = np.int64, np.float64
+    attrs = {"fn": i64(_FFI_FN[fn]), "ndim": i64(ndim), "threads": i64(kw["num_threads"] or 0)}
+    if fn not in ("cross_entropy", "kl_div", "binary_cross_entropy"):
+        return attrs
+    base = kw["base"]
+    attrs.update(grad=i64(grad), reduction=i64(_FFI_REDUCTION[kw["reduction"]]),
+                 scale=f64(1.0 if base is None else 1.0 / math.log(base)))
+    if fn == "kl_div":
+        attrs.update(kind=i64(_FFI_KIND[kw["target_kind"]]), temperature=f64(kw["temperature"]))
+        return attrs
+    attrs.update(from_logits=i64(kw["from_logits"]),
+                 weights=i64(("weight" in names) + 2 * ("pos_weight" in names)))
+    if fn == "cross_entropy":
+        attrs.update(smoothing=f64(kw["label_smoothing"]), ignore_index=i64(kw.get("ignore_index", 0)))
+    return attrs
+
+
 def _call(results, arrays, via, **spec):
     """Run the call described by ``spec`` on ``arrays`` (logits first), by
     ``via`` (a ``transport``: it is part of every cached op, since JAX caches
     what a custom_vjp function traces to)."""
-    key = _key(ndim=arrays[0].ndim, **spec)
+    ndim = arrays[0].ndim
     results = tuple(results)
     if via == "ffi":
-        return jax.ffi.ffi_call(_FFI_TARGET, results, vmap_method="expand_dims")(*arrays, op=key)
-    return jax.pure_callback(functools.partial(_run_callback, key, arrays[0].ndim, results),
+        attrs = _ffi_attrs(ndim, **spec)
+        return jax.ffi.ffi_call(_FFI_TARGET, results, vmap_method="expand_dims")(*arrays, **attrs)
+    key = _key(ndim=ndim, **spec)
+    return jax.pure_callback(functools.partial(_run_callback, key, ndim, results),
                              results, *arrays, vmap_method="expand_dims")
 
 
 # --------------------------------------------------------------- XLA FFI
-# The host function runs as an XLA FFI handler (jax.ffi): XLA hands it its
-# own input and result buffers, which become NumPy views, so the kernels read
-# the operands and write the gradient in place. (jax.pure_callback copies
-# every operand into a new array and every result back into XLA's buffer.)
-# The handler is a ctypes function over the XLA FFI C API (xla/ffi/api/
-# c_api.h in the jax wheel): nothing to compile. Only the leading members of
-# each struct are declared; XLA keeps those fixed and grows structs at their
-# end, which is what struct_size is for.
+# The kernels run as an XLA FFI handler written in C (csrc/xla_ffi.c,
+# compiled into fastxent._core against the XLA FFI C API header vendored in
+# csrc/third_party): XLA hands it its own operand and result buffers, which
+# it reads and writes in place, with no Python and no GIL on the way.
+# (jax.pure_callback copies every operand into a new array and every result
+# back into XLA's buffer, and runs Python on every call.)
 
-_FFI_TARGET = "fastxent_numpy"
-_XLA_METADATA = 1  # XLA_FFI_Extension_Metadata
-_XLA_EXECUTE = 3  # XLA_FFI_ExecutionStage_EXECUTE
-_XLA_INVALID_ARGUMENT = 3
-_XLA_STRING = 4  # XLA_FFI_AttrType_STRING
-_XLA_DTYPES = {
-    1: np.dtype(np.bool_), 2: np.dtype(np.int8), 3: np.dtype(np.int16), 4: np.dtype(np.int32),
-    5: np.dtype(np.int64), 6: np.dtype(np.uint8), 7: np.dtype(np.uint16), 8: np.dtype(np.uint32),
-    9: np.dtype(np.uint64), 10: np.dtype(np.float16), 11: np.dtype(np.float32),
-    12: np.dtype(np.float64), 16: np.dtype(jnp.bfloat16),
-}
-
-
-def _struct(name, *fields):
-    return type(name, (ctypes.Structure,), {"_fields_": list(fields)})
-
-
-_Head = (("struct_size", ctypes.c_size_t), ("extension_start", ctypes.c_void_p))
-_ExtBase = _struct("XLA_FFI_Extension_Base", ("struct_size", ctypes.c_size_t),
-                   ("type", ctypes.c_int), ("next", ctypes.c_void_p))
-_Version = _struct("XLA_FFI_Api_Version", *_Head, ("major_version", ctypes.c_int),
-                   ("minor_version", ctypes.c_int))
-_ErrorArgs = _struct("XLA_FFI_Error_Create_Args", *_Head, ("message", ctypes.c_char_p),
-                     ("errc", ctypes.c_int))
-_Api = _struct("XLA_FFI_Api", *_Head, ("api_version", _Version), ("internal_api", ctypes.c_void_p),
-               ("error_create", ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(_ErrorArgs))))
-_Buffer = _struct("XLA_FFI_Buffer", *_Head, ("dtype", ctypes.c_int), ("data", ctypes.c_void_p),
-                  ("rank", ctypes.c_int64), ("dims", ctypes.POINTER(ctypes.c_int64)))
-_ByteSpan = _struct("XLA_FFI_ByteSpan", ("ptr", ctypes.c_void_p), ("len", ctypes.c_size_t))
-_List = (*_Head, ("size", ctypes.c_int64), ("types", ctypes.POINTER(ctypes.c_int)))
-_Args = _struct("XLA_FFI_Args", *_List, ("items", ctypes.POINTER(ctypes.c_void_p)))
-_Attrs = _struct("XLA_FFI_Attrs", *_List, ("names", ctypes.POINTER(ctypes.POINTER(_ByteSpan))),
-                 ("items", ctypes.POINTER(ctypes.c_void_p)))
-_CallFrame = _struct("XLA_FFI_CallFrame", *_Head, ("api", ctypes.POINTER(_Api)),
-                     ("ctx", ctypes.c_void_p), ("stage", ctypes.c_int), ("args", _Args),
-                     ("rets", _Args), ("attrs", _Attrs))
-_Metadata = _struct("XLA_FFI_Metadata", ("struct_size", ctypes.c_size_t),
-                    ("api_version", _Version), ("traits", ctypes.c_uint32))
-_MetadataExt = _struct("XLA_FFI_Metadata_Extension", ("extension_base", _ExtBase),
-                       ("metadata", ctypes.POINTER(_Metadata)))
-
-
-def _buffer_view(address, writable):
-    b = ctypes.cast(address, ctypes.POINTER(_Buffer)).contents
-    dtype = _XLA_DTYPES[b.dtype]
-    shape = tuple(b.dims[i] for i in range(b.rank))
-    nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes == 0:
-        return np.empty(shape, dtype)
-    view = np.frombuffer((ctypes.c_char * nbytes).from_address(b.data), dtype).reshape(shape)
-    view.flags.writeable = writable
-    return view
-
-
-def _ffi_key(frame):
-    attrs = frame.attrs
-    for i in range(attrs.size):
-        name = attrs.names[i].contents
-        if attrs.types[i] == _XLA_STRING and ctypes.string_at(name.ptr, name.len) == b"op":
-            value = ctypes.cast(attrs.items[i], ctypes.POINTER(_ByteSpan)).contents
-            return ctypes.string_at(value.ptr, value.len).decode()
-    raise ValueError("fastxent FFI call without its 'op' attribute")
-
-
-def _ffi_handler(frame_ptr):
-    frame = frame_ptr.contents
-    try:
-        if frame.extension_start:
-            ext = ctypes.cast(frame.extension_start, ctypes.POINTER(_ExtBase)).contents
-            if ext.type == _XLA_METADATA:  # XLA asks which API version we speak
-                meta = ctypes.cast(frame.extension_start,
-                                   ctypes.POINTER(_MetadataExt)).contents.metadata.contents
-                version = frame.api.contents.api_version
-                meta.api_version.major_version = version.major_version
-                meta.api_version.minor_version = version.minor_version
-                meta.traits = 0
-                return None
-        if frame.stage != _XLA_EXECUTE:
-            return None
-        version = frame.api.contents.api_version
-        if version.major_version != 0 or frame.struct_size < ctypes.sizeof(_CallFrame):
-            raise RuntimeError(
-                f"fastxent.jax does not know XLA FFI API {version.major_version}."
-                f"{version.minor_version}; set FASTXENT_JAX_TRANSPORT=callback")
-        args = [_buffer_view(frame.args.items[i], False) for i in range(frame.args.size)]
-        rets = [_buffer_view(frame.rets.items[i], True) for i in range(frame.rets.size)]
-        _host(_ffi_key(frame))(args, rets)
-        return None
-    except BaseException as exc:  # reported to XLA: JAX raises it at the call
-        message = f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")
-        err = _ErrorArgs(ctypes.sizeof(_ErrorArgs), None, message, _XLA_INVALID_ARGUMENT)
-        return frame.api.contents.error_create(ctypes.byref(err))
-
-
-_FFI_HANDLER = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(_CallFrame))(_ffi_handler)
+_FFI_TARGET = "fastxent"
 
 
 def _register_ffi():
     try:
-        jax.ffi.register_ffi_target(_FFI_TARGET, jax.ffi.pycapsule(_FFI_HANDLER), platform="cpu")
+        jax.ffi.register_ffi_target(_FFI_TARGET, _core.xla_ffi_handler(), platform="cpu",
+                                    api_version=1)
     except Exception:  # an XLA without the FFI: the callback still works
         return False
     return True
 
 
-#: How calls reach the kernels: "ffi" (an XLA FFI handler, zero-copy; the
+#: How calls reach the kernels: "ffi" (the XLA FFI handler, zero-copy; the
 #: default) or "callback" (jax.pure_callback). FASTXENT_JAX_TRANSPORT picks
 #: one at import; the value in force when a function is traced is used.
 transport = os.environ.get("FASTXENT_JAX_TRANSPORT", "ffi")
@@ -411,16 +351,19 @@ def _make_loss(name, arg_names, kwargs, per_row, loss_dtype, via):
 
 
 # --------------------------------------------------------------- losses
+# The class axis is moved last before the op (JAX moves the gradient back),
+# and targets and weights are cast to the compute dtype, as the NumPy
+# functions would cast them: the op's arrays are exactly what the kernels read.
 
 
 @functools.lru_cache(maxsize=256)
-def _ce_op(arg_names, soft, axis, ignore_index, reduction, label_smoothing, from_logits, base,
+def _ce_op(arg_names, soft, ignore_index, reduction, label_smoothing, from_logits, base,
            num_threads, loss_dtype, via):
-    kw = dict(axis=axis, reduction=reduction, label_smoothing=label_smoothing,
-              from_logits=from_logits, base=base, num_threads=num_threads)
+    kw = dict(reduction=reduction, label_smoothing=label_smoothing, from_logits=from_logits,
+              base=base, num_threads=num_threads)
     if not soft:
         kw["ignore_index"] = ignore_index
-    return _make_loss("cross_entropy", arg_names, kw, axis if reduction == "none" else None,
+    return _make_loss("cross_entropy", arg_names, kw, -1 if reduction == "none" else None,
                       loss_dtype, via)
 
 
@@ -439,6 +382,7 @@ def cross_entropy(logits, labels, *, axis=-1, weight=None, ignore_index=-100, re
     dt = _float_dtype(logits, "logits")
     ndim = jnp.ndim(logits)
     ax = _axis(axis, ndim)
+    cdt = _compute_dtype(dt)
     lab_dt = jnp.result_type(labels)
     soft = bool(jnp.issubdtype(lab_dt, jnp.floating))
     want = jnp.shape(logits) if soft else _batch_shape(jnp.shape(logits), ax)
@@ -450,26 +394,26 @@ def cross_entropy(logits, labels, *, axis=-1, weight=None, ignore_index=-100, re
     eps = _real(label_smoothing, "label_smoothing", "a number in [0, 1]")
     if not 0.0 <= eps <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
-    arrays, names = [logits, labels], ["logits", "labels"]
+    labels = _classes_last(labels, ax, "labels").astype(cdt) if soft else jnp.asarray(labels)
+    arrays, names = [_classes_last(logits, ax), labels], ["logits", "labels"]
     if weight is not None:
         c = jnp.shape(logits)[ax]
         if jnp.shape(weight) != (c,):
             raise ValueError(f"weight must have shape ({c},) (one per class), got {jnp.shape(weight)}")
         _float_dtype(weight, "weight")
-        arrays.append(weight)
+        arrays.append(jnp.asarray(weight).astype(cdt))
         names.append("weight")
-    op = _ce_op(tuple(names), soft, ax - ndim, _ignore_index(ignore_index), _reduction(reduction),
-                eps, bool(from_logits), _base(base), _threads(num_threads), _compute_dtype(dt),
-                transport)
-    return op(*(jnp.asarray(a) for a in arrays))
+    op = _ce_op(tuple(names), soft, _ignore_index(ignore_index), _reduction(reduction), eps,
+                bool(from_logits), _base(base), _threads(num_threads), cdt, transport)
+    return op(*arrays)
 
 
 @functools.lru_cache(maxsize=256)
-def _kl_op(axis, target_kind, reduction, temperature, base, num_threads, loss_dtype, via):
-    kw = dict(axis=axis, target_kind=target_kind, reduction=reduction, temperature=temperature,
-              base=base, num_threads=num_threads)
-    return _make_loss("kl_div", ("logits", "target"), kw,
-                      axis if reduction == "none" else None, loss_dtype, via)
+def _kl_op(target_kind, reduction, temperature, base, num_threads, loss_dtype, via):
+    kw = dict(target_kind=target_kind, reduction=reduction, temperature=temperature, base=base,
+              num_threads=num_threads)
+    return _make_loss("kl_div", ("logits", "target"), kw, -1 if reduction == "none" else None,
+                      loss_dtype, via)
 
 
 def kl_div(logits, target, *, axis=-1, target_kind="probs", reduction="batchmean",
@@ -493,9 +437,10 @@ def kl_div(logits, target, *, axis=-1, target_kind="probs", reduction="batchmean
     T = _real(temperature, "temperature", "a positive number")
     if not (T > 0 and math.isfinite(T)):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-    op = _kl_op(ax - ndim, target_kind, _reduction(reduction, _KL_REDUCTIONS), T, _base(base),
-                _threads(num_threads), _compute_dtype(dt), transport)
-    return op(jnp.asarray(logits), jnp.asarray(target))
+    cdt = _compute_dtype(dt)
+    op = _kl_op(target_kind, _reduction(reduction, _KL_REDUCTIONS), T, _base(base),
+                _threads(num_threads), cdt, transport)
+    return op(_classes_last(logits, ax), _classes_last(target, ax, "target").astype(cdt))
 
 
 @functools.lru_cache(maxsize=256)
@@ -513,11 +458,12 @@ def binary_cross_entropy(logits, target, *, weight=None, pos_weight=None, reduct
     ``pos_weight`` broadcast against the input. "none" is elementwise.
     Differentiable with respect to ``logits``."""
     dt = _float_dtype(logits, "logits")
+    cdt = _compute_dtype(dt)
     shape = jnp.shape(logits)
     if jnp.shape(target) != shape:
         raise ValueError(f"target must have the logits' shape {shape}, got {jnp.shape(target)}")
     _float_dtype(target, "target")
-    arrays, names = [logits, target], ["logits", "target"]
+    arrays, names = [jnp.asarray(logits), jnp.asarray(target).astype(cdt)], ["logits", "target"]
     for nm, v in (("weight", weight), ("pos_weight", pos_weight)):
         if v is None:
             continue
@@ -527,26 +473,31 @@ def binary_cross_entropy(logits, target, *, weight=None, pos_weight=None, reduct
         except ValueError:
             raise ValueError(f"{nm} of shape {jnp.shape(v)} does not broadcast to the input shape "
                              f"{shape}") from None
+        if jnp.ndim(v) > len(shape):
+            raise ValueError(f"{nm} of shape {jnp.shape(v)} has more dimensions than the input "
+                             f"shape {shape}")
         # Every argument carries the logits' rank, so that vmap's leading
         # dimensions line up; the kernel broadcasts the size-1 dimensions
-        # (no logits-sized weight is ever formed).
-        v = jnp.asarray(v)
+        # (no logits-sized weight is formed when one row serves all).
+        v = jnp.asarray(v).astype(cdt)
         arrays.append(v.reshape((1,) * (len(shape) - v.ndim) + v.shape))
         names.append(nm)
     op = _bce_op(tuple(names), _reduction(reduction), bool(from_logits), _base(base),
-                 _threads(num_threads), _compute_dtype(dt), transport)
-    return op(*(jnp.asarray(a) for a in arrays))
+                 _threads(num_threads), cdt, transport)
+    return op(*arrays)
 
 
 # --------------------------------------------------------------- building blocks
 
 
-def _rows(name, x, axis, num_threads, via, out_shape, out_dtype):
-    """A row op; vmap's leading dimensions are more batch rows, so the kernel
-    takes them in one call (``axis`` counts from the end)."""
-    spec = jax.ShapeDtypeStruct(out_shape(x.shape), out_dtype)
-    (y,) = _call([spec], [x], via, fn=name, kw={"axis": axis, "num_threads": num_threads})
-    return y
+def _rows(name, x, axis, num_threads, via, out_dtype):
+    """A row op along ``axis``; vmap's leading dimensions are more batch
+    rows, so the kernel takes them in one call."""
+    xm = jnp.moveaxis(x, axis, -1)
+    shape = xm.shape if name != "logsumexp" else xm.shape[:-1]
+    spec = jax.ShapeDtypeStruct(shape, out_dtype)
+    (y,) = _call([spec], [xm], via, fn=name, kw={"num_threads": num_threads})
+    return y if name == "logsumexp" else jnp.moveaxis(y, -1, axis)
 
 
 def _normaliser(name, bwd):
@@ -555,7 +506,7 @@ def _normaliser(name, bwd):
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
     def op(x, axis, num_threads, via):
-        return _rows(name, x, axis, num_threads, via, lambda s: s, x.dtype)
+        return _rows(name, x, axis, num_threads, via, x.dtype)
 
     def op_fwd(x, axis, num_threads, via):
         y = op(x, axis, num_threads, via)
@@ -577,8 +528,7 @@ _softmax = _normaliser(
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _logsumexp(x, axis, num_threads, via):
-    return _rows("logsumexp", x, axis, num_threads, via, lambda s: _batch_shape(s, axis),
-                 _compute_dtype(np.dtype(x.dtype)))
+    return _rows("logsumexp", x, axis, num_threads, via, _compute_dtype(np.dtype(x.dtype)))
 
 
 def _logsumexp_fwd(x, axis, num_threads, via):
@@ -596,7 +546,10 @@ _logsumexp.defvjp(_logsumexp_fwd, _logsumexp_bwd)
 def _row_input(x, axis):
     _float_dtype(x, "x")
     x = jnp.asarray(x)
-    return x, _axis(axis, x.ndim, "x") - x.ndim
+    ax = _axis(axis, x.ndim, "x")
+    if x.shape[ax] == 0:
+        raise ValueError(f"x has no classes: axis {axis} has length 0 (C == 0)")
+    return x, ax - x.ndim
 
 
 def log_softmax(x, *, axis=-1, num_threads=None):
