@@ -45,7 +45,7 @@ done
 
 # (UBSan halts at its first report: the broadest tests come first)
 QUICK=(tests/test_softmax.py tests/test_shard.py tests/test_hypothesis.py
-       tests/test_concurrency.py tests/test_bad_input.py)
+       tests/test_concurrency.py tests/test_bad_input.py tests/test_jax_ffi.py)
 if [ "$FULL" = 1 ]; then
     PYTEST_ARGS=(tests -m "not slow")
     FUZZ="${FUZZ:-20000}"
@@ -98,7 +98,10 @@ case "$DEPS" in
 esac
 
 # ---------------------------------------------------------------- the run
-export LD_PRELOAD="$LIBASAN${LD_PRELOAD:+:$LD_PRELOAD}"
+# libstdc++ right after the runtime: ASan's __cxa_throw interceptor must find
+# the real one when a C++ extension (jaxlib) throws, or the process aborts.
+LIBSTDCXX="$(gcc -print-file-name=libstdc++.so.6)"
+export LD_PRELOAD="$LIBASAN${LIBSTDCXX:+:$LIBSTDCXX}${LD_PRELOAD:+:$LD_PRELOAD}"
 # detect_leaks=0: CPython "leaks" by design.  allocator_may_return_null=1:
 # a huge numpy allocation must give MemoryError, not an ASan report.
 export ASAN_OPTIONS="detect_leaks=0:allocator_may_return_null=1:halt_on_error=1:abort_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1:check_initialization_order=1${ASAN_EXTRA:+:$ASAN_EXTRA}"
