@@ -111,12 +111,17 @@ def _class_dim(ndim):
     return 0 if ndim == 1 else 1
 
 
+# Bound once: eager() runs on every call of an (8, 10) loss.
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
 def eager(t):
     """True outside any tracing and torch.func transform: a plain CPU tensor
     with real memory."""
-    return (not torch.compiler.is_compiling() and type(t) is torch.Tensor
-            and t.is_cpu and torch._C._len_torch_dispatch_stack() == 0
-            and not torch._C._are_functorch_transforms_active())
+    return (not _is_compiling() and type(t) is Tensor and t.is_cpu
+            and _dispatch_modes() == 0 and not _functorch_active())
 
 
 def _no_double_backward(op):
@@ -703,8 +708,7 @@ class _MeanCrossEntropy(torch.autograd.Function):
     much as an (8, 10) loss does."""
 
     @staticmethod
-    def forward(ctx, input, target, ignore_index, dtype):
-        n, c = input.shape
+    def forward(ctx, input, target, ignore_index, dtype, n, c):
         if n * c < _CACHE_MIN_BYTES // 8:
             # Kept as an attribute, which is cheaper than saving it, for as
             # long as the graph: small enough not to matter.
@@ -729,7 +733,7 @@ class _MeanCrossEntropy(torch.autograd.Function):
         # The backward of the loss itself: grad_loss is 1 and grad the answer.
         if grad_loss.item() != 1.0:
             grad = grad * grad_loss
-        return grad, None, None, None
+        return grad, None, None, None, None, None
 
 
 _mean_ce_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, _MeanCrossEntropy)
@@ -742,14 +746,15 @@ def mean_cross_entropy(input, target, ignore_index):
     if (dtype is None or not EAGER_LOSSES or type(target) is not Tensor
             or target.dtype != torch.int64 or input.dim() != 2 or target.dim() != 1
             or target.requires_grad or not eager(input) or not target.is_cpu
-            or input.shape[0] != target.shape[0] or input.numel() == 0
             or not input.is_contiguous() or not target.is_contiguous()):
+        return None
+    n, c = input.shape
+    if n == 0 or c == 0 or len(target) != n:
         return None
     if torch.is_grad_enabled() and input.requires_grad:
         # Function.apply's Python wrapper only unwraps functorch tensors,
         # which eager() has ruled out.
-        return _mean_ce_apply(input, target, ignore_index, dtype)
-    n, c = input.shape
+        return _mean_ce_apply(input, target, ignore_index, dtype, n, c)
     loss = _core.cross_entropy_mean_at(input.data_ptr(), n, c, dtype, target.data_ptr(),
                                        ignore_index, 0, torch.get_num_threads())
     return torch.full((), loss, dtype=input.dtype)
