@@ -690,7 +690,8 @@ def grad_buffer(like):
             if len(_cache) >= _CACHE_MAX_BUFFERS:
                 _cache.pop(0)
         _cache.append(buf)
-    return torch.from_numpy(buf).view(like.dtype).view(like.shape)
+        # Made under the lock: from here the tensor's reference marks it used.
+        return torch.from_numpy(buf).view(like.dtype).view(like.shape)
 
 
 # --------------------------------------------------------------------------
