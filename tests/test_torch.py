@@ -637,3 +637,38 @@ def test_gradient_buffers_reused_only_when_free():
     assert len(_ops._cache) == 2
     _ops.empty_cache()
     assert not _ops._cache
+
+
+def test_gradient_buffers_from_two_threads():
+    """Threads taking buffers from the cache never share one: each step's
+    gradient equals the one computed alone."""
+    import threading
+    _ops.empty_cache()
+    n, c = 32, 8192  # 1 MiB float32: cached
+    g = gen(11)
+    inputs = [(3 * torch.randn(n, c, generator=g), torch.randint(0, c, (n,), generator=g))
+              for _ in range(2)]
+    expected = []
+    for x, y in inputs:
+        x = x.clone().requires_grad_(True)
+        ft.cross_entropy(x, y, label_smoothing=0.0, num_threads=1).backward()
+        expected.append(x.grad.clone())
+    bad = []
+
+    def work(k):
+        x0, y = inputs[k]
+        held = []
+        for step in range(30):
+            x = x0.clone().requires_grad_(True)
+            ft.cross_entropy(x, y).backward()
+            held = held[-1:] + [x]  # keep one earlier gradient alive too
+            if not torch.equal(held[0].grad, expected[k]):
+                bad.append((k, step))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not bad
+    _ops.empty_cache()
