@@ -84,6 +84,19 @@ FX_INLINE VI NM(opts_head)(int64_t k)
     return h;
 }
 
+/* The first c in [c0, c1) with x_c == v, or c0. */
+FX_INLINE int64_t NM(opts_first_eq)(const XT *x, int64_t c0, int64_t c1, V v)
+{
+    for (int64_t i = c0; i < c1; i += VL) {
+        const int64_t k = c1 - i < VL ? c1 - i : VL;
+        const VI eq = SFX(fx_eq)(k == VL ? XLOAD(x + i) : XLOAD_TAIL(x + i, k, NAN), v);
+        if (SFX(fx_anyq)(eq))
+            for (int j = 0; j < VL; j++)
+                if (eq[j]) return i + j;
+    }
+    return c0;
+}
+
 /* The sums of a row for a finite max m of z (xm that of x):
      return  s = sum_c exp(z_c - m)      (st != NULL: st_c = exp(z_c - m))
      *a = sum_c w_c t_c (z_c - m),  *b = sum_c w_c t_c       (soft only)
@@ -110,9 +123,10 @@ FX_INLINE double NM(opts_sums)(const XT *x, const T *t, const T *w, int64_t n, T
             /* padding lanes: z = -softcap under soft-capping */
             if (cap && k < VL) e = SEL(NM(opts_head)(k), e, zero);
             vs = AADD(vs, e);
+            /* before st, which may be x, is written */
             if (found < 0) {
                 const VI eq = SFX(fx_eq)(xv, vxm);
-                if (SFX(fx_any)(eq))
+                if (SFX(fx_anyq)(eq))
                     for (int j = 0; j < VL; j++)
                         if (eq[j]) {
                             found = i + j;
@@ -185,14 +199,6 @@ FX_INLINE int64_t NM(opts_first_nan)(const XT *x, int64_t n)
     return -1;
 }
 
-/* The first c with x_c == v, or 0. */
-FX_INLINE int64_t NM(opts_first_eq)(const XT *x, int64_t n, T v)
-{
-    for (int64_t c = 0; c < n; c++)
-        if (XGET(x, c) == v) return c;
-    return 0;
-}
-
 /* One row. A row whose max is +inf, or whose entries are all -inf or NaN,
    has no softmax without soft-capping (rows/stats.h): its loss and
    gradient are NaN (0 if ignored), its lse the max (NaN with a NaN). */
@@ -223,7 +229,7 @@ FX_INLINE void NM(opts_row)(const fx_job *job, int soft, int64_t r, int64_t r1, 
         if (job->lse_out) job->lse_out[r] = NM(opts_first_nan)(x, n) >= 0 ? NAN : (double)m;
         if (job->argmax_out) {
             am = NM(opts_first_nan)(x, n);
-            job->argmax_out[r] = am >= 0 ? am : NM(opts_first_eq)(x, n, xm);
+            job->argmax_out[r] = am >= 0 ? am : NM(opts_first_eq)(x, 0, n, SPLAT(xm));
         }
         if (counted) job->row_out[r] = NAN;
         if (out) {

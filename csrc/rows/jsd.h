@@ -26,8 +26,9 @@
  * (terms of probability 0 count 0), and through the log-softmax
  *   d(loss)/dx = gs T (dX - Q sum(dX)).
  * Visits: the maxima of x (and of t for teacher logits); the sums of
- * exponentials; the divergence and sum(dX), keeping dX in out (float32/
- * float64, not in place); the gradient. Every element's arithmetic is
+ * exponentials, keeping exp(x/T - max) in out for the next visit; the
+ * divergence and sum(dX), keeping dX there for the last (float32/float64
+ * gradients, not in place); the gradient. Every element's arithmetic is
  * lanewise in T with the vector exp (simd/expm.h) and log (simd/logm.h):
  * Q = exp(x/T - max) / s; log M of the vector log (M below the smallest
  * normal taken at it: its terms are below any rounding of the sums); log P
@@ -77,9 +78,10 @@ FX_INLINE V NM(jsd_teacher)(int kind, const T *t, int64_t i, int64_t k, V vinv, 
     V tv = k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, kind == FX_KL_PROBS ? 0 : -INFINITY);
     if (kind == FX_KL_LOG_PROBS) {
         /* log P <= 0 (NaN fails too): exp by the vector kernel */
-        if (!SFX(fx_any)(SFX(fx_lt)(zero, tv) | ~SFX(fx_eq)(tv, tv))) {
+        if (!SFX(fx_anyq)(SFX(fx_lt)(zero, tv) | ~SFX(fx_eq)(tv, tv))) {
             *p = EXPM(tv);
         } else {
+            *p = tv;
             for (int j = 0; j < VL; j++) (*p)[j] = (T)exp((double)tv[j]);
         }
         return tv;
@@ -89,8 +91,8 @@ FX_INLINE V NM(jsd_teacher)(int kind, const T *t, int64_t i, int64_t k, V vinv, 
     const V ts = SEL(z0, SPLAT(1), tv);
     const VI ok = SFX(fx_lt)(ts, SPLAT(INFINITY)) & ~SFX(fx_lt)(ts, SPLAT(sizeof(T) == 4 ? 0x1p-126f : 0x1p-1022));
     *p = tv;
-    if (!SFX(fx_any)(~ok)) return SEL(z0, ninf, SFX(fx_log_pos)(ts));
-    V y;
+    if (!SFX(fx_anyq)(~ok)) return SEL(z0, ninf, SFX(fx_log_pos)(ts));
+    V y = ninf;
     for (int j = 0; j < VL; j++) y[j] = (T)log((double)tv[j]);
     return y;
 }
@@ -180,12 +182,24 @@ FX_INLINE void NM(jsd_rows)(const fx_job *job, int kind, int cs, int64_t r0, int
             continue;
         }
         const V vma = SPLAT(ma), vmb = SPLAT(mb);
+        /* out keeps exp(x/T - ma) from the sums to the divergence pass, then
+           dX from there to the gradient pass (not in place: the gradient
+           pass reads x; not 16-bit). */
+        T *stash = NULL;
+#if !X16
+        if (out && (const void *)out != (const void *)x) stash = out;
+#endif
         double sa = 0.0, sb = 0.0;
         for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
             const int64_t c1 = NM(chunk_end)(c0, n);
             ACC va = AINIT(zero), vb = va;
             FX_LANES(i, c0, c1, k, {
-                va = AADD(va, EXPM((k == VL ? XLOAD(x + i) : XLOAD_TAIL(x + i, k, -INFINITY)) * vinv - vma));
+                const V ea = EXPM((k == VL ? XLOAD(x + i) : XLOAD_TAIL(x + i, k, -INFINITY)) * vinv - vma);
+                va = AADD(va, ea);
+                if (stash) {
+                    if (k == VL) STORE(stash + i, ea);
+                    else STORE_TAIL(stash + i, ea, k);
+                }
                 if (kind == FX_KL_LOGITS)
                     vb = AADD(vb, EXPM((k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, -INFINITY)) * vinv - vmb));
             });
@@ -195,18 +209,16 @@ FX_INLINE void NM(jsd_rows)(const fx_job *job, int kind, int cs, int64_t r0, int
         const V lsa = SPLAT((T)log(sa)), inv_sa = SPLAT((T)(1.0 / sa));
         const V lsb = SPLAT(kind == FX_KL_LOGITS ? (T)log(sb) : 0);
         const V inv_sb = SPLAT(kind == FX_KL_LOGITS ? (T)(1.0 / sb) : 0);
-        /* dX kept in out for the gradient pass (x is still needed there). */
-        T *stash = NULL;
-#if !X16
-        if (out && (const void *)out != (const void *)x) stash = out;
-#endif
         double loss = 0.0, sdx = 0.0;
         for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
             const int64_t c1 = NM(chunk_end)(c0, n);
             ACC vl = AINIT(zero), vd = vl;
             FX_LANES(i, c0, c1, k, {
                 const V za = (k == VL ? XLOAD(x + i) : XLOAD_TAIL(x + i, k, -INFINITY)) * vinv - vma;
-                const V q = EXPM(za) * inv_sa;
+                V ea;
+                if (stash) ea = k == VL ? LOAD(stash + i) : LOAD_TAIL(stash + i, k, 0);
+                else ea = EXPM(za);
+                const V q = ea * inv_sa;
                 V p, dx;
                 const V Y = NM(jsd_teacher)(kind, t, i, k, vinv, vmb, lsb, inv_sb, &p);
                 vl = AADD(vl, NM(jsd_term)(cs, za - lsa, q, Y, p, vbeta, vbeta1, &dx));
