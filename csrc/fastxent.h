@@ -37,6 +37,11 @@ enum fx_op {
     FX_BCE_PROBS,      /* elementwise: probabilities, targets                */
     FX_SHARD_STATS,    /* a vocabulary shard: row statistics (rows/shard.h)  */
     FX_SHARD_GRAD,     /* a vocabulary shard: its gradient (rows/shard.h)    */
+    FX_CE_OPTS_HARD,   /* logits, integer labels, softcap/z-loss/statistics  */
+    FX_CE_OPTS_SOFT,   /* logits, probability targets, the same options      */
+    FX_JSD_PROBS,      /* generalised JSD, teacher probabilities             */
+    FX_JSD_LOG_PROBS,  /* generalised JSD, teacher log-probabilities         */
+    FX_JSD_LOGITS,     /* generalised JSD, teacher logits                    */
     FX_NUM_OPS
 };
 
@@ -76,6 +81,15 @@ typedef struct fx_job {
        is class vocab_start; row_in holds per-row inputs of the gradient. */
     int64_t vocab_start;
     const double *row_in;
+    /* Cross entropy options (rows/ce_opts.h): soft-capping, z-loss (zscale:
+       its per-row gradient factor, row r at zscale[r]) and the statistics,
+       each of n_rows or NULL. */
+    double softcap;          /* > 0: z = softcap tanh(x / softcap); 0: z = x  */
+    double z_loss;
+    const double *zscale;
+    double *lse_out;
+    int64_t *argmax_out;
+    double beta;             /* JSD (rows/jsd.h): the mixture weight, [0, 1]  */
 } fx_job;
 
 /* Elements summed per chunk of a row (rows/stats.h); a row split across
@@ -126,6 +140,8 @@ typedef struct fx_isa {
                                        const fx_split *sp);
     void (*expm_f32)(const float *x, float *y, int64_t n);
     void (*expm_f64)(const double *x, double *y, int64_t n);
+    void (*tanh_f32)(const float *x, float *y, int64_t n);
+    void (*tanh_f64)(const double *x, double *y, int64_t n);
 } fx_isa;
 
 /* Dispatch (dispatch.c). fx_init picks the best ISA this CPU runs, or the
@@ -164,6 +180,9 @@ extern const fx_isa fx_isa_avx512;
 /* The active ISA's exp kernel (expm.h) over n values, for its accuracy tests. */
 void fx_expm_f32_array(const float *x, float *y, int64_t n);
 void fx_expm_f64_array(const double *x, double *y, int64_t n);
+/* The active ISA's tanh kernel (tanhm.h), for its accuracy tests. */
+void fx_tanh_f32_array(const float *x, float *y, int64_t n);
+void fx_tanh_f64_array(const double *x, double *y, int64_t n);
 
 /* Largest error, in float32 ulp, of the active exp kernel over every float32
    in [lo, hi] <= 0, and where it occurs (selftest.c). */

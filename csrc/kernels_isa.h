@@ -47,6 +47,7 @@
 #include "simd/vec.h"
 #include "simd/expm.h"
 #include "simd/logm.h"
+#include "simd/tanhm.h"
 #include "simd/half.h"
 #include "simd/tile.h"
 
@@ -152,6 +153,11 @@ const fx_isa FX_CAT2(fx_isa, FX_ISA) = {
         [FX_BCE_PROBS] = FX_ALL(bce_probs),
         [FX_SHARD_STATS] = FX_ALL(shard_stats),
         [FX_SHARD_GRAD] = FX_ALL(shard_grad),
+        [FX_CE_OPTS_HARD] = FX_ALL(ce_opts_hard),
+        [FX_CE_OPTS_SOFT] = FX_ALL(ce_opts_soft),
+        [FX_JSD_PROBS] = FX_ALL(jsd_probs),
+        [FX_JSD_LOG_PROBS] = FX_ALL(jsd_log_probs),
+        [FX_JSD_LOGITS] = FX_ALL(jsd_logits),
     },
     .split = {
         [FX_CE_HARD] = FX_ALL(ce_hard_split),
@@ -164,4 +170,6 @@ const fx_isa FX_CAT2(fx_isa, FX_ISA) = {
     .range_write = FX_ALL(range_write),
     .expm_f32 = FX_CAT3(expm_array, f32, FX_ISA),
     .expm_f64 = FX_CAT3(expm_array, f64, FX_ISA),
+    .tanh_f32 = FX_CAT3(tanh_array, f32, FX_ISA),
+    .tanh_f64 = FX_CAT3(tanh_array, f64, FX_ISA),
 };

@@ -11,6 +11,7 @@ from conftest import (
     assert_close,
     batch_shape,
     compute_dtype,
+    each_isa,
     grad_scale,
     make_layout,
     random_soft_labels,
@@ -237,3 +238,59 @@ def test_errors_leave_out_untouched(rng):
         with pytest.raises(ValueError, match=match):
             ce_grad(x, y, out=out, **kw)
         assert (out == 7.0).all(), kw
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "class_first"])
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_every_isa_and_thread_count(rng, dtype, layout, soft):
+    # The fused kernel (soft-capping, z-loss, statistics) gives the same bits
+    # for every ISA and thread count, in every dtype and layout, and matches
+    # the reference, statistics included.
+    c = 40
+    bshape = batch_shape(layout, 21)
+    logits, axis = make_layout((4 * rng.standard_normal(bshape + (c,))).astype(dtype), layout)
+    labels = _labels(rng, bshape, c, soft, dtype)
+    if soft:
+        labels = np.moveaxis(labels, -1, axis)
+    kw = dict(z_loss=1e-3, softcap=5.0, label_smoothing=0.05, weight=rng.random(c) + 0.5,
+              sample_weight=rng.random(bshape), return_stats=True, axis=axis)
+    results = []
+    for isa in each_isa():
+        for nt in (1, 2):
+            results.append((isa, nt, ce_grad(logits, labels, num_threads=nt, **kw)))
+    for isa, nt, res in results[1:]:
+        for a, b in zip(res[:2] + tuple(res[2]), results[0][2][:2] + tuple(results[0][2][2])):
+            assert_bitwise_equal(a, b, f"{isa}, {nt} threads")
+    loss, grad, stats = results[0][2]
+    ref_loss, ref_grad, ref_stats = reference.cross_entropy_with_grad(
+        logits.astype(np.float64), labels, **kw)
+    compute = compute_dtype(dtype)
+    assert_close(loss, ref_loss, compute, ulps=64, rtol64=1e-11, what="loss")
+    scale = grad_scale(ref_grad, 0)
+    if np.dtype(dtype).itemsize == 2:
+        rel = 2.0**-7 if np.dtype(dtype).name == "bfloat16" else 2.0**-10
+        assert np.max(np.abs(grad.astype(np.float64) - ref_grad)) <= rel * scale
+    else:
+        assert_close(grad, ref_grad, compute, ulps=64, scale=scale, rtol64=1e-11, what="grad")
+    assert_close(stats.lse, ref_stats.lse, compute, ulps=64, rtol64=1e-11, what="lse")
+    assert_close(stats.z_loss, ref_stats.z_loss, compute, ulps=64, rtol64=1e-11, what="z_loss")
+    np.testing.assert_array_equal(stats.argmax, ref_stats.argmax)
+    assert_close(stats.accuracy, ref_stats.accuracy, compute, ulps=8, what="accuracy")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_out_and_in_place(rng, dtype):
+    # out= given, and out=logits in place (soft-capping recomputes tanh from
+    # the logits it overwrites): the same bits as a fresh gradient.
+    x = (4 * rng.standard_normal((12, 300))).astype(dtype)
+    y = rng.integers(0, 300, 12)
+    for kw in (dict(softcap=5.0, z_loss=1e-2), dict(z_loss=1e-2, return_stats=True)):
+        fresh = ce_grad(x, y, **kw)
+        out = np.full_like(x, 7.0)
+        assert_bitwise_equal(ce_grad(x, y, out=out, **kw)[1], fresh[1], "out=")
+        xin = x.copy()
+        res = ce_grad(xin, y, out=xin, **kw)
+        assert res[1] is xin
+        assert_bitwise_equal(xin, fresh[1], "in place")
+        assert_bitwise_equal(res[0], fresh[0], "loss in place")

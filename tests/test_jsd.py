@@ -10,6 +10,7 @@ from conftest import (
     assert_close,
     batch_shape,
     compute_dtype,
+    each_isa,
     grad_scale,
     make_layout,
     to_logical,
@@ -154,3 +155,48 @@ def test_errors_leave_out_untouched(rng):
         assert (out == 7.0).all()
     with pytest.raises(ValueError, match="teacher_logits must have the shape"):
         fastxent.jsd(x, t[:2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("kind", ["logits", "log_probs", "probs"])
+@pytest.mark.parametrize("layout", ["strided", "class_first"])
+def test_every_isa_and_thread_count(rng, dtype, kind, layout):
+    bshape = batch_shape(layout, 17)
+    xs = (3 * rng.standard_normal(bshape + (50,))).astype(dtype)
+    ts = _teacher(rng, bshape + (50,), kind, dtype)
+    x, axis = make_layout(xs, layout)
+    t, _ = make_layout(ts, layout)
+    labels = rng.integers(0, 50, bshape)
+    labels[3] = -100
+    kw = dict(beta=0.3, temperature=1.5, target_kind=kind, labels=labels, axis=axis)
+    results = []
+    for isa in each_isa():
+        for nt in (1, 2):
+            results.append((isa, nt, fastxent.jsd_with_grad(x, t, num_threads=nt, **kw)))
+    for isa, nt, (loss, grad) in results[1:]:
+        assert_bitwise_equal(loss, results[0][2][0], f"{isa}, {nt} threads")
+        assert_bitwise_equal(grad, results[0][2][1], f"{isa}, {nt} threads")
+    loss, grad = results[0][2]
+    ref_loss, ref_grad = reference.jsd_with_grad(xs, ts, **dict(kw, axis=-1))
+    compute = compute_dtype(dtype)
+    assert_close(loss, ref_loss, compute, ulps=64, rtol64=1e-11)
+    scale = grad_scale(ref_grad, 0)
+    if np.dtype(dtype).itemsize == 2:
+        rel = 2.0**-7 if np.dtype(dtype).name == "bfloat16" else 2.0**-10
+        assert np.max(np.abs(to_logical(grad, axis).astype(np.float64) - ref_grad)) <= rel * scale
+    else:
+        assert_close(to_logical(grad, axis), ref_grad, compute, ulps=64, scale=scale,
+                     rtol64=1e-11)
+
+
+def test_out_and_in_place(rng):
+    x = (3 * rng.standard_normal((9, 200))).astype(np.float32)
+    t = (3 * rng.standard_normal((9, 200))).astype(np.float32)
+    loss, grad = fastxent.jsd_with_grad(x, t, beta=0.4)
+    out = np.full_like(x, 7.0)
+    assert_bitwise_equal(fastxent.jsd_with_grad(x, t, beta=0.4, out=out)[1], grad, "out=")
+    xin = x.copy()
+    res = fastxent.jsd_with_grad(xin, t, beta=0.4, out=xin)
+    assert res[1] is xin
+    assert_bitwise_equal(xin, grad, "in place")
+    assert_bitwise_equal(res[0], loss, "loss")

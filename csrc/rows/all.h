@@ -60,6 +60,8 @@
 #include "kl.h"      /* KL divergence */
 #include "bce.h"     /* binary cross entropy (elementwise) */
 #include "shard.h"   /* cross entropy over a vocabulary split into shards */
+#include "ce_opts.h" /* cross entropy with soft-capping, z-loss, statistics */
+#include "jsd.h"     /* generalised Jensen-Shannon divergence */
 
 #if !X16
 static void KFN(expm_array)(const XT *x, T *y, int64_t n)

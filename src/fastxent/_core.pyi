@@ -18,6 +18,11 @@ BCE_LOGITS: int
 BCE_PROBS: int
 SHARD_STATS: int
 SHARD_GRAD: int
+CE_OPTS_HARD: int
+CE_OPTS_SOFT: int
+JSD_PROBS: int
+JSD_LOG_PROBS: int
+JSD_LOGITS: int
 MAX_THREADS: int
 
 def init_status() -> int: ...
@@ -52,6 +57,12 @@ def run(
     scale: float = ...,
     vocab_start: int = ...,
     row_in: Optional[np.ndarray] = ...,
+    softcap: float = ...,
+    z_loss: float = ...,
+    zscale: Optional[np.ndarray] = ...,
+    lse_out: Optional[np.ndarray] = ...,
+    argmax_out: Optional[np.ndarray] = ...,
+    beta: float = ...,
 ) -> Any: ...
 def label_error(value: Any, position: tuple[int, ...], n_classes: int, ignore_index: Any) -> ValueError: ...
 def cross_entropy_mean_at(
@@ -91,3 +102,4 @@ def rows_common(
 def xla_ffi_handler() -> Any: ...
 def expm(x: np.ndarray) -> np.ndarray: ...
 def expm_f32_max_ulp(lo: float, hi: float) -> tuple[float, float]: ...
+def tanh(x: np.ndarray) -> np.ndarray: ...

@@ -63,6 +63,12 @@ cdef extern from "fastxent.h" nogil:
         int64_t gout_ld
         int64_t vocab_start
         const double *row_in
+        double softcap
+        double z_loss
+        const double *zscale
+        double *lse_out
+        int64_t *argmax_out
+        double beta
 
     enum:  # fx_op
         FX_CE_HARD
@@ -81,6 +87,11 @@ cdef extern from "fastxent.h" nogil:
         FX_BCE_PROBS
         FX_SHARD_STATS
         FX_SHARD_GRAD
+        FX_CE_OPTS_HARD
+        FX_CE_OPTS_SOFT
+        FX_JSD_PROBS
+        FX_JSD_LOG_PROBS
+        FX_JSD_LOGITS
         FX_NUM_OPS
 
     enum:  # fx_dtype
@@ -100,6 +111,8 @@ cdef extern from "fastxent.h" nogil:
     void fx_run(int op, int dtype, const fx_job *job, int num_threads)
     void fx_expm_f32_array(const float *x, float *y, int64_t n)
     void fx_expm_f64_array(const double *x, double *y, int64_t n)
+    void fx_tanh_f32_array(const float *x, float *y, int64_t n)
+    void fx_tanh_f64_array(const double *x, double *y, int64_t n)
     double fx_expm_f32_max_ulp(float lo, float hi, float *worst_x)
     double fx_sum_f64(const double *v, int64_t n)
     int64_t fx_check_labels(const int64_t *labels, int64_t n, int64_t n_cols,
@@ -121,6 +134,11 @@ BCE_LOGITS = FX_BCE_LOGITS
 BCE_PROBS = FX_BCE_PROBS
 SHARD_STATS = FX_SHARD_STATS
 SHARD_GRAD = FX_SHARD_GRAD
+CE_OPTS_HARD = FX_CE_OPTS_HARD
+CE_OPTS_SOFT = FX_CE_OPTS_SOFT
+JSD_PROBS = FX_JSD_PROBS
+JSD_LOG_PROBS = FX_JSD_LOG_PROBS
+JSD_LOGITS = FX_JSD_LOGITS
 
 # The job fields each op reads and writes besides x (the rows).
 cdef enum:
@@ -132,6 +150,9 @@ cdef enum:
     _TEMP = 32     # temperature
     _ELEM = 64     # elementwise: weight, pos_weight and gout as rows, loss_out
     _SHARD = 128   # a vocabulary shard: vocab_start; see _run_shard
+    _OPTS = 256    # softcap, z_loss and zscale; writes lse_out, argmax_out if given
+    _MASK = 512    # labels optional: rows labelled ignore_index count nothing
+    _BETA = 1024   # beta
 
 cdef int _IO[<int>FX_NUM_OPS]
 _IO[FX_CE_HARD] = _LABELS | _ROWS | _GRAD
@@ -150,6 +171,11 @@ _IO[FX_BCE_LOGITS] = _TARGET | _ROWS | _GRAD | _ELEM
 _IO[FX_BCE_PROBS] = _TARGET | _ROWS | _GRAD | _ELEM
 _IO[FX_SHARD_STATS] = _LABELS | _SHARD
 _IO[FX_SHARD_GRAD] = _LABELS | _SHARD
+_IO[FX_CE_OPTS_HARD] = _LABELS | _ROWS | _GRAD | _OPTS
+_IO[FX_CE_OPTS_SOFT] = _TARGET | _ROWS | _GRAD | _OPTS
+_IO[FX_JSD_PROBS] = _TARGET | _ROWS | _GRAD | _TEMP | _MASK | _BETA
+_IO[FX_JSD_LOG_PROBS] = _TARGET | _ROWS | _GRAD | _TEMP | _MASK | _BETA
+_IO[FX_JSD_LOGITS] = _TARGET | _ROWS | _GRAD | _TEMP | _MASK | _BETA
 
 _init_status = fx_init()
 
@@ -412,7 +438,9 @@ def run(int op, cnp.ndarray x not None, *, num_threads=None, int xdtype=-1,
         double smoothing=0.0, double temperature=1.0, cnp.ndarray pos_weight=None,
         cnp.ndarray out=None, grad_output=1.0, cnp.ndarray gout=None,
         cnp.ndarray loss_out=None, str reduction="none", double denom=0.0,
-        double scale=1.0, int64_t vocab_start=0, cnp.ndarray row_in=None):
+        double scale=1.0, int64_t vocab_start=0, cnp.ndarray row_in=None,
+        double softcap=0.0, double z_loss=0.0, cnp.ndarray zscale=None,
+        cnp.ndarray lse_out=None, cnp.ndarray argmax_out=None, double beta=0.5):
     """Run op (fastxent.h) over the rows of the 2-D array x.
 
     x: (n, c) rows of float32 or float64, or 16-bit rows with xdtype FX_F16
@@ -429,6 +457,11 @@ def run(int op, cnp.ndarray x not None, *, num_threads=None, int xdtype=-1,
     reduction says ("mean": over denom) times scale, in the compute dtype;
     for reduction "none" the (n,) float64 row values themselves (unscaled);
     otherwise None. The shard ops take vocab_start and row_in (_run_shard).
+    The cross entropy options ops take softcap (0: none), z_loss and, with
+    out, zscale ((n,) contiguous float64, the z-loss part's gradient factor
+    per row, required when z_loss > 0), and fill lse_out ((n,) float64) and
+    argmax_out ((n,) int64) when given. The JSD ops take beta and, as an
+    ignore mask, labels (optional).
     """
     cdef fx_job job
     cdef int cnum
@@ -443,6 +476,8 @@ def run(int op, cnp.ndarray x not None, *, num_threads=None, int xdtype=-1,
     if io & _LABELS:
         if labels is None:
             raise ValueError("internal: labels are required")
+        _set_labels(&job, labels, ignore_index)
+    elif io & _MASK and labels is not None:
         _set_labels(&job, labels, ignore_index)
     if io & _TARGET:
         if target is None:
@@ -470,6 +505,23 @@ def run(int op, cnp.ndarray x not None, *, num_threads=None, int xdtype=-1,
         if not temperature > 0:
             raise ValueError("internal: temperature must be positive")
         job.temperature = temperature
+    if io & _BETA:
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError("internal: beta must be in [0, 1]")
+        job.beta = beta
+    if io & _OPTS:
+        if not (softcap >= 0 and z_loss >= 0):
+            raise ValueError("internal: softcap and z_loss must be >= 0")
+        job.softcap = softcap
+        job.z_loss = z_loss
+        if lse_out is not None:
+            job.lse_out = <double *>_per_row(lse_out, job.n_rows, cnp.NPY_FLOAT64, "lse_out")
+        if argmax_out is not None:
+            job.argmax_out = <int64_t *>_per_row(argmax_out, job.n_rows, cnp.NPY_INT64,
+                                                 "argmax_out")
+        if out is not None and z_loss > 0:
+            job.zscale = <const double *>_per_row(zscale, job.n_rows, cnp.NPY_FLOAT64, "zscale",
+                                                      False)
     if io & _OUT:
         if out is None:
             raise ValueError("internal: out is required")
@@ -505,6 +557,23 @@ cdef object _run_shard(int op, int dt, int cnum, fx_job *job, cnp.ndarray x, cnp
     with nogil:
         fx_run(op, dt, job, nt)
     return rv
+
+
+cdef void *_per_row(cnp.ndarray a, int64_t n, int num, str name,
+                   bint writes=True) except NULL:
+    """The data of a (n,) contiguous array of type num (writeable if writes)."""
+    if (a is None or cnp.PyArray_NDIM(a) != 1 or a.shape[0] != n
+            or cnp.PyArray_TYPE(a) != num or not cnp.PyArray_IS_C_CONTIGUOUS(a)
+            or (writes and not cnp.PyArray_ISWRITEABLE(a))):
+        raise ValueError(f"internal: {name} must be a contiguous (n,) array of the right "
+                         f"dtype{', writeable' if writes else ''}")
+    cdef void *p = cnp.PyArray_DATA(a)
+    if p == NULL:  # n == 0: any valid pointer, never dereferenced
+        p = <void *>&_one_double
+    return p
+
+
+cdef double _one_double = 0.0
 
 
 cdef cnp.ndarray _gscale(fx_job *job, grad_output, double factor, double *gs):
@@ -742,23 +811,37 @@ def xla_ffi_handler():
 
 
 # --------------------------------------------------------------------------
-# Accuracy probes of the exp kernel
+# Accuracy probes of the exp and tanh kernels
 # --------------------------------------------------------------------------
 
-def expm(cnp.ndarray x):
-    """The active ISA's exp kernel for x <= 0 (expm.h), for accuracy tests."""
+ctypedef void (*_vec_f32)(const float *x, float *y, int64_t n) noexcept nogil
+ctypedef void (*_vec_f64)(const double *x, double *y, int64_t n) noexcept nogil
+
+
+cdef object _probe(cnp.ndarray x, _vec_f32 f32, _vec_f64 f64, str name):
+    """f32 or f64 (the active ISA's kernel) over the values of x, in x's shape."""
     x = cnp.PyArray_GETCONTIGUOUS(x)
     cdef cnp.ndarray y = cnp.PyArray_EMPTY(1, [x.size], cnp.PyArray_TYPE(x), 0)
     cdef int64_t n = x.size
     if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
         with nogil:
-            fx_expm_f32_array(<const float *>cnp.PyArray_DATA(x), <float *>cnp.PyArray_DATA(y), n)
+            f32(<const float *>cnp.PyArray_DATA(x), <float *>cnp.PyArray_DATA(y), n)
     elif cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT64:
         with nogil:
-            fx_expm_f64_array(<const double *>cnp.PyArray_DATA(x), <double *>cnp.PyArray_DATA(y), n)
+            f64(<const double *>cnp.PyArray_DATA(x), <double *>cnp.PyArray_DATA(y), n)
     else:
-        raise TypeError("expm takes float32 or float64")
+        raise TypeError(f"{name} takes float32 or float64")
     return y.reshape((<object>x).shape)
+
+
+def expm(cnp.ndarray x):
+    """The active ISA's exp kernel for x <= 0 (expm.h), for accuracy tests."""
+    return _probe(x, fx_expm_f32_array, fx_expm_f64_array, "expm")
+
+
+def tanh(cnp.ndarray x):
+    """The active ISA's tanh kernel (tanhm.h), for accuracy tests."""
+    return _probe(x, fx_tanh_f32_array, fx_tanh_f64_array, "tanh")
 
 
 def expm_f32_max_ulp(float lo, float hi):

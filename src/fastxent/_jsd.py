@@ -1,19 +1,16 @@
 """Liger-Kernel's generalised Jensen-Shannon divergence (``LigerJSD``).
 
 The definition, its limits at beta = 0 and 1 and the gradient are written in
-``fastxent.reference`` above ``_jsd``.  Rows are computed a block at a time
-in float64 (student and teacher rows read together; the softmaxes exist only
-for the rows of the block), and the gradient is written per block into the
-output.
+``fastxent.reference`` above ``_jsd``.  The rows are computed by the fused
+row kernel (csrc/rows/jsd.h): student and teacher rows read together,
+nothing materialised but the gradient, threads over rows, every dtype; the
+per-row values are summed by the binding in a fixed order.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from . import _api
-from ._options import block_rows, resolve_threads
+from . import _api, _core
 
 __all__ = ["jsd", "jsd_with_grad"]
 
@@ -21,35 +18,9 @@ _JSD_REDUCTIONS = ("batchmean", "mean", "sum", "none")
 _TARGET_KINDS = ("probs", "log_probs", "logits")
 
 
-def _xlogy(a, log_b):
-    return np.where(a != 0, a * log_b, 0.0)
-
-
-def _jsd_rows(x, t, beta, T, target_kind):
-    """(per-row divergence, d(row)/d(student logits)) of float64 blocks."""
-    log_q = _api.log_softmax(x / T, num_threads=1)
-    q = np.exp(log_q)
-    if target_kind == "probs":
-        p, log_p = t, np.log(t)
-    elif target_kind == "log_probs":
-        p, log_p = np.exp(t), t
-    else:
-        log_p = _api.log_softmax(t / T, num_threads=1)
-        p = np.exp(log_p)
-    if beta == 0.0:  # KL(P || Q)
-        terms = _xlogy(p, log_p) - _xlogy(p, log_q)
-        d_logq = -p
-    elif beta == 1.0:  # KL(Q || P)
-        terms = _xlogy(q, log_q) - _xlogy(q, log_p)
-        d_logq = q * (log_q - log_p) + q
-    else:
-        m = beta * q + (1.0 - beta) * p
-        log_m = np.log(m)
-        terms = beta * _xlogy(q, log_q) + (1.0 - beta) * _xlogy(p, log_p) - _xlogy(m, log_m)
-        d_logq = beta * np.where(q != 0, q * (log_q - log_m), 0.0)
-    row = T * T * np.sum(terms, axis=1)
-    grad = T * (d_logq - q * np.sum(d_logq, axis=1, keepdims=True))
-    return row, grad
+# The kernel of each kind of teacher.
+_JSD_OPS = {"probs": _core.JSD_PROBS, "log_probs": _core.JSD_LOG_PROBS,
+            "logits": _core.JSD_LOGITS}
 
 
 def _jsd(student_logits, teacher_logits, beta, temperature, target_kind, labels, ignore_index,
@@ -66,13 +37,14 @@ def _jsd(student_logits, teacher_logits, beta, temperature, target_kind, labels,
         raise ValueError(f"beta must be in [0, 1], got {beta!r}")
     T = _api._check_temperature(temperature)
     scale = _api._log_base_scale(base)
-    resolve_threads(num_threads)  # checked; the blocks run on the calling thread
+    nt = _api._check_threads(num_threads)
     tgt = np.asarray(teacher_logits)
     if tgt.dtype.kind in "iub":
         tgt = tgt.astype(inp.dtype)
     t_rows = inp.same_layout(tgt, "teacher_logits")
+    mask = None
     if labels is None:
-        counted = np.ones(inp.n, dtype=bool)
+        den = inp.n
     else:
         lab = np.asarray(labels)
         if lab.dtype.kind not in "iu":
@@ -80,10 +52,12 @@ def _jsd(student_logits, teacher_logits, beta, temperature, target_kind, labels,
         if lab.shape != inp.batch_shape:
             raise ValueError(f"labels must have the batch shape {inp.batch_shape}, got {lab.shape}")
         counted = lab.reshape(-1) != _api._check_ignore_index(ignore_index)
-    den = int(np.count_nonzero(counted))
-    mean = reduction in ("batchmean", "mean")
-    factor = scale / den if (mean and den) else (0.0 if mean else scale)
-    rows_out = grad_rows = None
+        den = int(np.count_nonzero(counted))
+        # The mask as the kernel's labels: -1 marks an ignored row.
+        mask = np.where(counted, 0, -1).astype(np.int64)
+    # "batchmean" and "mean" both divide by the counted rows.
+    red = "mean" if reduction in ("batchmean", "mean") else reduction
+    g = rows_out = grad_rows = None
     if want_grad:
         g = np.asarray(grad_output)
         if g.dtype.kind not in "biuf" and g.dtype not in _api._UPCAST_16:
@@ -94,39 +68,17 @@ def _jsd(student_logits, teacher_logits, beta, temperature, target_kind, labels,
         if g.ndim and g.shape != inp.batch_shape:
             raise ValueError(f"grad_output must be a scalar or have the batch shape "
                              f"{inp.batch_shape}, got {g.shape}")
-        gscale = np.broadcast_to(g.astype(np.float64).reshape(-1) * factor, (inp.n,))
-        if out is not None:
-            rows_out = _api._check_out(out, inp, inp.out_dtype)
-            _api._check_overlap(out, [("logits", inp.array), ("teacher_logits", tgt)], inp.array)
-        grad_rows = rows_out if rows_out is not None else np.empty((inp.n, inp.c), inp.dtype)
-
-    row_loss = np.zeros(inp.n)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        rows = block_rows(inp.c)
-        for r0 in range(0, inp.n, rows):
-            r1 = min(inp.n, r0 + rows)
-            row, grad = _jsd_rows(inp.rows[r0:r1].astype(np.float64),
-                                  t_rows[r0:r1].astype(np.float64), b, T, target_kind)
-            keep = counted[r0:r1]
-            row_loss[r0:r1] = np.where(keep, row, 0.0)
-            if want_grad:
-                grad *= np.where(keep, gscale[r0:r1], 0.0)[:, None]
-                grad[~keep] = 0.0
-                grad_rows[r0:r1] = grad
-    if reduction == "none":
-        loss = inp.batch_result(row_loss * scale)
-    else:
-        total = float(np.sum(row_loss))
-        if mean:
-            total = total / den if den else math.nan
-        loss = inp.dtype.type(total * scale)
+        g = float(g) if g.ndim == 0 else np.ascontiguousarray(g.reshape(-1), dtype=np.float64)
+        rows_out, grad_rows = _api._out_rows(out, inp, [("logits", inp.array),
+                                                        ("teacher_logits", tgt)])
+    res = _core.run(_JSD_OPS[target_kind], inp.rows, num_threads=nt, xdtype=inp.code,
+                    target=t_rows, labels=mask, ignore_index=-1, beta=b, temperature=T,
+                    out=grad_rows, grad_output=g, reduction=red, denom=float(den),
+                    scale=scale)
+    loss = _api._row_loss(res, red, inp, scale)
     if not want_grad:
         return loss
-    if out is not None:
-        if rows_out is None:
-            _api._write_out(out, grad_rows, inp)
-        return loss, out
-    return loss, _api._fresh_like(grad_rows, inp, inp.out_dtype)
+    return loss, _api._result_rows(out, rows_out, grad_rows, inp)
 
 
 def jsd(student_logits, teacher_logits, *, beta=0.5, temperature=1.0, target_kind="logits",

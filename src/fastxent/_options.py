@@ -1,5 +1,5 @@
-"""The language-model options of cross entropy: checks, denominators, and a
-row routine that applies them.
+"""The language-model options of cross entropy: checks, denominators, and the
+row kernel that applies them.
 
 The semantics (and the reasons for them) are written once, in
 ``fastxent.reference`` above ``_cross_entropy_options``: soft-capping before
@@ -8,30 +8,22 @@ ignored rows), a per-row ``sample_weight`` on the whole row loss, and for
 "mean" two denominators (class-weighted for the cross entropy, unweighted for
 the z-loss) that ``n_valid`` replaces.
 
-``option_rows`` computes loss terms, statistics and the gradient of a block
-of rows in NumPy, a few rows at a time in float64 (so its temporaries stay a
-few rows wide whatever the batch).  It is the path for the options the row
-kernels do not fuse: z-loss, soft-capping and the statistics.
+``option_rows`` computes loss terms, statistics and the gradient of rows of
+logits in one fused row kernel (csrc/rows/ce_opts.h: soft-capping, z-loss,
+lse and argmax in the visits of plain cross entropy), for every dtype; the
+per-row float64 values are reduced here.  Without z-loss, soft-capping and
+statistics (sample_weight and n_valid alone), and for the statistics of
+probabilities (from_logits=False), the plain cross entropy kernels run with
+per-row factors as their grad_output.
 """
 from __future__ import annotations
 
 import math
 import numpy as np
 
-from . import _api
+from . import _api, _core
 
 from .reference import CrossEntropyStats  # one class for the oracle and the library
-
-# The NumPy row routines work on float64 blocks of about this many elements
-# (1 MiB per temporary): few enough for the cache, many enough that short
-# rows do not pay a Python loop iteration each.
-_BLOCK_ELEMS = 1 << 17
-
-
-def block_rows(c):
-    """Rows per float64 block for rows of c classes."""
-    return max(1, _BLOCK_ELEMS // max(c, 1))
-
 
 def _number(value, name, positive=False):
     if isinstance(value, np.ndarray) and value.ndim == 0:
@@ -163,61 +155,34 @@ def batch_stats(lse, z_part, argmax, correct, counted, sw, reduction, batch_shap
 
 
 def option_rows(x, labels, target, weight, ignore_index, eps, z_loss, softcap,
-                ce_factor, z_factor, want_grad):
-    """Loss parts, statistics and gradient of the rows of ``x`` (n, C).
+                ce_factor, z_factor, want_grad, num_threads=None, xdtype=-1, out=None,
+                argmax=True):
+    """Loss parts, statistics and gradient of the rows of ``x`` (n, C) of
+    logits, by the fused row kernel (csrc/rows/ce_opts.h).
 
-    labels: int64 (n,) or None; target: soft labels (n, C) or None.
-    weight: class weights (C,) or None.  Returns per-row float64
-    ``(ce, lse, argmax)``: ce class-weighted and 0 at ignored rows.  With
-    want_grad, x is overwritten (in its dtype) by the gradient: the cross
-    entropy part times ce_factor plus the z-loss part times z_factor."""
+    x: float32/float64 rows, or 16-bit rows with ``xdtype`` (_api's storage
+    code). labels: int64 (n,) or None; target: soft labels (n, C) in the
+    compute dtype, or None. weight: class weights (C,) in the compute dtype,
+    or None.  Returns per-row float64 ``(ce, lse, argmax)``: ce
+    class-weighted and 0 at ignored rows, argmax None unless asked for.
+    With want_grad, the gradient (the cross entropy part times ce_factor
+    plus the z-loss part times z_factor) is written into ``out`` (rows like
+    x), by default x itself."""
     n, c = x.shape
-    ce = np.zeros(n)
     lse = np.empty(n)
-    argmax = np.argmax(x, axis=1) if n else np.zeros(0, np.int64)
-    w = None if weight is None else np.asarray(weight, dtype=np.float64)
-    cols = np.arange(c)
-    rows = block_rows(c)
-    for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            xb = x[r0:r1].astype(np.float64)
-            t = None
-            if softcap is not None:
-                t = np.tanh(xb / softcap)
-                xb = softcap * t
-            m = np.max(xb, axis=1, keepdims=True)
-            e = np.exp(xb - m)
-            s = np.sum(e, axis=1, keepdims=True)
-            lse_b = (m + np.log(s))[:, 0]
-            lse_b = np.where(np.isfinite(m[:, 0]), lse_b, m[:, 0])
-            lse[r0:r1] = lse_b
-            if target is None:
-                lab = labels[r0:r1]
-                counted = lab != ignore_index
-                y = np.where(counted, lab, 0)
-                coef = (eps / c) * (np.ones(c) if w is None else w)[None, :] * counted[:, None]
-                wy = np.ones(r1 - r0) if w is None else w[y]
-                coef = coef + ((1.0 - eps) * wy * counted)[:, None] * (cols == y[:, None])
-            else:
-                counted = np.ones(r1 - r0, dtype=bool)
-                coef = (1.0 - eps) * target[r0:r1].astype(np.float64) + eps / c
-                if w is not None:
-                    coef = coef * w
-            neg_logq = lse_b[:, None] - xb
-            terms = np.where((coef != 0) | np.isnan(neg_logq), coef * neg_logq, 0.0)
-            ce[r0:r1] = np.where(counted, np.sum(terms, axis=1), 0.0)
-            if not want_grad:
-                continue
-            q = e / s
-            a = np.where(counted, ce_factor[r0:r1], 0.0)
-            b = np.where(counted, 2.0 * z_loss * lse_b * z_factor[r0:r1], 0.0) if z_loss else 0.0
-            grad = (a * np.sum(coef, axis=1) + b)[:, None] * q - a[:, None] * coef
-            if t is not None:
-                grad *= 1.0 - t * t
-            grad[~counted] = 0.0
-            x[r0:r1] = grad
-    return ce, lse, argmax
+    am = np.empty(n, np.int64) if argmax else None
+    w_sum = float(c) if weight is None else float(np.sum(weight, dtype=np.float64))
+    kw = {}
+    if want_grad:
+        kw = dict(out=x if out is None else out,
+                  grad_output=np.ascontiguousarray(ce_factor, dtype=np.float64),
+                  zscale=np.ascontiguousarray(z_factor, dtype=np.float64))
+    op = _core.CE_OPTS_HARD if target is None else _core.CE_OPTS_SOFT
+    ce = _core.run(op, x, num_threads=num_threads, xdtype=xdtype, labels=labels,
+                   ignore_index=ignore_index, target=target, weight=weight, w_sum=w_sum,
+                   smoothing=eps, softcap=0.0 if softcap is None else softcap, z_loss=z_loss,
+                   lse_out=lse, argmax_out=am, reduction="none", **kw)
+    return ce, lse, am
 
 
 def cross_entropy_options(logits, labels, axis, weight, ignore_index, reduction,
@@ -227,8 +192,8 @@ def cross_entropy_options(logits, labels, axis, weight, ignore_index, reduction,
 
     sample_weight and n_valid are per-row factors and a denominator around
     the row kernels (``reduction="none"`` with a per-row ``grad_output``);
-    z_loss and soft-capping go through ``option_rows``; the statistics come
-    from the same rows."""
+    z_loss, soft-capping and the statistics of logits go through
+    ``option_rows``; those of probabilities come from their rows."""
     _api._refuse_autograd("cross_entropy_with_grad" if want_grad else "cross_entropy",
                           logits, labels, weight, sample_weight)
     reduction = _api._check_reduction(reduction)
@@ -256,7 +221,7 @@ def cross_entropy_options(logits, labels, axis, weight, ignore_index, reduction,
                             z_den, inp.batch_shape)
     ce_f, z_f = ce_f * scale, z_f * scale
     lse = argmax = None
-    if z == 0 and s is None:
+    if not from_logits or (z == 0 and s is None and not return_stats):
         # The row kernels, with the per-row factors as grad_output.
         kw = dict(axis=axis, weight=weight, ignore_index=ii, reduction="none",
                   label_smoothing=eps, from_logits=from_logits, num_threads=num_threads)
@@ -267,29 +232,20 @@ def cross_entropy_options(logits, labels, axis, weight, ignore_index, reduction,
             row_loss = _api.cross_entropy(logits, labels, **kw)
         ce = np.asarray(row_loss, dtype=np.float64).reshape(-1)
         if return_stats:
-            with np.errstate(divide="ignore"):
-                lse = (np.asarray(_api.logsumexp(inp.rows, num_threads=num_threads),
-                                  dtype=np.float64) if from_logits
-                       else np.log(np.sum(inp.rows, axis=1, dtype=np.float64)))
+            with np.errstate(divide="ignore"):  # probabilities: log of their sum
+                lse = np.log(np.sum(inp.rows, axis=1, dtype=np.float64))
             argmax = np.argmax(inp.rows, axis=1) if inp.n else np.zeros(0, np.int64)
     else:
-        rows_out = None
-        if want_grad and out is not None:
-            rows_out = _api._check_out(out, inp, inp.out_dtype)
-            _api._check_overlap(out, [("logits", inp.array), ("labels", lab),
-                                      ("weight", weight)], inp.array)
-        work = np.array(inp.rows, dtype=inp.dtype, copy=True)
-        ce, lse, argmax = option_rows(work, labels64, target, w, ii, eps, z, s, ce_f, z_f,
-                                      want_grad)
+        rows_out = grad_rows = None
         if want_grad:
-            if out is not None:
-                grad = out
-                if rows_out is not None:
-                    np.copyto(rows_out, work, casting="unsafe")
-                else:
-                    _api._write_out(out, work, inp)
-            else:
-                grad = _api._fresh_like(work, inp, inp.out_dtype)
+            rows_out, grad_rows = _api._out_rows(out, inp, [("logits", inp.array),
+                                                            ("labels", lab),
+                                                            ("weight", weight)])
+        ce, lse, argmax = option_rows(inp.rows, labels64, target, w, ii, eps, z, s, ce_f, z_f,
+                                      want_grad, _api._check_threads(num_threads), inp.code,
+                                      grad_rows, return_stats)
+        if want_grad:
+            grad = _api._result_rows(out, rows_out, grad_rows, inp)
     z_rows = np.zeros(inp.n) if not z else np.where(counted, z * lse**2, 0.0)
     loss, z_part = reduce_loss(ce, z_rows, sw, reduction, ce_den, z_den, scale, inp.dtype)
     if reduction == "none":
