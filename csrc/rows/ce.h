@@ -189,7 +189,7 @@ static __attribute__((noinline)) void NM(ce_small_group)(const fx_job *job, int6
         dv = AWGET(adv);
     }
     double xyv[VL], mv[VL], exy[VL], gsv[VL], gy[VL];
-    T k1[VL], k2[VL];
+    T k1[VL], k2[VL], nan_row[VL];
     for (int64_t j = 0; j < VL; j++) {
         const int64_t y = j < nr ? job->labels[r + j] : job->ignore_index;
         const int ok = y != job->ignore_index && isfinite(m[j]);
@@ -204,6 +204,7 @@ static __attribute__((noinline)) void NM(ce_small_group)(const fx_job *job, int6
     for (int64_t j = 0; j < VL; j++) {
         k1[j] = 0;
         k2[j] = 0;
+        nan_row[j] = 0;
         if (j >= nr) continue;
         const int64_t y = job->labels[r + j];
         if (y == job->ignore_index) {
@@ -211,6 +212,7 @@ static __attribute__((noinline)) void NM(ce_small_group)(const fx_job *job, int6
             continue;
         }
         const double s = isfinite(m[j]) ? (double)sv[j] : NAN;
+        nan_row[j] = isnan(s);
         const fx_ce_row o = fx_ce_hard_row_e(
             xyv[j], w ? (double)w[y] : 1.0, (double)m[j], s, isnan(s) ? s : (double)lv[j],
             (double)dv[j], eps, n, W, out ? gsv[j] : 0.0, out != NULL, out ? exy[j] : 0.0);
@@ -221,10 +223,15 @@ static __attribute__((noinline)) void NM(ce_small_group)(const fx_job *job, int6
     }
     if (!out) return;
     const V vk1 = LOAD(k1), vk2 = LOAD(k2);
+    /* Rows without a softmax (s NaN) get the quiet NaN: e and k1 are both
+       NaN there, and which one's sign a product keeps depends on operand
+       order, which the compiler chooses per ISA build. */
+    const VI nosoftmax = SFX(fx_eq)(LOAD(nan_row), SPLAT(1));
     for (int64_t c = 0; c < n; c++) {
         const V e = LOAD(ebuf + c * VL);
         const V wc = SPLAT(w ? w[c] : 0);
-        STORE(ebuf + c * VL, NM(grad_v)(e, vk1, vk2, w ? &wc : NULL));
+        const V g = NM(grad_v)(e, vk1, vk2, w ? &wc : NULL);
+        STORE(ebuf + c * VL, SEL(nosoftmax, SPLAT(NAN), g));
     }
     NM(small_store)(ebuf, nr, n, out, job->out_ld);
     for (int64_t j = 0; j < nr; j++) {
