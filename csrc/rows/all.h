@@ -97,6 +97,8 @@ static void KFN(expm_array)(const XT *x, T *y, int64_t n)
 #undef FX_LANES
 #undef PF_BYTES
 #undef SMALL_C
+#undef SMALL_SELECT
+#undef SMALL_PAIR
 #undef PAIR_BYTES
 #undef X16
 #undef XT

@@ -113,109 +113,172 @@ FX_INLINE double NM(row_soft)(const XT *x, const T *t, const T *w, int64_t n, T 
     return s;
 }
 
-static void NM(ce_hard_small)(const fx_job *job, int64_t r0, int64_t r1)
+/* The per-row gradient scales of rows [r, r + nr) of a group, other lanes 0. */
+FX_INLINE void NM(group_gscale)(const fx_job *job, int64_t r, int64_t nr, double *gsv)
+{
+    for (int64_t j = 0; j < VL; j++)
+        gsv[j] = j < nr ? job->gscale[job->gscale_step == 0 ? 0 : (r + j) * job->gscale_step] : 0.0;
+}
+
+/* The loss, and with out the gradient, of a plain group of small rows
+   (plain_group; no weights, no smoothing) from its statistics m, sv, its
+   log lv, x_y and labels, ebuf holding exp(x - m) when out is set: the
+   operations, in the same order, of fx_ce_hard_row with wy = 1 and
+   eps = 0, lanewise, so the same bits. */
+FX_INLINE void NM(ce_small_plain)(const fx_job *job, int64_t r, int64_t n, V m, VW sv, VW lv,
+                                  V xy, VI labv, T *ebuf, XT *out)
+{
+    const double ec = 0.0, c1 = 1.0, W = job->w_sum;
+    const VW xw = __builtin_convertvector(xy, VW), mw = __builtin_convertvector(m, VW);
+    VW c1w;
+    for (int j = 0; j < (int)(sizeof(VW) / sizeof(double)); j++) c1w[j] = c1;
+    NM(store_w)(job->row_out + r, FX_CE_LOSS(c1w, lv, xw, mw));
+    if (!out) return;
+    /* exp(x_y - m) of every row of the group by the vector kernel: a libm
+       call per row cost more than the row's other arithmetic. */
+    double d[VL], exy[VL], gsv[VL];
+    NM(store_w)(d, xw - mw);
+    for (int h = 0; h < VL / 8; h++) fx_store_f64(exy + 8 * h, fx_expm_f64(fx_load_f64(d + 8 * h)));
+    NM(group_gscale)(job, r, VL, gsv);
+    const double A = FX_CE_A(c1, ec, W);
+    VW gw, ew;
+    memcpy(&gw, gsv, sizeof gw);
+    memcpy(&ew, exy, sizeof ew);
+    const V vk1 = __builtin_convertvector(FX_CE_K1(gw, A, sv), V);
+    const V vk2 = __builtin_convertvector(FX_CE_K2(gw, ec), V);
+    const V vgy = __builtin_convertvector(FX_CE_GY(gw, ew, sv, A, c1, ec, 1.0), V);
+    /* The true class's gradient goes into its column before the transpose:
+       no per-row stores into the rows just written. The union store: GCC 12
+       took the upper half of this select through memory lane by lane with
+       fx_store (AVX2). */
+    for (int64_t c = 0; c < n; c++) {
+        const V g = NM(grad_v)(LOAD(ebuf + c * VL), vk1, vk2, NULL);
+        SFX(fx_store_union)(ebuf + c * VL, SEL(NM(label_is)(labv, c), vgy, g));
+    }
+    NM(small_store)(ebuf, VL, n, out, job->out_ld);
+}
+
+/* Any group of rows [r, r + nr), nr <= VL: weights, smoothing, ignored
+   rows, rows without a softmax. Not inlined: the pair loop stays small. */
+static __attribute__((noinline)) void NM(ce_small_group)(const fx_job *job, int64_t r, int64_t nr, T *buf, T *ebuf)
 {
     const int64_t n = job->n_cols;
     const T *w = (const T *)job->w;
     const double eps = job->smoothing, W = job->w_sum;
-    T buf[SMALL_C * VL], ebuf[SMALL_C * VL], k1[VL], k2[VL];
-    double gy[VL]; /* the true class's gradient, formed in double */
-    for (int64_t r = r0; r < r1; r += VL) {
-        const int64_t nr = r1 - r < VL ? r1 - r : VL;
-        const XT *x = (const XT *)job->x + r * job->x_ld;
-        XT *out = job->out ? (XT *)job->out + r * job->out_ld : NULL;
-        NM(small_load)(x, job->x_ld, nr, n, buf);
-        VW sv;
-        const V m = NM(small_stats)(buf, n, &sv, out ? ebuf : NULL, NULL);
-        VW dv = __builtin_convertvector(SPLAT(0), VW);
-        if (eps > 0) {
-            ACCW adv = AWINIT(dv);
-            for (int64_t c = 0; c < n; c++) {
-                const T wc = w ? w[c] : 1;
-                if (wc != 0)
-                    adv = AWADD(adv, __builtin_convertvector(SPLAT(wc) * (LOAD(buf + c * VL) - m), VW));
-            }
-            dv = AWGET(adv);
-        }
-        const VW lv = NM(small_log)(sv);
-        /* exp(x_y - m) of every row of the group by the vector kernel: a
-           libm call per row cost more than the row's other arithmetic. */
-        double xyv[VL], mv[VL], exy[VL], gsv[VL];
-        /* plain: every row labelled, with finite m and s, no weights, no
-           smoothing; fx_ce_hard_row's arithmetic then runs lanewise. */
-        const int plain = nr == VL && !w && eps == 0
-                          && NM(plain_group)(job->labels + r, job->ignore_index, buf, m, sv, xyv, mv);
-        if (!plain) {
-            for (int64_t j = 0; j < VL; j++) {
-                const int64_t y = j < nr ? job->labels[r + j] : job->ignore_index;
-                const int ok = y != job->ignore_index && isfinite(m[j]);
-                xyv[j] = ok ? (double)buf[y * VL + j] : 0.0;
-                mv[j] = ok ? (double)m[j] : 0.0;
-            }
-        }
-        if (out) {
-            for (int64_t j = 0; j < VL; j++)
-                gsv[j] = j < nr ? job->gscale[(r + j) * job->gscale_step] : 0.0;
-            for (int h = 0; h < VL / 8; h++)
-                fx_store_f64(exy + 8 * h, fx_expm_f64(fx_load_f64(xyv + 8 * h) - fx_load_f64(mv + 8 * h)));
-        }
-        V vk1, vk2;
-        if (plain) {
-            /* The same operations, in the same order, as fx_ce_hard_row
-               with wy = 1 and eps = 0, so the same bits. */
-            const double ec = eps / (double)n, c1 = (1.0 - eps) * 1.0;
-            VW xw, mw;
-            memcpy(&xw, xyv, sizeof xw);
-            memcpy(&mw, mv, sizeof mw);
-            VW c1w;
-            for (int j = 0; j < (int)(sizeof(VW) / sizeof(double)); j++) c1w[j] = c1;
-            NM(store_w)(job->row_out + r, FX_CE_LOSS(c1w, lv, xw, mw));
-            if (out) {
-                const double A = FX_CE_A(c1, ec, W);
-                VW gw, ew;
-                memcpy(&gw, gsv, sizeof gw);
-                memcpy(&ew, exy, sizeof ew);
-                vk1 = __builtin_convertvector(FX_CE_K1(gw, A, sv), V);
-                vk2 = __builtin_convertvector(FX_CE_K2(gw, ec), V);
-                NM(store_w)(gy, FX_CE_GY(gw, ew, sv, A, c1, ec, 1.0));
-            }
-        } else {
-        for (int64_t j = 0; j < VL; j++) {
-            k1[j] = 0;
-            k2[j] = 0;
-            if (j >= nr) continue;
-            const int64_t y = job->labels[r + j];
-            if (y == job->ignore_index) {
-                job->row_out[r + j] = 0.0;
-                continue;
-            }
-            const double s = isfinite(m[j]) ? (double)sv[j] : NAN;
-            const fx_ce_row o = fx_ce_hard_row_e(
-                (double)buf[y * VL + j], w ? (double)w[y] : 1.0, (double)m[j], s,
-                isnan(s) ? s : (double)lv[j], (double)dv[j], eps, n, W,
-                gsv[j], out != NULL, out ? exy[j] : 0.0);
-            job->row_out[r + j] = o.loss;
-            k1[j] = (T)o.k1;
-            k2[j] = (T)o.k2;
-            gy[j] = o.gy;
-        }
-        vk1 = LOAD(k1);
-        vk2 = LOAD(k2);
-        }
-        if (!out) continue;
-        for (int64_t c = 0; c < n; c++) {
-            const V e = LOAD(ebuf + c * VL);
-            const V wc = SPLAT(w ? w[c] : 0);
-            STORE(ebuf + c * VL, NM(grad_v)(e, vk1, vk2, w ? &wc : NULL));
-        }
-        NM(small_store)(ebuf, nr, n, out, job->out_ld);
-        for (int64_t j = 0; j < nr; j++) {
-            const int64_t y = job->labels[r + j];
-            XT *orow = out + j * job->out_ld;
-            if (y == job->ignore_index) NM(row_zero)(orow, n);
-            else XSET(orow, y, (T)gy[j]);
-        }
+    const XT *x = (const XT *)job->x + r * job->x_ld;
+    XT *out = job->out ? (XT *)job->out + r * job->out_ld : NULL;
+    NM(small_load)(x, job->x_ld, nr, n, buf);
+    VW sv;
+    const V m = NM(small_stats)(buf, n, &sv, out ? ebuf : NULL, NULL);
+    const VW lv = NM(small_log)(sv);
+    VI labv;
+    V xy;
+    if (nr == VL && !w && !(eps > 0)
+        && NM(plain_group)(job->labels + r, job->ignore_index, buf, n, m, sv, &labv, &xy)) {
+        NM(ce_small_plain)(job, r, n, m, sv, lv, xy, labv, ebuf, out);
+        return;
     }
+    VW dv = __builtin_convertvector(SPLAT(0), VW);
+    if (eps > 0) {
+        ACCW adv = AWINIT(dv);
+        for (int64_t c = 0; c < n; c++) {
+            const T wc = w ? w[c] : 1;
+            if (wc != 0)
+                adv = AWADD(adv, __builtin_convertvector(SPLAT(wc) * (LOAD(buf + c * VL) - m), VW));
+        }
+        dv = AWGET(adv);
+    }
+    double xyv[VL], mv[VL], exy[VL], gsv[VL], gy[VL];
+    T k1[VL], k2[VL], nan_row[VL];
+    for (int64_t j = 0; j < VL; j++) {
+        const int64_t y = j < nr ? job->labels[r + j] : job->ignore_index;
+        const int ok = y != job->ignore_index && isfinite(m[j]);
+        xyv[j] = ok ? (double)buf[y * VL + j] : 0.0;
+        mv[j] = ok ? (double)m[j] : 0.0;
+    }
+    if (out) {
+        NM(group_gscale)(job, r, nr, gsv);
+        for (int h = 0; h < VL / 8; h++)
+            fx_store_f64(exy + 8 * h, fx_expm_f64(fx_load_f64(xyv + 8 * h) - fx_load_f64(mv + 8 * h)));
+    }
+    for (int64_t j = 0; j < VL; j++) {
+        k1[j] = 0;
+        k2[j] = 0;
+        nan_row[j] = 0;
+        if (j >= nr) continue;
+        const int64_t y = job->labels[r + j];
+        if (y == job->ignore_index) {
+            job->row_out[r + j] = 0.0;
+            continue;
+        }
+        const double s = isfinite(m[j]) ? (double)sv[j] : NAN;
+        nan_row[j] = isnan(s);
+        const fx_ce_row o = fx_ce_hard_row_e(
+            xyv[j], w ? (double)w[y] : 1.0, (double)m[j], s, isnan(s) ? s : (double)lv[j],
+            (double)dv[j], eps, n, W, out ? gsv[j] : 0.0, out != NULL, out ? exy[j] : 0.0);
+        job->row_out[r + j] = o.loss;
+        k1[j] = (T)o.k1;
+        k2[j] = (T)o.k2;
+        gy[j] = o.gy;
+    }
+    if (!out) return;
+    const V vk1 = LOAD(k1), vk2 = LOAD(k2);
+    /* Rows without a softmax (s NaN) get the quiet NaN: e and k1 are both
+       NaN there, and which one's sign a product keeps depends on operand
+       order, which the compiler chooses per ISA build. */
+    const VI nosoftmax = SFX(fx_eq)(LOAD(nan_row), SPLAT(1));
+    for (int64_t c = 0; c < n; c++) {
+        const V e = LOAD(ebuf + c * VL);
+        const V wc = SPLAT(w ? w[c] : 0);
+        const V g = NM(grad_v)(e, vk1, vk2, w ? &wc : NULL);
+        STORE(ebuf + c * VL, SEL(nosoftmax, SPLAT(NAN), g));
+    }
+    NM(small_store)(ebuf, nr, n, out, job->out_ld);
+    for (int64_t j = 0; j < nr; j++) {
+        const int64_t y = job->labels[r + j];
+        XT *orow = out + j * job->out_ld;
+        if (y == job->ignore_index) NM(row_zero)(orow, n);
+        else XSET(orow, y, (T)gy[j]);
+    }
+}
+
+#define SMALL_PAIR 16
+static void NM(ce_hard_small)(const fx_job *job, int64_t r0, int64_t r1)
+{
+    const int64_t n = job->n_cols;
+    T ba[SMALL_C * VL], bb[SMALL_C * VL], ea[SMALL_C * VL], eb[SMALL_C * VL];
+    int64_t r = r0;
+    /* Without weights or smoothing, two groups at a time (small_stats2);
+       a pair that is not plain leaves the loop for ce_small_group (a call
+       inside the loop cost the loss 1.1x: vector registers saved around it). */
+    if (!job->w && !(job->smoothing > 0) && n <= SMALL_PAIR)
+        while (r + 2 * VL <= r1) {
+            for (; r + 2 * VL <= r1; r += 2 * VL) {
+                const XT *x = (const XT *)job->x + r * job->x_ld;
+                XT *out = job->out ? (XT *)job->out + r * job->out_ld : NULL;
+                NM(small_load)(x, job->x_ld, VL, n, ba);
+                NM(small_load)(x + VL * job->x_ld, job->x_ld, VL, n, bb);
+                VW sa, sb;
+                V ma, mb, xa, xb;
+                VI la, lb;
+                /* Two copies: the loop without outputs has no stores to test. */
+                if (out) NM(small_stats2)(ba, bb, n, &ma, &mb, &sa, &sb, ea, eb);
+                else NM(small_stats2)(ba, bb, n, &ma, &mb, &sa, &sb, NULL, NULL);
+                if (!NM(plain_group)(job->labels + r, job->ignore_index, ba, n, ma, sa, &la, &xa) ||
+                    !NM(plain_group)(job->labels + r + VL, job->ignore_index, bb, n, mb, sb, &lb,
+                                     &xb))
+                    break;
+                const VW lva = NM(small_log)(sa), lvb = NM(small_log)(sb);
+                NM(ce_small_plain)(job, r, n, ma, sa, lva, xa, la, ea, out);
+                NM(ce_small_plain)(job, r + VL, n, mb, sb, lvb, xb, lb, eb,
+                                   out ? out + VL * job->out_ld : NULL);
+            }
+            if (r + 2 * VL > r1) break;
+            NM(ce_small_group)(job, r, VL, ba, ea);
+            NM(ce_small_group)(job, r + VL, VL, ba, ea);
+            r += 2 * VL;
+        }
+    for (; r < r1; r += VL) NM(ce_small_group)(job, r, r1 - r < VL ? r1 - r : VL, ba, ea);
 }
 
 /* ------------------------------------------------------------------------

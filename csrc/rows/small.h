@@ -166,6 +166,55 @@ FX_INLINE V NM(small_stats)(const T *buf, int64_t n, VW *s, T *ebuf, VW *q)
     return m;
 }
 
+/* small_stats (no q) of two groups at once, a and b, with the same
+   operations lane for lane: each group's result has small_stats' bits.
+   A group's max -> exp -> sum -> log chain is longer than the window of
+   work the core can look ahead over; two independent groups in one loop
+   fill the gaps in each other's chains. */
+FX_INLINE void NM(small_stats2)(const T *ba, const T *bb, int64_t n, V *ma, V *mb, VW *sa,
+                                VW *sb, T *ea, T *eb)
+{
+    ACC a0 = AINIT(SPLAT(-INFINITY)), a1 = a0, b0 = a0, b1 = a0;
+    int64_t c = 0;
+    for (; c + 2 <= n; c += 2) {
+        a0 = AMAX(a0, LOAD(ba + c * VL));
+        b0 = AMAX(b0, LOAD(bb + c * VL));
+        a1 = AMAX(a1, LOAD(ba + (c + 1) * VL));
+        b1 = AMAX(b1, LOAD(bb + (c + 1) * VL));
+    }
+    if (c < n) {
+        a0 = AMAX(a0, LOAD(ba + c * VL));
+        b0 = AMAX(b0, LOAD(bb + c * VL));
+    }
+    const V m = AGET(AMAX(a0, AGET(a1))), mq = AGET(AMAX(b0, AGET(b1)));
+    ACCW acc = AWINIT(__builtin_convertvector(SPLAT(0), VW)), bcc = acc;
+    for (c = 0; c + 2 <= n; c += 2) {
+        const V e0 = EXPM(LOAD(ba + c * VL) - m), e1 = EXPM(LOAD(ba + (c + 1) * VL) - m);
+        const V f0 = EXPM(LOAD(bb + c * VL) - mq), f1 = EXPM(LOAD(bb + (c + 1) * VL) - mq);
+        if (ea) {
+            STORE(ea + c * VL, e0);
+            STORE(ea + (c + 1) * VL, e1);
+            STORE(eb + c * VL, f0);
+            STORE(eb + (c + 1) * VL, f1);
+        }
+        acc = AWADD(acc, __builtin_convertvector(e0 + e1, VW));
+        bcc = AWADD(bcc, __builtin_convertvector(f0 + f1, VW));
+    }
+    if (c < n) {
+        const V e0 = EXPM(LOAD(ba + c * VL) - m), f0 = EXPM(LOAD(bb + c * VL) - mq);
+        if (ea) {
+            STORE(ea + c * VL, e0);
+            STORE(eb + c * VL, f0);
+        }
+        acc = AWADD(acc, __builtin_convertvector(e0, VW));
+        bcc = AWADD(bcc, __builtin_convertvector(f0, VW));
+    }
+    *ma = m;
+    *mb = mq;
+    *sa = AWGET(acc);
+    *sb = AWGET(bcc);
+}
+
 /* log of the lanewise sums (>= 1 where the row is finite; other lanes are
    screened by the caller). float32 rows: the sums are rounded to float
    first, the log is then float32-accurate, enough for a float32 result. */
@@ -197,22 +246,71 @@ FX_INLINE int NM(finite_group)(V m, VW sv)
     return !isnan(HSUM((m - m) + __builtin_convertvector(sv, V)));
 }
 
+/* Lanewise integer equality by native parts (vec.h's fx_lt/fx_eq rule:
+   GCC scalarises comparisons of vectors wider than the ISA's). Defined
+   once for all dtypes. */
+#ifndef FX_SMALL_ONCE
+#define FX_SMALL_ONCE
+FX_DEFINE_CMP(i32, fx_vi32, fx_vi32, fx_ni32, fx_ni32, sm_eq, ==)
+FX_DEFINE_CMP(i64, fx_vi64, fx_vi64, fx_ni64, fx_ni64, sm_eq, ==)
+#endif
+
+/* The labels of a full group as lanes of VI (int32 for float32 compute,
+   int64 for float64), to *lv; whether none of them is ignore_index. Labels
+   are in range or ignore_index (the caller's check), so every label that
+   is not ignore_index fits in an int32 lane. */
+FX_INLINE int NM(group_labels)(const int64_t *lab, int64_t ig, VI *lv)
+{
+    typedef int64_t l64 __attribute__((vector_size(VL * 8)));
+    int bad = 0;
+    for (int j = 0; j < VL; j++) bad |= lab[j] == ig;
+    l64 l;
+    memcpy(&l, lab, sizeof l);
+    *lv = __builtin_convertvector(l, VI);
+    return !bad;
+}
+
+/* Lanes of VI equal to c. */
+FX_INLINE VI NM(label_is)(VI lv, int64_t c)
+{
+#if VL == 16
+    const VI cv = (VI){0} + (int32_t)c; /* a broadcast (a lane loop was not) */
+    return fx_sm_eq_i32(lv, cv);
+#else
+    const VI cv = (VI){0} + c;
+    return fx_sm_eq_i64(lv, cv);
+#endif
+}
+
+/* x_y of every lane of a group, lv its labels (each in [0, n)): each
+   column's lanes whose label is c. An exact copy, as the scalar
+   gather it replaces (16 dependent loads, index arithmetic and stores to
+   a small array, then a reload that waited for them: 12 instructions per
+   row, more than the row's log). */
+#define SMALL_SELECT 16
+FX_INLINE V NM(group_xy)(const T *buf, int64_t n, VI lv)
+{
+    /* The running value is an accumulator (see FX_DEFINE_ACC), and the
+       max of one value and -infs is that value, bit for bit (-0 too). */
+    if (n > SMALL_SELECT) {
+        T xy[VL];
+        for (int64_t j = 0; j < VL; j++) xy[j] = buf[lv[j] * VL + j];
+        return LOAD(xy);
+    }
+    const V ninf = SPLAT(-INFINITY);
+    ACC a = AINIT(ninf);
+    for (int64_t c = 0; c < n; c++)
+        a = AMAX(a, SEL(NM(label_is)(lv, c), LOAD(buf + c * VL), ninf));
+    return AGET(a);
+}
+
 /* Whether a full group is plain as far as its labels and statistics go:
    every row labelled (no ignore_index), every m finite, no s NaN; if so,
-   x_y and m of each lane, in double, to xyv and mv. Labels are in range or
-   ignore_index (the caller's check), and ignore_index is never looked up. */
-FX_INLINE int NM(plain_group)(const int64_t *lab, int64_t ig, const T *buf, V m, VW sv,
-                              double *xyv, double *mv)
+   the labels to *lv and x_y of each lane to *xy. */
+FX_INLINE int NM(plain_group)(const int64_t *lab, int64_t ig, const T *buf, int64_t n, V m,
+                              VW sv, VI *lv, V *xy)
 {
-    T xy[VL];
-    int bad = 0;
-    for (int64_t j = 0; j < VL; j++) {
-        const int64_t y = lab[j];
-        bad |= y == ig;
-        xy[j] = buf[(y == ig ? 0 : y) * VL + j];
-    }
-    if (bad || !NM(finite_group)(m, sv)) return 0;
-    NM(store_w)(xyv, __builtin_convertvector(LOAD(xy), VW));
-    NM(store_w)(mv, __builtin_convertvector(m, VW));
+    if (!NM(group_labels)(lab, ig, lv) || !NM(finite_group)(m, sv)) return 0;
+    *xy = NM(group_xy)(buf, n, *lv);
     return 1;
 }
