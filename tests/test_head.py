@@ -354,3 +354,18 @@ def test_concurrent_calls_give_the_same_bits(rng):
     for res in results:
         for a, c in zip(serial, res):
             assert_bitwise_equal(a, c, "concurrent calls")
+
+
+def test_option_rows_run_on_the_heads_threads(monkeypatch, rng):
+    """With an option the row kernel runs on the call's num_threads, not the
+    default: at most num_threads cores are busy."""
+    from fastxent import _core
+    seen = []
+    real = _core.run
+    monkeypatch.setattr(_core, "run", lambda *a, **kw: seen.append(kw["num_threads"])
+                        or real(*a, **kw))
+    h = rng.standard_normal((6, 4)).astype(np.float32)
+    w = rng.standard_normal((9, 4)).astype(np.float32)
+    y = rng.integers(0, 9, 6)
+    fastxent.linear_cross_entropy_with_grad(h, w, y, z_loss=1e-3, num_threads=1)
+    assert seen and set(seen) == {1}

@@ -311,7 +311,7 @@ def _linear_cross_entropy(hidden, weight, labels, bias, class_weight, ignore_ind
                     ce_c, lse_c, am_c = option_rows(
                         logits, lab_c, None, cw, ii, eps, z, s,
                         None if ce_f is None else ce_f[r0:r1],
-                        None if z_f is None else z_f[r0:r1], want_grad)
+                        None if z_f is None else z_f[r0:r1], want_grad, num_threads=nt)
                     ce_rows[r0:r1] = ce_c
                     lse_rows[r0:r1] = lse_c
                     if argmax_rows is not None:
