@@ -6,14 +6,24 @@
     python benchmarks/report.py out.json --roofline probe.json
     python benchmarks/report.py out.json -k "2thread"       # groups containing this text
     python benchmarks/report.py out.json --md               # the README's Performance block
+    FASTXENT_ISA=avx2 python -m pytest benchmarks/ ... --benchmark-json=avx2.json
+    python benchmarks/report.py out.json avx2.json          # one row per group and ISA
 
 For every group (function, shape, dtype, threads) of a pytest-benchmark JSON
 of this suite, one row:
 
+- ``ISA``: the instruction set of the kernels that ran (the benchmark's
+  ``extra_info``); give several JSON files, e.g. one run per
+  ``FASTXENT_ISA``, to see the gap to the bound per ISA side by side;
 - ``fastxent``: its median; ``out=``: the median of ``fastxent-out`` (the
   result written into one reused buffer), where the function has one;
 - ``/bound``: median / bound, the lower bound of ``roofline.bounds`` for the
   function's kind (1.00 = at the roofline; 2.00 = twice the bound);
+- ``1-pass``: the measured one-pass figure (the probe's ``read_exp``: each
+  element read from memory and exponentiated once, plus the result's write
+  for the kinds that write; float32 only), what a one-pass row kernel would
+  take, and ``/1-pass``: fastxent's median (``out=``'s where there is one)
+  over it;
 - ``bound``: max(memory, exp), the time at the roofline (loads and exp
   overlapping perfectly); ``serial``: memory + exp (no overlap at all);
   ``limit``: which of memory and exp sets the bound;
@@ -64,6 +74,7 @@ def _fmt_ratio(r, cached=False):
 def rows_of(report: dict, probe: dict, *, filter_text: str = "", others=OTHERS, stores: str = "regular"):
     """One dict per group: the cells of the table, plus raw numbers."""
     llc = (probe.get("machine") or {}).get("llc_bytes")
+    default_isa = ((report.get("machine_info") or {}).get("fastxent") or {}).get("isa")
     groups: dict[str, list[dict]] = defaultdict(list)
     for bench in report.get("benchmarks", []):
         group = bench.get("group") or bench.get("name")
@@ -71,6 +82,8 @@ def rows_of(report: dict, probe: dict, *, filter_text: str = "", others=OTHERS, 
             groups[group].append(bench)
     rows = []
     for group, benches in sorted(groups.items(), key=lambda kv: group_sort_key(*kv)):
+        isa = next((b["extra_info"]["isa"] for b in benches
+                    if (b.get("extra_info") or {}).get("isa")), default_isa)
         medians = {contender_of(b): b["stats"]["median"] for b in benches}
         info = benches[0].get("extra_info") or {}
         function = info.get("function", group.split()[0])
@@ -90,8 +103,10 @@ def rows_of(report: dict, probe: dict, *, filter_text: str = "", others=OTHERS, 
         fx, out = medians.get("fastxent"), medians.get("fastxent-out")
         present = [(medians[c], c) for c in others if c in medians]
         fastest = min(present) if present else None
+        best = out or fx
         rows.append({
             "group": group,
+            "isa": isa,
             "function": function,
             "shape": "x".join(map(str, shape)) if shape else "?",
             "dtype": dtype,
@@ -103,15 +118,17 @@ def rows_of(report: dict, probe: dict, *, filter_text: str = "", others=OTHERS, 
             "cached": cached,
             "fx_ratio": fx / bound.seconds if fx and bound else None,
             "out_ratio": out / bound.seconds if out and bound else None,
+            "onepass_ratio": best / bound.onepass if best and bound and bound.onepass else None,
             "fastest_other": fastest[1] if fastest else None,
             "other_ratio": fastest[0] / fx if fastest and fx else None,
         })
     return rows
 
 
-COLUMNS = ("function", "N x C", "dtype", "T", "fastxent", "/bound", "out=", "/bound",
-           "bound", "serial", "limit", "fastest other", "other/fastxent")
-RIGHT = {"fastxent", "/bound", "out=", "bound", "serial", "other/fastxent", "T"}
+COLUMNS = ("function", "N x C", "dtype", "T", "ISA", "fastxent", "/bound", "out=", "/bound",
+           "bound", "1-pass", "/1-pass", "serial", "limit", "fastest other", "other/fastxent")
+RIGHT = {"fastxent", "/bound", "out=", "bound", "1-pass", "/1-pass", "serial", "other/fastxent",
+         "T"}
 
 
 def cells_of(row: dict) -> list[str]:
@@ -121,11 +138,14 @@ def cells_of(row: dict) -> list[str]:
         row["shape"],
         row["dtype"] or "-",
         str(row["threads"]),
+        row["isa"] or "-",
         format_seconds(row["fastxent"]) if row["fastxent"] else "-",
         _fmt_ratio(row["fx_ratio"], row["cached"]),
         format_seconds(row["out"]) if row["out"] else "-",
         _fmt_ratio(row["out_ratio"], row["cached"]),
         format_seconds(b.seconds) if b else "-",
+        format_seconds(b.onepass) if b and b.onepass else "-",
+        _fmt_ratio(row["onepass_ratio"], row["cached"]),
         format_seconds(b.serial) if b else "-",
         b.limiter if b else "-",
         row["fastest_other"] or "-",
@@ -157,7 +177,7 @@ def summary(rows: list[dict]) -> str:
     for r in rows:
         if r["cached"]:
             continue
-        key = (r["function"], r["threads"])
+        key = (r["function"], r["threads"], r["isa"])
         if r["fx_ratio"]:
             per[key].append(r["fx_ratio"])
         if r["out_ratio"]:
@@ -169,10 +189,10 @@ def summary(rows: list[dict]) -> str:
         return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
 
     lines = ["Geometric mean of median / bound over the main-memory groups (1.00 = at the roofline):", ""]
-    lines.append(f"  {'function':<26}{'threads':>8}{'fastxent':>14}{'out=':>14}")
-    for key in sorted(per, key=lambda k: (k[0], k[1] or 0)):
+    lines.append(f"  {'function':<26}{'threads':>8}{'ISA':>10}{'fastxent':>14}{'out=':>14}")
+    for key in sorted(per, key=lambda k: (k[0], k[1] or 0, k[2] or "")):
         a, b = per[key], per_out.get(key, [])
-        lines.append(f"  {key[0]:<26}{key[1]!s:>8}{f'{gm(a):.2f} ({len(a)})':>14}"
+        lines.append(f"  {key[0]:<26}{key[1]!s:>8}{key[2]!s:>10}{f'{gm(a):.2f} ({len(a)})':>14}"
                      f"{(f'{gm(b):.2f} ({len(b)})' if b else '-'):>14}")
     return "\n".join(lines)
 
@@ -217,7 +237,9 @@ def machine_line(report: dict, probe: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("json", help="pytest-benchmark JSON of this suite (--benchmark-json=PATH)")
+    parser.add_argument("json", nargs="+",
+                        help="pytest-benchmark JSON of this suite (--benchmark-json=PATH); several "
+                             "(e.g. one run per FASTXENT_ISA) give one row per group and run")
     parser.add_argument("--roofline", metavar="PATH",
                         help="the probe's JSON (roofline.py --json PATH); default: this machine's cached probe")
     parser.add_argument("-k", dest="filter", default="", help="only groups whose name contains this text")
@@ -230,14 +252,20 @@ def main(argv=None) -> int:
                         help="contenders to find the fastest other among (default %(default)s)")
     args = parser.parse_args(argv)
 
-    report = load(args.json)
+    reports = [load(path) for path in args.json]
+    report = reports[0]
     probe = roofline.load(args.roofline)
     machine = report.get("machine_info") or {}
-    mismatch = roofline.machine_mismatch(probe, machine)
-    if mismatch:
-        print(f"report: warning: {mismatch}", file=sys.stderr)
-    rows = rows_of(report, probe, filter_text=args.filter, stores=args.stores,
-                   others=tuple(c.strip() for c in args.others.split(",") if c.strip()))
+    rows = []
+    for rep in reports:
+        mismatch = roofline.machine_mismatch(probe, rep.get("machine_info") or {})
+        if mismatch:
+            print(f"report: warning: {mismatch}", file=sys.stderr)
+        rows += rows_of(rep, probe, filter_text=args.filter, stores=args.stores,
+                        others=tuple(c.strip() for c in args.others.split(",") if c.strip()))
+    # the runs of one group side by side
+    order = {row["group"]: i for i, row in enumerate(rows)}
+    rows.sort(key=lambda row: order[row["group"]])
     if not rows:
         print("no benchmarks" + (f" matching {args.filter!r}" if args.filter else ""), file=sys.stderr)
         return 1
