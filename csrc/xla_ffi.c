@@ -508,19 +508,22 @@ static XLA_FFI_Error *run_loss(fx_call *call, const XLA_FFI_Buffer *x)
     const int fn = (int)a->fn, bce = fn == FN_BCE;
     const int64_t nd = a->ndim, *xd = x->dims + call->lead, n = call->n, c = call->c;
     const int cdt = call->csz == 8 ? FX_F64 : FX_F32;
+    const int nw = (a->weights & 1) + ((a->weights >> 1) & 1);
+    XLA_FFI_Error *err;
+
+    /* The arity first: nothing below may read an operand or result that the
+       call does not have. */
+    if (call->nargs != 2 + nw || call->nrets != 1 + (a->grad != 0) || (a->weights & ~3) ||
+        (fn == FN_KL && a->weights) || (fn == FN_CE && (a->weights & 2)))
+        return INTERNAL(call, "loss arity");
     const XLA_FFI_Buffer *y = call->arg[1], *loss = call->ret[0];
     const XLA_FFI_Buffer *grad = a->grad ? call->ret[1] : NULL;
     const int64_t *ld = loss->dims; /* the call's lead dims */
     const int soft = fn != FN_CE || fx_dtype_of(y->dtype) >= 0;
-    const int nw = (a->weights & 1) + ((a->weights >> 1) & 1);
     const XLA_FFI_Buffer *w = a->weights & 1 ? call->arg[2] : NULL;
     const XLA_FFI_Buffer *pw = a->weights & 2 ? call->arg[2 + (w != NULL)] : NULL;
-    XLA_FFI_Error *err;
 
     /* Geometry: every operand and result of the shape the job indexes by. */
-    if (call->nargs != 2 + nw || call->nrets != 1 + (a->grad != 0) || (a->weights & ~3) ||
-        (fn == FN_KL && a->weights) || (fn == FN_CE && pw))
-        return INTERNAL(call, "loss arity");
     if (soft ? (fx_dtype_of(y->dtype) != cdt || !shaped(call, y, ld, xd, nd, 0))
              : !shaped(call, y, ld, xd, nd - 1, 0))
         return INTERNAL(call, "labels or target shape");
@@ -668,8 +671,12 @@ static XLA_FFI_Error *handle(fx_call *call, XLA_FFI_CallFrame *frame)
     if (call->ret[0]->rank < call->lead) return INTERNAL(call, "result rank");
     call->nb = prod(call->ret[0]->dims, call->lead);
 
+    /* Row values: every loss, and logsumexp; log_softmax and softmax write
+       rows straight into their result. */
     double stack_rows[STACK_ROWS];
-    call->rows = call->n <= STACK_ROWS ? stack_rows : malloc((size_t)call->n * sizeof(double));
+    const int row_values = !rows || call->a.fn == FN_LOGSUMEXP;
+    call->rows = call->n <= STACK_ROWS || !row_values ? stack_rows
+                                                       : malloc((size_t)call->n * sizeof(double));
     const int labels = call->a.fn == FN_CE && call->nargs > 1 && fx_dtype_of(call->arg[1]->dtype) < 0 &&
                        call->arg[1]->dtype != XLA_FFI_DataType_S64;
     if (labels) call->lab64 = malloc((size_t)(call->n ? call->n : 1) * sizeof(int64_t));

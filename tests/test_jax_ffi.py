@@ -231,6 +231,7 @@ def test_malformed_calls_are_xla_errors():
     _raises("labels of XLA dtype", lambda x: call(loss, x, y.astype(jnp.bool_), **base), x)
     _raises("logits of XLA dtype", lambda x: call(loss, x.astype(jnp.int32), y, **base), x)
     _raises("loss arity", lambda x: call(loss, x, y, weights=i64(1), **base), x)
+    _raises("loss arity", lambda x: call(loss, x, **base), x)  # no labels operand at all
     _raises("gradient shape", lambda x: call(
         (loss, jax.ShapeDtypeStruct((4, 5), jnp.float32)), x, y, grad=i64(1), **base), x)
     _raises("row op result shape", lambda x: call(

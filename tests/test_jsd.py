@@ -200,3 +200,17 @@ def test_out_and_in_place(rng):
     assert res[1] is xin
     assert_bitwise_equal(xin, grad, "in place")
     assert_bitwise_equal(res[0], loss, "loss")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", ["probs", "logits", "log_probs"])
+def test_nan_teacher_gives_nan_gradient(isa, kind, dtype):
+    """A NaN in the teacher makes the mixture NaN: loss and gradient are NaN
+    on every ISA, in the lanewise and the scalar paths alike (no floor may
+    turn a NaN mixture into a finite log)."""
+    x = np.array([[0.1, 0.2, 0.3] + [0.05] * 37], dtype)
+    t = np.full_like(x, 0.025 if kind == "probs" else 0.5)
+    t[0, 2] = np.nan
+    loss, grad = fastxent.jsd_with_grad(x, t, beta=0.5, target_kind=kind)
+    assert np.isnan(loss)
+    assert np.isnan(grad[0, 2])

@@ -672,3 +672,28 @@ def test_gradient_buffers_from_two_threads():
         t.join(60)
     assert not bad
     _ops.empty_cache()
+
+
+def test_forward_mode_ad_refused():
+    """A dual input has no tangent to give: refused, not dropped."""
+    import torch.autograd.forward_ad as fw
+    y = torch.tensor([0, 1, 2, 3])
+    with fw.dual_level():
+        x = fw.make_dual(torch.randn(4, 5, generator=gen(3)), torch.randn(4, 5, generator=gen(4)))
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            ft.cross_entropy(x, y)
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            ft.binary_cross_entropy_with_logits(x, torch.rand(4, 5, generator=gen(5)))
+        plain = torch.randn(4, 5, generator=gen(3))  # no tangent: computed as usual
+        close(ft.cross_entropy(plain, y), F.cross_entropy(plain, y), torch.float32)
+
+
+def test_negated_view_read_as_its_values():
+    """A lazily negated view (neg bit) is read as the values it shows."""
+    x = torch.randn(4, 5, generator=gen(6))
+    y = torch.tensor([0, 1, 2, 3])
+    nv = torch._neg_view(x)
+    assert nv.is_neg()
+    close(ft.cross_entropy(nv, y), F.cross_entropy(-x, y), torch.float32)
+    close(ft.cross_entropy(nv, y, label_smoothing=0.1),
+          F.cross_entropy(-x, y, label_smoothing=0.1), torch.float32)

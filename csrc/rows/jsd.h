@@ -59,7 +59,11 @@ FX_INLINE V NM(jsd_term)(int cs, V X, V q, V Y, V p, V vbeta, V vbeta1, V *dx)
         return SEL(q0, zero, u);
     }
     const V M = vbeta * q + vbeta1 * p;
-    const V lm = SFX(fx_log_pos)(VMAX(M, SPLAT(sizeof(T) == 4 ? 0x1p-126f : 0x1p-1022)));
+    /* The floor keeps log's argument positive and normal where M
+       underflows; fx_log_pos takes no NaN, and a NaN M (a NaN teacher) must
+       give NaN, as the scalar path's log(M) does. */
+    const V floor = SPLAT(sizeof(T) == 4 ? 0x1p-126f : 0x1p-1022);
+    const V lm = SEL(SFX(fx_eq)(M, M), SFX(fx_log_pos)(VMAX(M, floor)), M);
     *dx = SEL(q0, zero, vbeta * q * (X - lm));
     return *dx + SEL(SFX(fx_eq)(p, zero), zero, vbeta1 * p * (Y - lm));
 }

@@ -46,6 +46,7 @@ def _loss(op, forward_fn, input, dim, inplace_backward, *args):
     eager mode the same computation through ``EagerLoss`` (or, with no
     gradient wanted, no autograd at all). ``inplace_backward`` applies in
     eager mode only: under tracing the compiler plans memory itself."""
+    _ops.refuse_forward_ad(op, input)
     want_grad = _wants_grad(input)
     if _ops.EAGER_LOSSES and _ops.eager(input):
         if not want_grad:

@@ -28,6 +28,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _fw
 
 import fastxent
 from fastxent import _api, _core
@@ -46,8 +47,11 @@ _KL_REDUCTIONS = ("batchmean", "mean", "sum", "none")
 # --------------------------------------------------------------------------
 
 def _np(t):
-    """A NumPy view of a CPU tensor's memory (no copy)."""
+    """A NumPy view of a CPU tensor's memory (no copy; a copy for a lazily
+    negated view, whose memory holds the values' negatives)."""
     t = t.detach()
+    if t.is_neg():
+        t = t.resolve_neg()
     if t.dtype == torch.bfloat16:
         if _ml_dtypes is None:
             raise TypeError("bfloat16 tensors need the ml_dtypes package: "
@@ -122,6 +126,15 @@ def eager(t):
     with real memory."""
     return (not _is_compiling() and type(t) is Tensor and t.is_cpu
             and _dispatch_modes() == 0 and not _functorch_active())
+
+
+def refuse_forward_ad(op, input):
+    """NotImplementedError for a dual input (forward-mode AD): the losses have
+    no jvp, and a result without a tangent would be a silent wrong answer."""
+    if _fw._current_level >= 0 and _fw.unpack_dual(input).tangent is not None:
+        raise NotImplementedError(
+            f"fastxent.torch.{op} has no forward-mode AD (torch.autograd.forward_ad); "
+            f"use torch.nn.functional.{op} for a jvp")
 
 
 def _no_double_backward(op):
@@ -747,7 +760,8 @@ def mean_cross_entropy(input, target, ignore_index):
     if (dtype is None or not EAGER_LOSSES or type(target) is not Tensor
             or target.dtype != torch.int64 or input.dim() != 2 or target.dim() != 1
             or target.requires_grad or not eager(input) or not target.is_cpu
-            or not input.is_contiguous() or not target.is_contiguous()):
+            or not input.is_contiguous() or not target.is_contiguous() or input.is_neg()
+            or _fw._current_level >= 0):
         return None
     n, c = input.shape
     if n == 0 or c == 0 or len(target) != n:
