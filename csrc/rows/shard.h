@@ -108,7 +108,7 @@ static void KFN(shard_grad)(const fx_job *job, int64_t r0, int64_t r1)
             NM(row_zero)(out, n);
             continue;
         }
-        NM(grad_write)(x, out, w, n, (T)p[0], (T)p[1], (T)p[2], 0);
+        NM(grad_write)(x, out, w, n, (T)p[0], (T)p[1], (T)p[2], NULL);
         /* out may be x: the true class from the caller's double. */
         if (y >= v0 && y - v0 < n) XSET(out, y - v0, (T)p[3]);
     }

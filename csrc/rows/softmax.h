@@ -194,13 +194,13 @@ static void KFN(softmax)(const fx_job *job, int64_t r0, int64_t r1)
         const T mm = NM(row_max)(x, n);
         if (isfinite(mm)) {
             const double s = NM(row_sumexp)(x, NULL, n, mm, NULL, out, NM(next_row)(job, r, r1));
-            NM(grad_write)(x, out, NULL, n, mm, (T)(1.0 / s), 0, 1);
+            NM(grad_write)(x, out, NULL, n, mm, (T)(1.0 / s), 0, out);
             continue;
         }
 #endif
         T m;
         const double s = NM(row_stats)(x, n, &m, NULL);
-        NM(grad_write)(x, out, NULL, n, m, (T)(1.0 / s), 0, 0);
+        NM(grad_write)(x, out, NULL, n, m, (T)(1.0 / s), 0, NULL);
     }
 }
 

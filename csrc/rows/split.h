@@ -40,7 +40,7 @@ static void KFN(range_write)(const void *xv, void *outv, int64_t c0, int64_t c1,
     const int64_t n = c1 - c0;
     if (sp->lsm) NM(lsm_write)(x, out, n, (T)sp->m, (T)sp->k1, 0);
 #if !X16
-    else if (sp->stash) NM(grad_write)(x, out, w, n, (T)sp->m, (T)sp->k1, (T)sp->k2, 1);
+    else if (sp->stash) NM(grad_write)(x, out, w, n, (T)sp->m, (T)sp->k1, (T)sp->k2, out);
 #endif
-    else NM(grad_write)(x, out, w, n, (T)sp->m, (T)sp->k1, (T)sp->k2, 0);
+    else NM(grad_write)(x, out, w, n, (T)sp->m, (T)sp->k1, (T)sp->k2, NULL);
 }

@@ -56,29 +56,26 @@ FX_INLINE void NM(lsm_write)(const XT *x, XT *out, int64_t n, T m, T l, int stre
 }
 
 /* The one gradient writer: out_c = e_c k1 - k2 w_c (w NULL: - k2) over
-   [0, n), with e_c = exp(x_c - m) computed here, or, when stashed (float32
-   and float64 only), already in out, where row_sumexp kept it: one exp per
-   element instead of two. out may equal x: each element is read before it
-   is written. Callers pass stashed as a constant, so each use compiles to
-   one loop. */
+   [0, n), with e_c = exp(x_c - m) computed here (st NULL), or already in
+   st, where row_sumexp kept it: one exp per element instead of two. st is
+   out itself for float32/float64 and a float32 row for 16-bit out, which
+   cannot hold the exponentials losslessly. out (and st) may equal x: each
+   element is read before it is written. Callers pass NULL as a constant,
+   so each use compiles to one loop. */
 FX_INLINE void NM(grad_write)(const XT *x, XT *out, const T *w, int64_t n, T m, T k1, T k2,
-                              int stashed)
+                              const T *st)
 {
     const V vm = SPLAT(m), v1 = SPLAT(k1), v2 = SPLAT(k2);
     FX_LANES(i, 0, n, k, {
         V e;
-#if !X16
-        if (stashed) e = k == VL ? LOAD(out + i) : LOAD_TAIL(out + i, k, 0);
-        else
-#endif
-            e = EXPM((k == VL ? XLOAD(x + i) : XLOAD_TAIL(x + i, k, -INFINITY)) - vm);
+        if (st) e = k == VL ? LOAD(st + i) : LOAD_TAIL(st + i, k, 0);
+        else e = EXPM((k == VL ? XLOAD(x + i) : XLOAD_TAIL(x + i, k, -INFINITY)) - vm);
         V wv = vm;
         if (w) wv = k == VL ? LOAD(w + i) : LOAD_TAIL(w + i, k, 0);
         const V g = NM(grad_v)(e, v1, v2, w ? &wv : NULL);
         if (k == VL) XSTORE(out + i, g);
         else XSTORE_TAIL(out + i, g, k);
     });
-    (void)stashed;
 }
 
 FX_INLINE void NM(row_zero)(XT *out, int64_t n)
