@@ -18,6 +18,7 @@
 #ifndef FASTXENT_H
 #define FASTXENT_H
 
+#include <math.h>
 #include <stdint.h>
 
 enum fx_op {
@@ -100,6 +101,42 @@ typedef struct fx_job {
    its output (they would come back from memory). */
 #define FX_STREAM_BYTES (32LL << 20)
 
+/* One-pass row statistics (rows/stats.h, group_lse): each group of
+   FX_LSE_GROUP elements sums exp(x - b) for a base b of its own, the max of
+   its first vector, raised (and the partial sums rescaled) only when an
+   element exceeds it by more than FX_LSE_T, so every term stays below
+   exp(FX_LSE_T) and a row is read once. A row split across threads is
+   split at group boundaries. */
+#define FX_LSE_T 16
+#define FX_LSE_GROUP (4 * FX_CHUNK)
+
+/* One-pass rows with outputs (gradients, softmax) keep each group's base
+   on the stack: rows of up to this many groups (4M elements). */
+#define FX_LSE_MAX_GROUPS 1024
+
+/* A row-level coefficient k (of exp(x - B)) for a group whose kept
+   exponentials are exp(x - b): shared by the row kernels and the split
+   driver, so both round it the same way. */
+static inline double fx_lse_rescale(double k, double b, double B)
+{
+    return b == B ? k : k * exp(b - B);
+}
+
+/* Merge a group's (b, s) into the row's (*B, *S), in group order: the row
+   kernels and the split-row driver share it, so a row's bits do not depend
+   on the split. */
+static inline void fx_lse_merge(double *B, double *S, double b, double s)
+{
+    if (b > *B) {
+        *S = *S * exp(*B - b) + s;
+        *B = b;
+    } else if (b == *B) {
+        *S += s;
+    } else {
+        *S += s * exp(b - *B);
+    }
+}
+
 /* Rows [r0, r1) of one operation. */
 typedef void (*fx_rows_fn)(const fx_job *job, int64_t r0, int64_t r1);
 
@@ -108,7 +145,8 @@ typedef void (*fx_rows_fn)(const fx_job *job, int64_t r0, int64_t r1);
    function (rows/<family>.h) between them, with phase:
      FX_SPLIT_JOB     (sp NULL) whether the job's rows split at all
      FX_SPLIT_BEGIN   before any pass; 0: run the row kernel on this row.
-                      May set stash (chunk sums keep exp(x - m) in out).
+                      May set stash (chunk sums keep exp(x - m) in out),
+                      or onepass (the statistics in one pass, group_lse).
      FX_SPLIT_FINISH  m and s are set; writes the row's values and, for a
                       write pass (returns 1), sets lsm, k1, k2 and w.
      FX_SPLIT_END     after the write pass (the family's last touches). */
@@ -116,8 +154,12 @@ enum { FX_SPLIT_JOB, FX_SPLIT_BEGIN, FX_SPLIT_FINISH, FX_SPLIT_END };
 
 typedef struct fx_split {
     int64_t r;          /* the row                                         */
-    double m, s;        /* its max, and the sum of exp(x - m) in chunk order */
+    double m, s;        /* its max (onepass: a base), and the sum of
+                           exp(x - m) in chunk order                       */
+    double mx;          /* onepass: the row's max                          */
+    int nan;            /* write pass: out = NaN (a row without a softmax) */
     int stash;          /* exp(x - m) is kept in out by the sums pass      */
+    int onepass;        /* (m, s) from group_lse: m a base, not the max    */
     int lsm;            /* write pass: out = (x - m) - k1 (log-softmax),   */
     double k1, k2;      /*   else out = exp(x - m) k1 - k2 w               */
     const void *w;      /*   w: n_cols class weights (T), or NULL          */
@@ -136,6 +178,8 @@ typedef struct fx_isa {
     double (*range_max[FX_NUM_DTYPES])(const void *x, int64_t c0, int64_t c1);
     void (*chunk_sums[FX_NUM_DTYPES])(const void *x, int64_t n, int64_t k0, int64_t k1,
                                       double m, double *sums, void *st);
+    void (*group_lse[FX_NUM_DTYPES])(const void *x, int64_t n, int64_t g0, int64_t g1,
+                                     double *bases, double *sums, double *maxes, void *st);
     void (*range_write[FX_NUM_DTYPES])(const void *x, void *out, int64_t c0, int64_t c1,
                                        const fx_split *sp);
     void (*expm_f32)(const float *x, float *y, int64_t n);

@@ -167,6 +167,7 @@ const fx_isa FX_CAT2(fx_isa, FX_ISA) = {
     },
     .range_max = FX_ALL(range_max),
     .chunk_sums = FX_ALL(chunk_sums),
+    .group_lse = FX_ALL(group_lse),
     .range_write = FX_ALL(range_write),
     .expm_f32 = FX_CAT3(expm_array, f32, FX_ISA),
     .expm_f64 = FX_CAT3(expm_array, f64, FX_ISA),

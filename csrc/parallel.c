@@ -76,6 +76,80 @@ static fx_split_fn fx_splitter(int op, int dtype, const fx_job *job)
     return split;
 }
 
+/* The write pass of a split row and the family's last touches: over even
+   ranges, or, with bases (one-pass rows with kept exponentials), group by
+   group, each group's coefficient rescaled from the row base B as
+   group_write rescales it; ok 0: a row without a softmax, written NaN as
+   the row kernels write it (its values may be gone: out may be x). */
+static void fx_split_write(fx_split_fn split, const fx_job *job, fx_split *sp, int dtype,
+                           const void *x, void *out, int nt, const double *bases, double B, int ok)
+{
+    const int64_t n = job->n_cols, ng = (n + FX_LSE_GROUP - 1) / FX_LSE_GROUP;
+    if (split(job, sp, FX_SPLIT_FINISH)) {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+#endif
+        {
+            FX_TEAM(t, team);
+            if (!bases) {
+                const int64_t c0 = n * t / team, c1 = n * (t + 1) / team;
+                if (c0 < c1) fx_active->range_write[dtype](x, out, c0, c1, sp);
+            } else {
+                for (int64_t g = ng * t / team; g < ng * (t + 1) / team; g++) {
+                    const int64_t c0 = g * FX_LSE_GROUP;
+                    fx_split sg = *sp;
+                    sg.m = bases[g];
+                    sg.k1 = ok ? fx_lse_rescale(sp->k1, bases[g], B) : NAN;
+                    sg.nan = !ok;
+                    fx_active->range_write[dtype](x, out, c0, c0 + FX_LSE_GROUP < n ? c0 + FX_LSE_GROUP : n, &sg);
+                }
+            }
+        }
+    }
+    split(job, sp, FX_SPLIT_END);
+}
+
+/* A one-pass family's split row: each group's (base, sum, max) from its
+   thread, merged in group order by fx_lse_merge, as row_lse1 merges them;
+   a row row_lse1 refuses goes to the row kernel when x is intact (no
+   kept exponentials). sums holds 3 nchunks doubles (groups are whole
+   chunks). */
+static void fx_run_split_onepass(int op, int dtype, fx_split_fn split, const fx_job *job,
+                                 int64_t r, int nt, double *sums, fx_split *sp)
+{
+    const fx_rows_fn fn = fx_active->fn[op][dtype];
+    const int64_t n = job->n_cols, ng = (n + FX_LSE_GROUP - 1) / FX_LSE_GROUP;
+    const size_t isz = dtype == FX_F64 ? 8 : dtype == FX_F32 ? 4 : 2;
+    const void *x = (const char *)job->x + (size_t)(r * job->x_ld) * isz;
+    void *out = job->out ? (char *)job->out + (size_t)(r * job->out_ld) * isz : NULL;
+    double *bases = sums + ng, *maxes = sums + 2 * ng;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+#endif
+    {
+        FX_TEAM(t, team);
+        const int64_t g0 = ng * t / team, g1 = ng * (t + 1) / team;
+        if (g0 < g1)
+            fx_active->group_lse[dtype](x, n, g0, g1, bases, sums, maxes, sp->stash ? out : NULL);
+    }
+    double B = -INFINITY, S = 0.0, M = -INFINITY;
+    for (int64_t g = 0; g < ng; g++) {
+        fx_lse_merge(&B, &S, bases[g], sums[g]);
+        if (maxes[g] > M) M = maxes[g];
+    }
+    const int ok = isfinite(B) && S > 0 && S < INFINITY;
+    if (!ok && !sp->stash) { /* x is intact: the row kernel's rules */
+        fn(job, r, r + 1);
+        return;
+    }
+    sp->m = ok ? B : NAN;
+    sp->s = ok ? S : NAN;
+    sp->mx = M;
+    /* Kept exponentials (gradient, softmax) are scaled group by group;
+       log_softmax's write needs no per-group scale. */
+    fx_split_write(split, job, sp, dtype, x, out, nt, sp->stash ? bases : NULL, B, ok);
+}
+
 /*
  * One row over several threads: the max of each range, merged (exact);
  * the chunk sums of exp(x - max), added in chunk order by one thread (the
@@ -94,6 +168,10 @@ static void fx_run_split_row(int op, int dtype, fx_split_fn split, const fx_job 
     fx_split sp = {.r = r};
     if (!split(job, &sp, FX_SPLIT_BEGIN)) {
         fn(job, r, r + 1);
+        return;
+    }
+    if (sp.onepass) {
+        fx_run_split_onepass(op, dtype, split, job, r, nt, sums, &sp);
         return;
     }
     double part[64];
@@ -127,17 +205,7 @@ static void fx_run_split_row(int op, int dtype, fx_split_fn split, const fx_job 
     for (int64_t k = 0; k < nchunks; k++) s += sums[k];
     sp.m = m;
     sp.s = s;
-    if (split(job, &sp, FX_SPLIT_FINISH)) {
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nt)
-#endif
-        {
-            FX_TEAM(t, team);
-            const int64_t c0 = n * t / team, c1 = n * (t + 1) / team;
-            if (c0 < c1) fx_active->range_write[dtype](x, out, c0, c1, &sp);
-        }
-    }
-    split(job, &sp, FX_SPLIT_END);
+    fx_split_write(split, job, &sp, dtype, x, out, nt, NULL, 0.0, 1);
 }
 
 void fx_run(int op, int dtype, const fx_job *job, int num_threads)
@@ -148,7 +216,7 @@ void fx_run(int op, int dtype, const fx_job *job, int num_threads)
     const fx_split_fn split = n < num_threads && num_threads > 1 ? fx_splitter(op, dtype, job) : NULL;
     if (split) {
         const int64_t nchunks = (job->n_cols + FX_CHUNK - 1) / FX_CHUNK;
-        double *sums = malloc((size_t)nchunks * sizeof(double));
+        double *sums = malloc((size_t)(3 * nchunks) * sizeof(double));
         if (sums) {
             for (int64_t r = 0; r < n; r++)
                 fx_run_split_row(op, dtype, split, job, r, num_threads, sums);

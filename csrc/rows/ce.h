@@ -306,8 +306,40 @@ FX_INLINE void NM(ce_hard_row)(const fx_job *job, int64_t r, int64_t r1, int64_t
     }
     const double xy = (double)XGET(x, y);
     const double wy = w ? (double)w[y] : 1.0;
-    T m = NM(row_max)(x, n);
+    T m;
     double s, d = 0.0;
+    /* The loss alone needs only (m, s), for any base m: one pass. */
+    if (!out && !(eps > 0) && NM(one_pass)(n)
+        && NM(row_lse1)(x, n, &m, &s, NULL, NM(next_row)(job, r, r1))) {
+        job->row_out[r] = fx_ce_hard_row(xy, wy, (double)m, s, log(s), 0.0, eps, n, W, 0.0, 0).loss;
+        return;
+    }
+    /* With the gradient (rows of up to FX_LSE_MAX_GROUPS groups), one pass
+       keeps each group's exp(x - b_g) in the stash, which group_write
+       scales by the group's coefficient. */
+    T *st1 = NULL;
+#if X16
+    st1 = scratch;
+#else
+    st1 = out;
+#endif
+    if (out && st1 && !(eps > 0) && NM(one_pass)(n) && n <= FX_LSE_MAX_GROUPS * FX_LSE_GROUP) {
+        T bases[FX_LSE_MAX_GROUPS];
+        const double gs = job->gscale[r * job->gscale_step];
+        const int ok = NM(row_lse1_st)(x, n, &m, &s, st1, bases, NM(next_row)(job, r, r1));
+        /* A row without a softmax: NaN (its values may be gone, out = x). */
+        if (!ok) {
+            m = NAN;
+            s = NAN;
+        }
+        const fx_ce_row o = fx_ce_hard_row(xy, wy, (double)m, s, log(s), 0.0, eps, n, W, gs, 1);
+        job->row_out[r] = o.loss;
+        if (ok) NM(group_write)(x, out, w, n, m, bases, o.k1, o.k2, st1);
+        else NM(row_nan)(out, n);
+        XSET(out, y, (T)o.gy);
+        return;
+    }
+    m = NM(row_max)(x, n);
     /* Gradients stash exp(x - m) on the way: in out for float32/float64,
        in scratch for 16-bit out. */
     T *stash = NULL;
@@ -358,7 +390,7 @@ static void KFN(ce_hard)(const fx_job *job, int64_t r0, int64_t r1)
         for (; r + 1 < r1; r += 2) {
             const int64_t y[2] = {job->labels[r], job->labels[r + 1]};
             T m[2];
-            double s[2];
+            double s[2] = {0.0, 0.0};
             if (y[0] == job->ignore_index || y[1] == job->ignore_index ||
                 !NM(pair_stats)(job, r, r1, m, s)) {
                 NM(ce_hard_row)(job, r, r1, n, w, eps, W, scratch);
@@ -398,6 +430,8 @@ static int KFN(ce_hard_split)(const fx_job *job, fx_split *sp, int phase)
            whose kept exponentials would come back from memory). */
         sp->xy = (double)XGET((const XT *)job->x + r * job->x_ld, y);
         sp->stash = out && (double)n * sizeof(XT) <= (double)FX_STREAM_BYTES;
+        /* As ce_hard_row (split rows are long, and stashed up to this). */
+        sp->onepass = !out || n <= FX_LSE_MAX_GROUPS * FX_LSE_GROUP;
         return 1;
     }
     case FX_SPLIT_FINISH: {

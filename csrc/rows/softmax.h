@@ -91,7 +91,11 @@ static void NM(blocks_small)(const fx_job *job, int op, int64_t r0, int64_t r1)
         }
         for (int64_t c = 0; c < n; c++) {
             const V v = LOAD(buf + c * VL);
-            STORE(buf + c * VL, op == FX_LOG_SOFTMAX ? NM(lsm_v)(v, m, vk) : v * vk);
+            /* A row without a softmax (k NaN) gets the quiet NaN: which
+               NaN a product keeps depends on the operand order, which the
+               compiler chooses per ISA build. */
+            STORE(buf + c * VL, op == FX_LOG_SOFTMAX ? NM(lsm_v)(v, m, vk)
+                                                     : SEL(SFX(fx_eq)(vk, vk), v * vk, SPLAT(NAN)));
         }
         NM(small_store)(buf, nr, n, (XT *)job->out + r * job->out_ld, job->out_ld);
     }
@@ -100,6 +104,13 @@ static void NM(blocks_small)(const fx_job *job, int op, int64_t r0, int64_t r1)
 FX_INLINE void NM(logsumexp_row)(const fx_job *job, int64_t r, int64_t r1)
 {
     const XT *x = (const XT *)job->x + r * job->x_ld;
+    T b;
+    double s;
+    if (NM(one_pass)(job->n_cols)
+        && NM(row_lse1)(x, job->n_cols, &b, &s, NULL, NM(next_row)(job, r, r1))) {
+        job->row_out[r] = (double)b + log(s);
+        return;
+    }
     const T m = NM(row_max)(x, job->n_cols);
     if (isfinite(m)) {
         job->row_out[r] = (double)m + log(NM(row_sumexp)(x, NULL, job->n_cols, m, NULL, NULL,
@@ -123,7 +134,7 @@ static void KFN(logsumexp)(const fx_job *job, int64_t r0, int64_t r1)
     if (NM(paired)(job, FX_LOGSUMEXP))
         for (; r + 1 < r1; r += 2) {
             T m[2];
-            double s[2];
+            double s[2] = {0.0, 0.0};
             if (NM(pair_stats)(job, r, r1, m, s)) {
                 job->row_out[r] = (double)m[0] + log(s[0]);
                 job->row_out[r + 1] = (double)m[1] + log(s[1]);
@@ -135,19 +146,33 @@ static void KFN(logsumexp)(const fx_job *job, int64_t r0, int64_t r1)
     for (; r < r1; r++) NM(logsumexp_row)(job, r, r1);
 }
 
-/* Row r's log-softmax from its (m, s). */
-FX_INLINE void NM(log_softmax_write)(const fx_job *job, int64_t r, T m, double s, int stream)
+/* Row r's log-softmax (x - m) - l from its max m and l = log(sum_c
+   exp(x_c - m)). */
+FX_INLINE void NM(log_softmax_write)(const fx_job *job, int64_t r, T m, double l, int stream)
 {
     NM(lsm_write)((const XT *)job->x + r * job->x_ld, (XT *)job->out + r * job->out_ld,
-                  job->n_cols, m, (T)log(s), stream);
+                  job->n_cols, m, (T)l, stream);
+}
+
+/* l from the one-pass base b, sum s and max mx: log(s) + (b - mx) (b - mx
+   exact), so that x - mx stays exact for the largest logits. */
+FX_INLINE double NM(lsm_log)(T b, double s, T mx)
+{
+    return log(s) + ((double)b - (double)mx);
 }
 
 FX_INLINE void NM(log_softmax_row)(const fx_job *job, int64_t r, int64_t r1, int stream)
 {
-    T m;
-    const double s = NM(row_stats)((const XT *)job->x + r * job->x_ld, job->n_cols, &m,
-                                   NM(next_row)(job, r, r1));
-    NM(log_softmax_write)(job, r, m, s, stream);
+    const XT *x = (const XT *)job->x + r * job->x_ld;
+    T b, mx;
+    double s;
+    if (NM(one_pass)(job->n_cols)
+        && NM(row_lse1)(x, job->n_cols, &b, &s, &mx, NM(next_row)(job, r, r1))) {
+        NM(log_softmax_write)(job, r, mx, NM(lsm_log)(b, s, mx), stream);
+        return;
+    }
+    const double s2 = NM(row_stats)(x, job->n_cols, &mx, NULL);
+    NM(log_softmax_write)(job, r, mx, log(s2), stream);
 }
 
 static void KFN(log_softmax)(const fx_job *job, int64_t r0, int64_t r1)
@@ -164,10 +189,10 @@ static void KFN(log_softmax)(const fx_job *job, int64_t r0, int64_t r1)
     if (NM(paired)(job, FX_LOG_SOFTMAX))
         for (; r + 1 < r1; r += 2) {
             T m[2];
-            double s[2];
+            double s[2] = {0.0, 0.0};
             if (NM(pair_stats)(job, r, r1, m, s)) {
-                NM(log_softmax_write)(job, r, m[0], s[0], stream);
-                NM(log_softmax_write)(job, r + 1, m[1], s[1], stream);
+                NM(log_softmax_write)(job, r, m[0], log(s[0]), stream);
+                NM(log_softmax_write)(job, r + 1, m[1], log(s[1]), stream);
             } else {
                 NM(log_softmax_row)(job, r, r1, stream);
                 NM(log_softmax_row)(job, r + 1, r1, stream);
@@ -190,17 +215,29 @@ static void KFN(softmax)(const fx_job *job, int64_t r0, int64_t r1)
         const XT *x = (const XT *)job->x + r * job->x_ld;
         XT *out = (XT *)job->out + r * job->out_ld;
 #if !X16
+        /* One pass keeps each group's exp(x - b_g) in out; group_write
+           scales them. A row without a softmax is NaN (out may be x). */
+        if (NM(one_pass)(n) && n <= FX_LSE_MAX_GROUPS * FX_LSE_GROUP) {
+            T bases[FX_LSE_MAX_GROUPS], b;
+            double s;
+            if (NM(row_lse1_st)(x, n, &b, &s, out, bases, NM(next_row)(job, r, r1)))
+                NM(group_write)(x, out, NULL, n, b, bases, 1.0 / s, 0.0, out);
+            else NM(row_nan)(out, n);
+            continue;
+        }
         /* Stash exp(x - m) in out, then scale: one exp per element. */
         const T mm = NM(row_max)(x, n);
         if (isfinite(mm)) {
             const double s = NM(row_sumexp)(x, NULL, n, mm, NULL, out, NM(next_row)(job, r, r1));
-            NM(grad_write)(x, out, NULL, n, mm, (T)(1.0 / s), 0, out);
+            if (isnan(s)) NM(row_nan)(out, n);
+            else NM(grad_write)(x, out, NULL, n, mm, (T)(1.0 / s), 0, out);
             continue;
         }
 #endif
         T m;
         const double s = NM(row_stats)(x, n, &m, NULL);
-        NM(grad_write)(x, out, NULL, n, m, (T)(1.0 / s), 0, NULL);
+        if (isnan(s)) NM(row_nan)(out, n); /* as blocks_small */
+        else NM(grad_write)(x, out, NULL, n, m, (T)(1.0 / s), 0, NULL);
     }
 }
 
@@ -217,6 +254,9 @@ FX_INLINE int NM(blocks_split)(const fx_job *job, fx_split *sp, int phase, int o
            kernel, except for rows too big for the cache. */
         sp->stash = op == FX_SOFTMAX && !X16
                     && (double)job->n_cols * sizeof(XT) <= (double)FX_STREAM_BYTES;
+        /* As the row kernels: softmax in one pass where it stashes. */
+        sp->onepass = op != FX_SOFTMAX
+                      || (!X16 && job->n_cols <= FX_LSE_MAX_GROUPS * FX_LSE_GROUP);
         return 1;
     case FX_SPLIT_FINISH:
         if (op == FX_LOGSUMEXP) {
@@ -224,7 +264,8 @@ FX_INLINE int NM(blocks_split)(const fx_job *job, fx_split *sp, int phase, int o
             return 0;
         }
         sp->lsm = op == FX_LOG_SOFTMAX;
-        sp->k1 = sp->lsm ? log(sp->s) : 1.0 / sp->s;
+        sp->k1 = sp->lsm ? NM(lsm_log)((T)sp->m, sp->s, (T)sp->mx) : 1.0 / sp->s;
+        if (sp->lsm) sp->m = sp->mx;
         sp->k2 = 0.0;
         return 1;
     default:

@@ -146,6 +146,161 @@ FX_INLINE double NM(chunk_sumexp)(const XT *x, int64_t c0, int64_t c1, V vm, T *
     return NM(chunk_sumexp_)(x, c0, c1, vm, NULL, pf, NULL, vm, NULL, NULL);
 }
 
+/* ------------------------------------------------------------------------
+ * One-pass statistics. A row read twice (its max from memory, then its
+ * exponentials from cache) costs the read plus the exps, where the bound is
+ * the larger of the two. Here each group of FX_LSE_GROUP elements sums
+ * exp(x - b) for a base b, first the max of its first vector, raised (and
+ * the partial sums and kept exponentials multiplied by exp(b_old - b_new))
+ * only when an element exceeds it by more than FX_LSE_T: on any group
+ * whose elements rise less than FX_LSE_T above its first vector, never.
+ * Every term stays below exp(FX_LSE_T), far from overflow; losses and
+ * logsumexp are exact for any base (log s - (x_y - b)). A base is always
+ * one of the row's values, so a row whose other classes are all -inf still
+ * sums exp(0) = 1 exactly. Within a group the sums run in chunks of CHUNK,
+ * as everywhere. The base and every rescale depend only on the group's
+ * values, and groups are merged in order (fx_lse_merge), so the bits are
+ * the same on every ISA and for any split of the row across threads (which
+ * splits at group boundaries).
+ * ---------------------------------------------------------------------- */
+
+FX_INLINE V NM(lse_floor)(void)
+{
+    return SPLAT(sizeof(T) == 4 ? (T)-FLT_MAX : (T)-DBL_MAX);
+}
+
+/* The max of candidates v (NaN-free): the lowest finite value when every
+   lane is -inf, so that exp(x - b) of a -inf element is 0 and any finite
+   one raises the base. */
+FX_INLINE T NM(lse_base)(V v)
+{
+    return HMAX(v);
+}
+
+/* The new base when some element of x0, x1 exceeds b by more than
+   FX_LSE_T, with the vector sums a0, a1, the group's double sum *s and the
+   exponentials kept in st[g0, i) scaled to it. A NaN never raises (it
+   compares false); +inf makes the base +inf, whose row the callers send to
+   row_max's rules. */
+FX_INLINE T NM(lse_raise)(T b, V x0, V x1, ACC *a0, ACC *a1, double *s, T *st, int64_t g0,
+                          int64_t i)
+{
+    const V lo = NM(lse_floor)();
+    const T nb = NM(lse_base)(VMAX(VMAX(lo, x0), x1));
+    const V f = EXPM(SPLAT(b - nb));
+    *a0 = AINIT(AGET(*a0) * f);
+    *a1 = AINIT(AGET(*a1) * f);
+    *s *= (double)f[0];
+    if (st)
+        for (int64_t j = g0; j < i; j++) st[j] *= f[0];
+    return nb;
+}
+
+/* s = sum of exp(x_c - *b) over group [g0, g1) (g1 - g0 <= FX_LSE_GROUP),
+   with its base *b (see above); st, when not NULL, keeps exp(x_c - *b);
+   mp, when not NULL, gets the group's max (row_max's rule: NaN skipped).
+   pf: the row to prefetch, or NULL. */
+FX_INLINE double NM(group_lse)(const XT *x, int64_t g0, int64_t g1, T *bp, T *mp, T *st,
+                               const char *pf)
+{
+    const V lo = NM(lse_floor)();
+    const int64_t k0 = g1 - g0 < VL ? g1 - g0 : VL;
+    const V first = k0 == VL ? XLOAD(x + g0) : XLOAD_TAIL(x + g0, k0, -INFINITY);
+    T b = NM(lse_base)(VMAX(lo, first));
+    V vb = SPLAT(b);
+    ACC mx = AINIT(SPLAT(-INFINITY));
+    double s = 0.0;
+    for (int64_t c0 = g0; c0 < g1; c0 += CHUNK) {
+        const int64_t c1 = c0 + CHUNK < g1 ? c0 + CHUNK : g1;
+        ACC a0 = AINIT(SPLAT(0)), a1 = a0;
+        int64_t i = c0;
+        for (; i + 2 * VL <= c1; i += 2 * VL) {
+            if (pf) {
+                NM(prefetch)(pf, i);
+                NM(prefetch)(pf, i + VL);
+            }
+            const V x0 = XLOAD(x + i), x1 = XLOAD(x + i + VL);
+            if (mp) mx = AMAX(AMAX(mx, x0), x1);
+            V z0 = x0 - vb, z1 = x1 - vb;
+            if (__builtin_expect(SFX(fx_any_above2)(z0, z1, (T)FX_LSE_T), 0)) {
+                b = NM(lse_raise)(b, x0, x1, &a0, &a1, &s, st, g0, i);
+                vb = SPLAT(b);
+                z0 = x0 - vb;
+                z1 = x1 - vb;
+            }
+            const V e0 = EXPM(z0), e1 = EXPM(z1);
+            a0 = AADD(a0, e0);
+            a1 = AADD(a1, e1);
+            if (st) { /* see fx_store_union */
+                SFX(fx_store_union)(st + i, e0);
+                SFX(fx_store_union)(st + i + VL, e1);
+            }
+        }
+        for (; i < c1; i += VL) {
+            const int64_t k = c1 - i < VL ? c1 - i : VL;
+            const V xv = k == VL ? XLOAD(x + i) : XLOAD_TAIL(x + i, k, -INFINITY);
+            if (mp) mx = AMAX(mx, xv);
+            V z = xv - vb;
+            if (SFX(fx_any_above2)(z, z, (T)FX_LSE_T)) {
+                b = NM(lse_raise)(b, xv, lo, &a0, &a1, &s, st, g0, i);
+                vb = SPLAT(b);
+                z = xv - vb;
+            }
+            const V e = EXPM(z);
+            a0 = AADD(a0, e);
+            if (st) {
+                if (k == VL) STORE(st + i, e);
+                else STORE_TAIL(st + i, e, k);
+            }
+        }
+        s += HSUM(AGET(a0) + AGET(a1));
+    }
+    *bp = b;
+    if (mp) *mp = HMAX(AGET(mx)) + (T)0;
+    return s;
+}
+
+/* One-pass (m, s) of a row: s = sum_c exp(x_c - m) for a base m (one of
+   the row's values, within FX_LSE_T of its max), groups merged by
+   fx_lse_merge in order; mx, when not NULL, gets the row's max. Returns 0
+   for a row without a finite base and a positive finite sum (a +inf, NaN
+   or all -inf row: one without a softmax): the callers take row_max's path
+   there, whose IEEE rules they document. */
+FX_INLINE int NM(row_lse1_)(const XT *x, int64_t n, T *m, double *s, T *mx, T *st, T *bases,
+                             const char *pf)
+{
+    double B = -INFINITY, S = 0.0;
+    T M = -INFINITY;
+    for (int64_t g0 = 0; g0 < n; g0 += FX_LSE_GROUP) {
+        const int64_t g1 = g0 + FX_LSE_GROUP < n ? g0 + FX_LSE_GROUP : n;
+        T b, gm;
+        const double gs = NM(group_lse)(x, g0, g1, &b, mx ? &gm : NULL, st, pf);
+        if (bases) bases[g0 / FX_LSE_GROUP] = b;
+        fx_lse_merge(&B, &S, (double)b, gs);
+        if (mx && gm > M) M = gm;
+    }
+    if (!(isfinite(B) && S > 0 && S < INFINITY)) return 0;
+    *m = (T)B;
+    *s = S;
+    if (mx) *mx = M;
+    return 1;
+}
+
+FX_INLINE int NM(row_lse1)(const XT *x, int64_t n, T *m, double *s, T *mx, const char *pf)
+{
+    return NM(row_lse1_)(x, n, m, s, mx, NULL, NULL, pf);
+}
+
+/* row_lse1 for a row with an output (n <= FX_LSE_MAX_GROUPS groups): st
+   keeps each group's exp(x - b_g), bases[g] gets b_g. st may be x itself;
+   then a refused row (return 0) has lost its values, and the caller
+   writes the no-softmax output (NaN) without reading them again. */
+FX_INLINE int NM(row_lse1_st)(const XT *x, int64_t n, T *m, double *s, T *st, T *bases,
+                              const char *pf)
+{
+    return NM(row_lse1_)(x, n, m, s, NULL, st, bases, pf);
+}
+
 /* Rows of up to PAIR_BYTES are taken two at a time by the forward row
    kernels: at these lengths the latency of one row's max -> exp -> sum ->
    log chain is about as long as its arithmetic, and two independent rows
@@ -161,6 +316,17 @@ FX_INLINE int NM(paired)(const fx_job *job, int op)
 {
     const int64_t bytes = job->n_cols * (int64_t)sizeof(XT);
     return op == FX_LOG_SOFTMAX ? bytes < PAIR_BYTES : bytes <= PAIR_BYTES;
+}
+
+/* Whether a row's statistics come from one pass (row_lse1): rows longer
+   than PAIR_BYTES. A shorter row's second pass reads L1, so one pass saves
+   little, and it would lose the pairs' overlap of two rows' chains and the
+   exact max (float32 32768 x 128, one pass: loss 1.07x, log_softmax 1.19x
+   the time of pairs). Every path of a row (alone, paired, split) decides
+   the same way, from n alone. */
+FX_INLINE int NM(one_pass)(int64_t n)
+{
+    return n * (int64_t)sizeof(XT) > PAIR_BYTES;
 }
 
 /* Maxima of rows a and b (row_max's value for each). */

@@ -78,6 +78,32 @@ FX_INLINE void NM(grad_write)(const XT *x, XT *out, const T *w, int64_t n, T m, 
     });
 }
 
+/* grad_write for a one-pass row (row_lse1_st): group g's exponentials in
+   st are exp(x - bases[g]), so its coefficient is k1 rescaled from the row
+   base B (fx_lse_rescale); rounded as the split driver rounds it. */
+FX_INLINE void NM(group_write)(const XT *x, XT *out, const T *w, int64_t n, T B, const T *bases,
+                               double k1, double k2, const T *st)
+{
+    for (int64_t g0 = 0; g0 < n; g0 += FX_LSE_GROUP) {
+        const int64_t len = g0 + FX_LSE_GROUP < n ? FX_LSE_GROUP : n - g0;
+        const double b = (double)bases[g0 / FX_LSE_GROUP];
+        const T k1g = (T)fx_lse_rescale(k1, b, (double)B);
+        if (w) NM(grad_write)(x + g0, out + g0, w + g0, len, (T)b, k1g, (T)k2, st + g0);
+        else NM(grad_write)(x + g0, out + g0, NULL, len, (T)b, k1g, (T)k2, st + g0);
+    }
+}
+
+/* The output of a row without a softmax (a +inf, NaN or all -inf row) on
+   the one-pass paths: the quiet NaN everywhere. */
+FX_INLINE void NM(row_nan)(XT *out, int64_t n)
+{
+    const V v = SPLAT(NAN);
+    FX_LANES(i, 0, n, k, {
+        if (k == VL) XSTORE(out + i, v);
+        else XSTORE_TAIL(out + i, v, k);
+    });
+}
+
 FX_INLINE void NM(row_zero)(XT *out, int64_t n)
 {
     memset(out, 0, (size_t)n * sizeof(XT)); /* +0 in every storage type */

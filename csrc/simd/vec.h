@@ -16,6 +16,7 @@
 
 #include <stdint.h>
 #include <string.h>
+#include <float.h>
 #include <math.h>
 
 #define FX_VBYTES 64
@@ -88,19 +89,6 @@ FX_DEFINE_CMP(f64, fx_vf64, fx_vi64, fx_nf64, fx_ni64, eq, ==)
 /* Integer compares go the same way (the 16-bit stores' rounding). */
 FX_DEFINE_CMP(i32, fx_vi32, fx_vi32, fx_ni32, fx_ni32, lt, <)
 
-/* Whether any lane of a comparison result is set. */
-FX_INLINE int fx_any_f32(fx_vi32 m)
-{
-    int any = 0;
-    for (int j = 0; j < 16; j++) any |= m[j] != 0;
-    return any;
-}
-FX_INLINE int fx_any_f64(fx_vi64 m)
-{
-    int any = 0;
-    for (int j = 0; j < 8; j++) any |= m[j] != 0;
-    return any;
-}
 
 /* Streaming (non-temporal) stores of a 64-byte vector to a 64-byte
    aligned address: large outputs are written without first reading their
@@ -134,7 +122,97 @@ FX_INLINE void fx_stream_f64(double *p, fx_vf64 v)
 #endif
 }
 FX_INLINE void fx_stream_fence(void) { _mm_sfence(); }
+
+/* Whether any lane of a comparison result (all bits set or none) is set:
+   one test of the native parts (a lane loop was scalarised by GCC). */
+FX_INLINE int fx_any_f32(fx_vi32 m)
+{
+#if defined(__AVX512F__)
+    return _mm512_test_epi32_mask((__m512i)m, (__m512i)m) != 0;
+#elif defined(__AVX2__)
+    union { fx_vi32 v; __m256i h[2]; } u = {m};
+    const __m256i o = _mm256_or_si256(u.h[0], u.h[1]);
+    return !_mm256_testz_si256(o, o);
 #else
+    union { fx_vi32 v; __m128i q[4]; } u = {m};
+    const __m128i o = _mm_or_si128(_mm_or_si128(u.q[0], u.q[1]), _mm_or_si128(u.q[2], u.q[3]));
+    return _mm_movemask_epi8(o) != 0;
+#endif
+}
+FX_INLINE int fx_any_f64(fx_vi64 m)
+{
+    return fx_any_f32((fx_vi32)m);
+}
+
+/* Whether any lane of a or b is above t (NaN never is), as one branch on
+   the native compare masks: the generic fx_any of a compare result was
+   scalarised by GCC into a chain of 16 extracts. */
+FX_INLINE int fx_any_above2_f32(fx_vf32 a, fx_vf32 b, float t)
+{
+#if defined(__AVX512F__)
+    const __m512 vt = _mm512_set1_ps(t);
+    return (_mm512_cmp_ps_mask((__m512)a, vt, _CMP_GT_OQ) | _mm512_cmp_ps_mask((__m512)b, vt, _CMP_GT_OQ)) != 0;
+#elif defined(__AVX__)
+    union { fx_vf32 v; __m256 h[2]; } ua = {a}, ub = {b};
+    const __m256 vt = _mm256_set1_ps(t);
+    const __m256 o = _mm256_or_ps(_mm256_or_ps(_mm256_cmp_ps(ua.h[0], vt, _CMP_GT_OQ), _mm256_cmp_ps(ua.h[1], vt, _CMP_GT_OQ)),
+                                  _mm256_or_ps(_mm256_cmp_ps(ub.h[0], vt, _CMP_GT_OQ), _mm256_cmp_ps(ub.h[1], vt, _CMP_GT_OQ)));
+    return _mm256_movemask_ps(o) != 0;
+#else
+    union { fx_vf32 v; __m128 q[4]; } ua = {a}, ub = {b};
+    const __m128 vt = _mm_set1_ps(t);
+    __m128 o = _mm_setzero_ps();
+    for (int k = 0; k < 4; k++) o = _mm_or_ps(o, _mm_or_ps(_mm_cmpgt_ps(ua.q[k], vt), _mm_cmpgt_ps(ub.q[k], vt)));
+    return _mm_movemask_ps(o) != 0;
+#endif
+}
+FX_INLINE int fx_any_above2_f64(fx_vf64 a, fx_vf64 b, double t)
+{
+#if defined(__AVX512F__)
+    const __m512d vt = _mm512_set1_pd(t);
+    return (_mm512_cmp_pd_mask((__m512d)a, vt, _CMP_GT_OQ) | _mm512_cmp_pd_mask((__m512d)b, vt, _CMP_GT_OQ)) != 0;
+#elif defined(__AVX__)
+    union { fx_vf64 v; __m256d h[2]; } ua = {a}, ub = {b};
+    const __m256d vt = _mm256_set1_pd(t);
+    const __m256d o = _mm256_or_pd(_mm256_or_pd(_mm256_cmp_pd(ua.h[0], vt, _CMP_GT_OQ), _mm256_cmp_pd(ua.h[1], vt, _CMP_GT_OQ)),
+                                   _mm256_or_pd(_mm256_cmp_pd(ub.h[0], vt, _CMP_GT_OQ), _mm256_cmp_pd(ub.h[1], vt, _CMP_GT_OQ)));
+    return _mm256_movemask_pd(o) != 0;
+#else
+    union { fx_vf64 v; __m128d q[4]; } ua = {a}, ub = {b};
+    const __m128d vt = _mm_set1_pd(t);
+    __m128d o = _mm_setzero_pd();
+    for (int k = 0; k < 4; k++) o = _mm_or_pd(o, _mm_or_pd(_mm_cmpgt_pd(ua.q[k], vt), _mm_cmpgt_pd(ub.q[k], vt)));
+    return _mm_movemask_pd(o) != 0;
+#endif
+}
+#else
+
+/* Whether any lane of a comparison result is set. */
+FX_INLINE int fx_any_f32(fx_vi32 m)
+{
+    int any = 0;
+    for (int j = 0; j < 16; j++) any |= m[j] != 0;
+    return any;
+}
+FX_INLINE int fx_any_f64(fx_vi64 m)
+{
+    int any = 0;
+    for (int j = 0; j < 8; j++) any |= m[j] != 0;
+    return any;
+}
+
+FX_INLINE int fx_any_above2_f32(fx_vf32 a, fx_vf32 b, float t)
+{
+    int any = 0;
+    for (int j = 0; j < 16; j++) any |= (a[j] > t) | (b[j] > t);
+    return any;
+}
+FX_INLINE int fx_any_above2_f64(fx_vf64 a, fx_vf64 b, double t)
+{
+    int any = 0;
+    for (int j = 0; j < 8; j++) any |= (a[j] > t) | (b[j] > t);
+    return any;
+}
 
 FX_INLINE void fx_stream_f32(float *p, fx_vf32 v) { memcpy(p, &v, sizeof v); }
 FX_INLINE void fx_stream_f64(double *p, fx_vf64 v) { memcpy(p, &v, sizeof v); }

@@ -1,0 +1,152 @@
+"""One-pass row statistics (csrc/rows/stats.h, group_lse): the loss,
+logsumexp and log_softmax read a row once, summing exp(x - b) for a base b
+that is raised only when an element exceeds it by more than FX_LSE_T (16).
+
+These rows make the base move: ramps (a raise every few vectors), late
+spikes, a first vector of -inf, huge offsets, values near the float range,
++inf and NaN after the first vector. Each is checked against the reference
+and for the same bits on every ISA, thread count and row split (rows of
+65536 or more classes split across threads when there are fewer rows than
+threads, at group boundaries)."""
+import numpy as np
+import pytest
+
+import fastxent
+from fastxent import _core, reference
+from conftest import assert_bitwise_equal, assert_close, compute_dtype, each_isa
+
+# 16 classes a vector (float32), 4096 a group: widths inside one vector,
+# one chunk, one group, and several groups (70000 splits across threads).
+WIDTHS = (40, 1000, 5000, 70000)
+
+
+def _row(kind, n, rng):
+    if kind == "ramp":  # every pair of vectors raises the base
+        return np.arange(n) * 0.75
+    if kind == "ramp_down":
+        return -np.arange(n) * 0.75
+    if kind == "late_spike":  # one raise, far into the row (another group for n > 4096)
+        x = rng.standard_normal(n)
+        x[(2 * n) // 3] = 60.0
+        x[n // 5] = 30.0
+        return x
+    if kind == "masked":  # -inf but the target: the loss must be exactly 0
+        x = np.full(n, -np.inf)
+        x[n - 3] = 0.5
+        return x
+    if kind == "masked_first_vector":
+        x = rng.standard_normal(n)
+        x[:16] = -np.inf
+        return x
+    if kind == "offset":  # every logit shares a large offset
+        return 1e4 + rng.standard_normal(n)
+    if kind == "huge":  # near the float32 range: bases must not overflow
+        x = rng.uniform(0, 3e38, n)
+        x[n // 2] = 3.4e38
+        return x
+    if kind == "posinf_late":
+        x = rng.standard_normal(n)
+        x[n - 1] = np.inf
+        return x
+    if kind == "nan_late":
+        x = rng.standard_normal(n)
+        x[n - 2] = np.nan
+        return x
+    if kind == "wide_range":
+        return rng.standard_normal(n) * 40
+    raise ValueError(kind)
+
+
+KINDS = ("ramp", "ramp_down", "late_spike", "masked", "masked_first_vector", "offset", "huge",
+         "posinf_late", "nan_late", "wide_range")
+
+
+def _batch(n, dtype, rng):
+    with np.errstate(over="ignore"):  # float16: the huge row is +inf
+        x = np.stack([_row(k, n, rng) for k in KINDS]).astype(dtype)
+    y = rng.integers(0, n, len(KINDS))
+    y[KINDS.index("masked")] = n - 3
+    return x, y
+
+
+def _results(x, y, threads):
+    kw = {"num_threads": threads}
+    loss, grad = fastxent.cross_entropy_with_grad(x, y, reduction="none", **kw)
+    inplace = x.copy()
+    loss_ip, _ = fastxent.cross_entropy_with_grad(inplace, y, reduction="none", out=inplace, **kw)
+    return {
+        "ce": fastxent.cross_entropy(x, y, reduction="none", **kw),
+        "lse": fastxent.logsumexp(x, **kw),
+        "log_softmax": fastxent.log_softmax(x, **kw),
+        "softmax": fastxent.softmax(x, **kw),
+        "fused_loss": loss,
+        "fused_grad": grad,
+        "fused_loss_inplace": loss_ip,
+        "fused_grad_inplace": inplace,
+    }
+
+
+@pytest.mark.parametrize("n", WIDTHS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_against_the_reference(n, dtype, isa, rng):
+    x, y = _batch(n, dtype, rng)
+    ct = compute_dtype(dtype)
+    got = _results(x, y, 1)
+    ref_ce = reference.cross_entropy(x, y, reduction="none")
+    ref_lse = reference.logsumexp(x)
+    ref_lsm = reference.log_softmax(x)
+    ref_sm = reference.softmax(x)
+    _, ref_grad = reference.cross_entropy_with_grad(x, y, reduction="none")
+    huge = KINDS.index("huge")
+    for i, kind in enumerate(KINDS):
+        # Losses of rows whose logits are ~1e38 apart are ~1e38: scale by the row.
+        scale = max(1.0, float(np.nanmax(np.abs(x[i][np.isfinite(x[i])]), initial=0.0))) if i == huge else 1.0
+        what = f"{kind} n={n} {isa}"
+        assert_close(got["ce"][i], ref_ce[i], ct, scale=scale, what="ce " + what)
+        assert_close(got["lse"][i], ref_lse[i], ct, scale=scale, what="lse " + what)
+        assert_close(got["log_softmax"][i], ref_lsm[i], ct, scale=scale, ulps=16,
+                     what="log_softmax " + what)
+        assert_close(got["softmax"][i], ref_sm[i], ct, scale=1.0 / n, ulps=16, what="softmax " + what)
+        assert_close(got["fused_loss"][i], ref_ce[i], ct, scale=scale, what="fused loss " + what)
+        assert_close(got["fused_grad"][i], ref_grad[i], ct, scale=1.0 / n, ulps=16,
+                     what="fused grad " + what)
+        for key in ("fused_loss", "fused_grad"):
+            assert_bitwise_equal(got[key + "_inplace"][i], got[key][i], what=f"{key} in place {what}")
+    assert got["ce"][KINDS.index("masked")] == 0.0
+
+
+@pytest.mark.parametrize("n", WIDTHS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_same_bits_on_every_isa_and_thread_count(n, dtype, rng):
+    x, y = _batch(n, dtype, rng)
+    baseline = None
+    for name in each_isa():
+        for threads in (1, 2, 3):
+            res = _results(x, y, threads)
+            # One row at a time: a row alone with several threads is split.
+            for i in (0, 2, 4, 7):
+                for key, value in _results(x[i : i + 1], y[i : i + 1], threads).items():
+                    res[f"{key}_row{i}"] = value
+            if baseline is None:
+                baseline = res
+                continue
+            for key, value in res.items():
+                assert_bitwise_equal(value, baseline[key], what=f"{key} n={n} isa={name} threads={threads}")
+    for i in (0, 2, 4, 7):
+        for key in ("ce", "lse", "log_softmax", "softmax", "fused_loss", "fused_grad"):
+            assert_bitwise_equal(baseline[f"{key}_row{i}"], baseline[key][i : i + 1], what=f"{key} row {i} alone")
+
+
+def test_exp_kernel_above_zero_within_an_ulp():
+    """The one-pass sums evaluate exp at arguments up to FX_LSE_T = 16."""
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.uniform(0, 16, 2_000_000), np.linspace(0, 16, 100_001)]).astype(np.float32)
+    got = _core.expm(x).astype(np.float64)
+    ref = np.exp(x.astype(np.float64))
+    ulp = np.spacing(ref.astype(np.float32)).astype(np.float64)
+    assert np.max(np.abs(got - ref) / ulp) <= 1.0
+    x64 = rng.uniform(0, 16, 1_000_000)
+    got64 = _core.expm(x64)
+    assert np.max(np.abs(got64 - np.exp(x64)) / np.exp(x64)) <= 2.5 * np.finfo(np.float64).eps
+    for name in each_isa():
+        assert_bitwise_equal(_core.expm(x), got.astype(np.float32), what=name)
