@@ -243,7 +243,9 @@ static __attribute__((noinline)) void NM(ce_small_group)(const fx_job *job, int6
 }
 
 #define SMALL_PAIR 16
-static void NM(ce_hard_small)(const fx_job *job, int64_t r0, int64_t r1)
+/* Not inlined into ce_hard: the one-pass row code there changed the small
+   loops' register allocation (65536 x 10 float32: 1.1x slower inlined). */
+static __attribute__((noinline)) void NM(ce_hard_small)(const fx_job *job, int64_t r0, int64_t r1)
 {
     const int64_t n = job->n_cols;
     T ba[SMALL_C * VL], bb[SMALL_C * VL], ea[SMALL_C * VL], eb[SMALL_C * VL];
