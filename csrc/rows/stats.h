@@ -5,7 +5,8 @@
  *
  * Each row kernel reads one row of n contiguous elements; a row is visited
  * at most three times (max, sum of exponentials, write) and stays in cache
- * between visits. Nothing is allocated and no N x C temporary exists:
+ * between visits. Rows over PAIR_BYTES skip the max visit (one_pass,
+ * group_lse below): their sums are taken against a base, not the max. Nothing is allocated and no N x C temporary exists:
  * losses come from the row statistics
  *     m = max_c x_c,   s = sum_c exp(x_c - m)
  * as  -log p_y = log(s) - (x_y - m)      (never lse - x_y, which loses all

@@ -1,5 +1,5 @@
 /*
- * expm.h - exp(x) for x <= 0, the only range softmax ever needs.
+ * expm.h - exp(x) for x <= 16: the range the softmax sums need.
  *
  * Branch-free and lanewise, so it vectorises on every ISA and gives the same
  * bits on all of them (no FMA: the build disables contraction).
@@ -27,7 +27,10 @@
  * sum that holds the row maximum's term exp(0) = 1. NaN passes through.
  * Only inputs within about 0.7 of the cutoff meet subnormal intermediates
  * (s * r), which cost some CPUs (Zen 3) a slow path.
- * Inputs above 0 are outside the contract (callers subtract the row max).
+ * Inputs up to FX_LSE_T (16) are also in range: the one-pass row sums
+ * (rows/stats.h) subtract a base that may sit up to 16 below an element;
+ * the same reduction holds there (within 1 ulp in float32, tested).
+ * Larger positive inputs are outside the contract.
  */
 #ifndef FASTXENT_EXPM_H
 #define FASTXENT_EXPM_H

@@ -835,7 +835,7 @@ cdef object _probe(cnp.ndarray x, _vec_f32 f32, _vec_f64 f64, str name):
 
 
 def expm(cnp.ndarray x):
-    """The active ISA's exp kernel for x <= 0 (expm.h), for accuracy tests."""
+    """The active ISA's exp kernel for x <= 16 (expm.h), for accuracy tests."""
     return _probe(x, fx_expm_f32_array, fx_expm_f64_array, "expm")
 
 
