@@ -90,7 +90,7 @@ FX_INLINE int64_t NM(opts_first_eq)(const XT *x, int64_t c0, int64_t c1, V v)
     for (int64_t i = c0; i < c1; i += VL) {
         const int64_t k = c1 - i < VL ? c1 - i : VL;
         const VI eq = SFX(fx_eq)(k == VL ? XLOAD(x + i) : XLOAD_TAIL(x + i, k, NAN), v);
-        if (SFX(fx_anyq)(eq))
+        if (SFX(fx_any)(eq))
             for (int j = 0; j < VL; j++)
                 if (eq[j]) return i + j;
     }
@@ -126,7 +126,7 @@ FX_INLINE double NM(opts_sums)(const XT *x, const T *t, const T *w, int64_t n, T
             /* before st, which may be x, is written */
             if (found < 0) {
                 const VI eq = SFX(fx_eq)(xv, vxm);
-                if (SFX(fx_anyq)(eq))
+                if (SFX(fx_any)(eq))
                     for (int j = 0; j < VL; j++)
                         if (eq[j]) {
                             found = i + j;

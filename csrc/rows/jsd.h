@@ -82,7 +82,7 @@ FX_INLINE V NM(jsd_teacher)(int kind, const T *t, int64_t i, int64_t k, V vinv, 
     V tv = k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, kind == FX_KL_PROBS ? 0 : -INFINITY);
     if (kind == FX_KL_LOG_PROBS) {
         /* log P <= 0 (NaN fails too): exp by the vector kernel */
-        if (!SFX(fx_anyq)(SFX(fx_lt)(zero, tv) | ~SFX(fx_eq)(tv, tv))) {
+        if (!SFX(fx_any)(SFX(fx_lt)(zero, tv) | ~SFX(fx_eq)(tv, tv))) {
             *p = EXPM(tv);
         } else {
             *p = tv;
@@ -95,7 +95,7 @@ FX_INLINE V NM(jsd_teacher)(int kind, const T *t, int64_t i, int64_t k, V vinv, 
     const V ts = SEL(z0, SPLAT(1), tv);
     const VI ok = SFX(fx_lt)(ts, SPLAT(INFINITY)) & ~SFX(fx_lt)(ts, SPLAT(sizeof(T) == 4 ? 0x1p-126f : 0x1p-1022));
     *p = tv;
-    if (!SFX(fx_anyq)(~ok)) return SEL(z0, ninf, SFX(fx_log_pos)(ts));
+    if (!SFX(fx_any)(~ok)) return SEL(z0, ninf, SFX(fx_log_pos)(ts));
     V y = ninf;
     for (int j = 0; j < VL; j++) y[j] = (T)log((double)tv[j]);
     return y;

@@ -271,6 +271,9 @@ FX_INLINE int NM(blocks_split)(const fx_job *job, fx_split *sp, int phase, int o
         sp->k1 = sp->lsm ? NM(lsm_log)((T)sp->m, sp->s, (T)sp->mx) : 1.0 / sp->s;
         if (sp->lsm) sp->m = sp->mx;
         sp->k2 = 0.0;
+        /* softmax of a row without a softmax: the quiet NaN, as the row
+           kernel writes it (e k1 would keep the input NaN's sign). */
+        if (op == FX_SOFTMAX && isnan(sp->s)) sp->nan = 1;
         return 1;
     default:
         return 0;

@@ -5,8 +5,9 @@
  *
  * Each row kernel reads one row of n contiguous elements; a row is visited
  * at most three times (max, sum of exponentials, write) and stays in cache
- * between visits. Rows over PAIR_BYTES skip the max visit (one_pass,
- * group_lse below): their sums are taken against a base, not the max. Nothing is allocated and no N x C temporary exists:
+ * between visits. Rows over PAIR_BYTES skip the max visit before the sums
+ * (one_pass, group_lse below): their sums are taken against a base, not
+ * the max (log_softmax reads the max afterwards, from cache). Nothing is allocated and no N x C temporary exists:
  * losses come from the row statistics
  *     m = max_c x_c,   s = sum_c exp(x_c - m)
  * as  -log p_y = log(s) - (x_y - m)      (never lse - x_y, which loses all
@@ -178,6 +179,12 @@ FX_INLINE T NM(lse_base)(V v)
     return HMAX(v);
 }
 
+/* Each raise rescales the exponentials kept so far in the group: a row
+   rising by more than FX_LSE_T every vector pair (a span of thousands)
+   costs up to a multiply per kept element per raise; real logits raise a
+   few times per row at most. The factor is formed in T: terms more than
+   87 below the new base (float32) become 0, so probabilities below about
+   1e-31 may be flushed on these rows (1e-38 on the two-pass rows). */
 /* The new base when some element of x0, x1 exceeds b by more than
    FX_LSE_T, with the vector sums a0, a1, the group's double sum *s and the
    exponentials kept in st[g0, i) scaled to it. A NaN never raises (it

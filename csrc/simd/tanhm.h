@@ -35,39 +35,6 @@
 
 #define FX_TANH_SMALL 0.625
 
-/* Whether any lane of a comparison mask (lanes all ones or zero) is set, in
-   one test where the ISA has one: vec.h's fx_any reduces the lanes by a
-   tree of ORs, a dozen dependent instructions, and soft-capping asks twice
-   per vector (the argmax of rows/ce_opts.h once). Only a decision: no
-   lane's value depends on it. */
-#if defined(__AVX512F__)
-FX_INLINE int fx_anyq_f32(fx_vi32 m) { return _mm512_test_epi32_mask((__m512i)m, (__m512i)m) != 0; }
-FX_INLINE int fx_anyq_f64(fx_vi64 m) { return _mm512_test_epi64_mask((__m512i)m, (__m512i)m) != 0; }
-#elif defined(__AVX2__)
-#define FX_DEFINE_ANYQ(SFX, VI)                                                \
-    FX_INLINE int fx_anyq_##SFX(VI m)                                          \
-    {                                                                          \
-        union { VI v; __m256i h[2]; } u = {m};                                 \
-        const __m256i o = _mm256_or_si256(u.h[0], u.h[1]);                     \
-        return !_mm256_testz_si256(o, o);                                      \
-    }
-FX_DEFINE_ANYQ(f32, fx_vi32)
-FX_DEFINE_ANYQ(f64, fx_vi64)
-#elif defined(__SSE2__)
-#define FX_DEFINE_ANYQ(SFX, VI)                                                \
-    FX_INLINE int fx_anyq_##SFX(VI m)                                          \
-    {                                                                          \
-        union { VI v; __m128i q[4]; } u = {m};                                 \
-        const __m128i o = _mm_or_si128(_mm_or_si128(u.q[0], u.q[1]), _mm_or_si128(u.q[2], u.q[3])); \
-        return _mm_movemask_epi8(o) != 0;                                      \
-    }
-FX_DEFINE_ANYQ(f32, fx_vi32)
-FX_DEFINE_ANYQ(f64, fx_vi64)
-#else
-FX_INLINE int fx_anyq_f32(fx_vi32 m) { return fx_any_f32(m); }
-FX_INLINE int fx_anyq_f64(fx_vi64 m) { return fx_any_f64(m); }
-#endif
-
 FX_INLINE fx_vf32 fx_tanh_poly_f32(fx_vf32 a)
 {
     const fx_vf32 z = a * a;
@@ -111,8 +78,8 @@ FX_INLINE fx_vf64 fx_tanh_poly_f64(fx_vf64 a)
         const V a = (V)((VU)x & ~SIGN);                                        \
         const VI small = fx_lt_##SFX(a, fx_splat_##SFX(FX_TANH_SMALL));        \
         V t;                                                                   \
-        if (!fx_anyq_##SFX(~small)) t = fx_tanh_poly_##SFX(a);                 \
-        else if (!fx_anyq_##SFX(small)) t = fx_tanh_exp_##SFX(a);              \
+        if (!fx_any_##SFX(~small)) t = fx_tanh_poly_##SFX(a);                 \
+        else if (!fx_any_##SFX(small)) t = fx_tanh_exp_##SFX(a);              \
         else t = fx_sel_##SFX(small, fx_tanh_poly_##SFX(a), fx_tanh_exp_##SFX(a)); \
         return (V)((VU)t | sign);                                              \
     }
