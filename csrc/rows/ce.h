@@ -312,7 +312,7 @@ FX_INLINE void NM(ce_hard_row)(const fx_job *job, int64_t r, int64_t r1, int64_t
     double s, d = 0.0;
     /* The loss alone needs only (m, s), for any base m: one pass. */
     if (!out && !(eps > 0) && NM(one_pass)(n)
-        && NM(row_lse1)(x, n, &m, &s, NULL, NM(next_row)(job, r, r1))) {
+        && NM(row_lse1)(x, n, &m, &s, NULL, NULL, NM(next_row)(job, r, r1))) {
         job->row_out[r] = fx_ce_hard_row(xy, wy, (double)m, s, log(s), 0.0, eps, n, W, 0.0, 0).loss;
         return;
     }
@@ -325,10 +325,10 @@ FX_INLINE void NM(ce_hard_row)(const fx_job *job, int64_t r, int64_t r1, int64_t
 #else
     st1 = out;
 #endif
-    if (out && st1 && !(eps > 0) && NM(one_pass)(n) && n <= FX_LSE_MAX_GROUPS * FX_LSE_GROUP) {
+    if (out && st1 && !(eps > 0) && NM(one_pass_out)(n)) {
         T bases[FX_LSE_MAX_GROUPS];
         const double gs = job->gscale[r * job->gscale_step];
-        const int ok = NM(row_lse1_st)(x, n, &m, &s, st1, bases, NM(next_row)(job, r, r1));
+        const int ok = NM(row_lse1)(x, n, &m, &s, st1, bases, NM(next_row)(job, r, r1));
         /* A row without a softmax: NaN (its values may be gone, out = x). */
         if (!ok) {
             m = NAN;
@@ -433,7 +433,7 @@ static int KFN(ce_hard_split)(const fx_job *job, fx_split *sp, int phase)
         sp->xy = (double)XGET((const XT *)job->x + r * job->x_ld, y);
         sp->stash = out && (double)n * sizeof(XT) <= (double)FX_STREAM_BYTES;
         /* As ce_hard_row (split rows are long, and stashed up to this). */
-        sp->onepass = !out || n <= FX_LSE_MAX_GROUPS * FX_LSE_GROUP;
+        sp->onepass = !out || NM(one_pass_out)(n);
         return 1;
     }
     case FX_SPLIT_FINISH: {

@@ -108,7 +108,7 @@ FX_INLINE void NM(logsumexp_row)(const fx_job *job, int64_t r, int64_t r1)
     T b;
     double s;
     if (NM(one_pass)(job->n_cols)
-        && NM(row_lse1)(x, job->n_cols, &b, &s, NULL, NM(next_row)(job, r, r1))) {
+        && NM(row_lse1)(x, job->n_cols, &b, &s, NULL, NULL, NM(next_row)(job, r, r1))) {
         job->row_out[r] = (double)b + log(s);
         return;
     }
@@ -170,7 +170,7 @@ FX_INLINE void NM(log_softmax_row)(const fx_job *job, int64_t r, int64_t r1, int
     /* The max from a second read of the row, from cache: tracking it in
        the one pass cost more (AVX2, 8192 x 1000: 1.1x). */
     if (NM(one_pass)(job->n_cols)
-        && NM(row_lse1)(x, job->n_cols, &b, &s, NULL, NM(next_row)(job, r, r1))) {
+        && NM(row_lse1)(x, job->n_cols, &b, &s, NULL, NULL, NM(next_row)(job, r, r1))) {
         mx = NM(row_max)(x, job->n_cols);
         NM(log_softmax_write)(job, r, mx, NM(lsm_log)(b, s, mx), stream);
         return;
@@ -221,10 +221,10 @@ static void KFN(softmax)(const fx_job *job, int64_t r0, int64_t r1)
 #if !X16
         /* One pass keeps each group's exp(x - b_g) in out; group_write
            scales them. A row without a softmax is NaN (out may be x). */
-        if (NM(one_pass)(n) && n <= FX_LSE_MAX_GROUPS * FX_LSE_GROUP) {
+        if (NM(one_pass_out)(n)) {
             T bases[FX_LSE_MAX_GROUPS], b;
             double s;
-            if (NM(row_lse1_st)(x, n, &b, &s, out, bases, NM(next_row)(job, r, r1)))
+            if (NM(row_lse1)(x, n, &b, &s, out, bases, NM(next_row)(job, r, r1)))
                 NM(group_write)(x, out, NULL, n, b, bases, 1.0 / s, 0.0, out);
             else NM(row_nan)(out, n);
             continue;
@@ -260,7 +260,7 @@ FX_INLINE int NM(blocks_split)(const fx_job *job, fx_split *sp, int phase, int o
                     && (double)job->n_cols * sizeof(XT) <= (double)FX_STREAM_BYTES;
         /* As the row kernels: softmax in one pass where it stashes. */
         sp->onepass = op != FX_SOFTMAX
-                      || (!X16 && job->n_cols <= FX_LSE_MAX_GROUPS * FX_LSE_GROUP);
+                      || (!X16 && NM(one_pass_out)(job->n_cols));
         return 1;
     case FX_SPLIT_FINISH:
         if (op == FX_LOGSUMEXP) {

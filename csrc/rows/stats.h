@@ -7,7 +7,8 @@
  * at most three times (max, sum of exponentials, write) and stays in cache
  * between visits. Rows over PAIR_BYTES skip the max visit before the sums
  * (one_pass, group_lse below): their sums are taken against a base, not
- * the max (log_softmax reads the max afterwards, from cache). Nothing is allocated and no N x C temporary exists:
+ * the max (log_softmax reads the max afterwards, from cache). Nothing is
+ * allocated and no N x C temporary exists:
  * losses come from the row statistics
  *     m = max_c x_c,   s = sum_c exp(x_c - m)
  * as  -log p_y = log(s) - (x_y - m)      (never lse - x_y, which loses all
@@ -166,17 +167,12 @@ FX_INLINE double NM(chunk_sumexp)(const XT *x, int64_t c0, int64_t c1, V vm, T *
  * splits at group boundaries).
  * ---------------------------------------------------------------------- */
 
+/* The floor under a base's candidates: a group whose candidates are all
+   -inf gets the lowest finite value, so that exp(x - b) of a -inf element
+   is 0 and any finite one raises the base. */
 FX_INLINE V NM(lse_floor)(void)
 {
     return SPLAT(sizeof(T) == 4 ? (T)-FLT_MAX : (T)-DBL_MAX);
-}
-
-/* The max of candidates v (NaN-free): the lowest finite value when every
-   lane is -inf, so that exp(x - b) of a -inf element is 0 and any finite
-   one raises the base. */
-FX_INLINE T NM(lse_base)(V v)
-{
-    return HMAX(v);
 }
 
 /* Each raise rescales the exponentials kept so far in the group: a row
@@ -194,7 +190,7 @@ FX_INLINE T NM(lse_raise)(T b, V x0, V x1, ACC *a0, ACC *a1, double *s, T *st, i
                           int64_t i)
 {
     const V lo = NM(lse_floor)();
-    const T nb = NM(lse_base)(VMAX(VMAX(lo, x0), x1));
+    const T nb = HMAX(VMAX(VMAX(lo, x0), x1));
     const V f = EXPM(SPLAT(b - nb));
     *a0 = AINIT(AGET(*a0) * f);
     *a1 = AINIT(AGET(*a1) * f);
@@ -214,7 +210,7 @@ FX_INLINE double NM(group_lse)(const XT *x, int64_t g0, int64_t g1, T *bp, T *mp
     const V lo = NM(lse_floor)();
     const int64_t k0 = g1 - g0 < VL ? g1 - g0 : VL;
     const V first = k0 == VL ? XLOAD(x + g0) : XLOAD_TAIL(x + g0, k0, -INFINITY);
-    T b = NM(lse_base)(VMAX(lo, first));
+    T b = HMAX(VMAX(lo, first));
     V vb = SPLAT(b);
     ACC mx = AINIT(SPLAT(-INFINITY));
     double s = 0.0;
@@ -270,43 +266,28 @@ FX_INLINE double NM(group_lse)(const XT *x, int64_t g0, int64_t g1, T *bp, T *mp
 
 /* One-pass (m, s) of a row: s = sum_c exp(x_c - m) for a base m (one of
    the row's values, within FX_LSE_T of its max), groups merged by
-   fx_lse_merge in order; mx, when not NULL, gets the row's max. Returns 0
-   for a row without a finite base and a positive finite sum (a +inf, NaN
-   or all -inf row: one without a softmax): the callers take row_max's path
-   there, whose IEEE rules they document. */
-FX_INLINE int NM(row_lse1_)(const XT *x, int64_t n, T *m, double *s, T *mx, T *st, T *bases,
-                             const char *pf)
+   fx_lse_merge in order. st, when not NULL (rows of up to
+   FX_LSE_MAX_GROUPS groups), keeps each group's exp(x - b_g) and bases[g]
+   gets b_g. Returns 0 for a row without a finite base and a positive
+   finite sum (a +inf, NaN or all -inf row: one without a softmax): the
+   forward callers take row_max's path there, whose IEEE rules they
+   document; with st, which may be x itself, the row's values may be gone,
+   and the caller writes the no-softmax output (NaN) without reading them. */
+FX_INLINE int NM(row_lse1)(const XT *x, int64_t n, T *m, double *s, T *st, T *bases,
+                           const char *pf)
 {
     double B = -INFINITY, S = 0.0;
-    T M = -INFINITY;
     for (int64_t g0 = 0; g0 < n; g0 += FX_LSE_GROUP) {
         const int64_t g1 = g0 + FX_LSE_GROUP < n ? g0 + FX_LSE_GROUP : n;
-        T b, gm;
-        const double gs = NM(group_lse)(x, g0, g1, &b, mx ? &gm : NULL, st, pf);
+        T b;
+        const double gs = NM(group_lse)(x, g0, g1, &b, NULL, st, pf);
         if (bases) bases[g0 / FX_LSE_GROUP] = b;
         fx_lse_merge(&B, &S, (double)b, gs);
-        if (mx && gm > M) M = gm;
     }
     if (!(isfinite(B) && S > 0 && S < INFINITY)) return 0;
     *m = (T)B;
     *s = S;
-    if (mx) *mx = M;
     return 1;
-}
-
-FX_INLINE int NM(row_lse1)(const XT *x, int64_t n, T *m, double *s, T *mx, const char *pf)
-{
-    return NM(row_lse1_)(x, n, m, s, mx, NULL, NULL, pf);
-}
-
-/* row_lse1 for a row with an output (n <= FX_LSE_MAX_GROUPS groups): st
-   keeps each group's exp(x - b_g), bases[g] gets b_g. st may be x itself;
-   then a refused row (return 0) has lost its values, and the caller
-   writes the no-softmax output (NaN) without reading them again. */
-FX_INLINE int NM(row_lse1_st)(const XT *x, int64_t n, T *m, double *s, T *st, T *bases,
-                              const char *pf)
-{
-    return NM(row_lse1_)(x, n, m, s, NULL, st, bases, pf);
 }
 
 /* Rows of up to PAIR_BYTES are taken two at a time by the forward row
@@ -335,6 +316,14 @@ FX_INLINE int NM(paired)(const fx_job *job, int op)
 FX_INLINE int NM(one_pass)(int64_t n)
 {
     return n * (int64_t)sizeof(XT) > PAIR_BYTES;
+}
+
+/* Whether a row with an output (gradient, softmax) takes the one pass:
+   its group bases must fit row_lse1's stack array. The split driver's
+   onepass flags ask the same. */
+FX_INLINE int NM(one_pass_out)(int64_t n)
+{
+    return NM(one_pass)(n) && n <= FX_LSE_MAX_GROUPS * FX_LSE_GROUP;
 }
 
 /* Maxima of rows a and b (row_max's value for each). */

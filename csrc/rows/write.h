@@ -78,7 +78,7 @@ FX_INLINE void NM(grad_write)(const XT *x, XT *out, const T *w, int64_t n, T m, 
     });
 }
 
-/* grad_write for a one-pass row (row_lse1_st): group g's exponentials in
+/* grad_write for a one-pass row (row_lse1 with st): group g's exponentials in
    st are exp(x - bases[g]), so its coefficient is k1 rescaled from the row
    base B (fx_lse_rescale); rounded as the split driver rounds it. */
 FX_INLINE void NM(group_write)(const XT *x, XT *out, const T *w, int64_t n, T B, const T *bases,
