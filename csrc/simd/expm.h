@@ -40,13 +40,20 @@
 FX_INLINE fx_vf32 fx_expm_f32(fx_vf32 x)
 {
     const float cutoff = -87.33654475f; /* ln(FLT_MIN) */
-    const fx_vi32 small = fx_lt_f32(x, fx_splat_f32(cutoff));
     /* Lanes below the cutoff are computed at 0 and zeroed at the end: n
        stays in [-126, 0], so the exponent bits are valid, and no
        intermediate is subnormal (clamping to the cutoff instead made
        s * r subnormal, and exp of -inf or -100 ran 2.5x slower on Zen 3:
        padding lanes, masked logits). NaN compares false and stays NaN. */
+#if defined(__AVX512F__)
+    /* The two selects as zero-masking moves on the compare's mask: GCC
+       made each generic select a mask-to-vector move, a NOT and an AND. */
+    const __mmask16 keep = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(cutoff), _CMP_NLT_UQ);
+    const fx_vf32 xc = (fx_vf32)_mm512_maskz_mov_ps(keep, (__m512)x);
+#else
+    const fx_vi32 small = fx_lt_f32(x, fx_splat_f32(cutoff));
     const fx_vf32 xc = fx_sel_f32(small, fx_splat_f32(0.0f), x);
+#endif
     const fx_vf32 magic = fx_splat_f32(12582912.0f); /* 1.5 * 2^23 */
     const fx_vf32 t = xc * fx_splat_f32(1.44269504088896341f) + magic;
     const fx_vf32 n = t - magic;
@@ -62,14 +69,23 @@ FX_INLINE fx_vf32 fx_expm_f32(fx_vf32 x)
     q = q * r + fx_splat_f32(0x1.fffffcp-2f);
     const fx_vf32 sr = s * r;
     const fx_vf32 e = s + (sr + (sr * r) * q);
+#if defined(__AVX512F__)
+    return (fx_vf32)_mm512_maskz_mov_ps(keep, (__m512)e);
+#else
     return fx_sel_f32(small, fx_splat_f32(0.0f), e);
+#endif
 }
 
 FX_INLINE fx_vf64 fx_expm_f64(fx_vf64 x)
 {
     const double cutoff = -708.39641853226408; /* ln(DBL_MIN) */
+#if defined(__AVX512F__)
+    const __mmask8 keep = _mm512_cmp_pd_mask((__m512d)x, _mm512_set1_pd(cutoff), _CMP_NLT_UQ);
+    const fx_vf64 xc = (fx_vf64)_mm512_maskz_mov_pd(keep, (__m512d)x);
+#else
     const fx_vi64 small = fx_lt_f64(x, fx_splat_f64(cutoff));
     const fx_vf64 xc = fx_sel_f64(small, fx_splat_f64(0.0), x);
+#endif
     const fx_vf64 magic = fx_splat_f64(6755399441055744.0); /* 1.5 * 2^52 */
     const fx_vf64 t = xc * fx_splat_f64(1.4426950408889634) + magic;
     const fx_vf64 n = t - magic;
@@ -90,7 +106,11 @@ FX_INLINE fx_vf64 fx_expm_f64(fx_vf64 x)
     q = q * r + fx_splat_f64(0.5);
     const fx_vf64 sr = s * r;
     const fx_vf64 e = s + (sr + (sr * r) * q);
+#if defined(__AVX512F__)
+    return (fx_vf64)_mm512_maskz_mov_pd(keep, (__m512d)e);
+#else
     return fx_sel_f64(small, fx_splat_f64(0.0), e);
+#endif
 }
 
 #endif
