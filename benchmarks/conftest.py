@@ -32,8 +32,10 @@ side. Test ids read ``<N>x<C>-<dtype>-<T>thread-<contender>`` and are what
 Timing mode: inputs of at least ``PEDANTIC_MIN_ELEMENTS`` elements are timed
 with ``benchmark.pedantic`` (``PEDANTIC_ROUNDS`` rounds after one warm-up
 round), so a slow contender cannot eat minutes; smaller inputs use the
-calibrated mode with a per-test budget of ``DEFAULT_MAX_TIME`` seconds unless
-``--benchmark-max-time`` is given on the command line.
+calibrated mode with a per-test budget of ``DEFAULT_MAX_TIME`` seconds and
+rounds of at least ``DEFAULT_MIN_TIME`` seconds, unless
+``--benchmark-max-time`` / ``--benchmark-min-time`` is given on the command
+line.
 
 ``extra_info`` of every benchmark: function, contender, shape, dtype,
 threads, the fastxent ISA in use, ``bytes`` (bytes of logits read by one
@@ -118,6 +120,11 @@ PEDANTIC_WARMUP_ROUNDS = 1
 # Calibrated mode: seconds per benchmark (pytest-benchmark's default is 1.0;
 # 0.5 keeps the whole suite within ~10 minutes on 2 cores).
 DEFAULT_MAX_TIME = 0.5
+# Calibrated mode: seconds per round at least. pytest-benchmark's default
+# (5 us) gave a sub-microsecond call one iteration per round, so each median
+# carried a timer read and the runner's loop (about 130 ns at (8, 10): 822
+# against 690 ns); 100 us rounds amortise them over a hundred calls.
+DEFAULT_MIN_TIME = 1e-4
 
 CONTENDERS_NEEDING = {
     "torch": lambda: torch is not None,
@@ -211,13 +218,19 @@ def _user_set(config, option: str) -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    # A shorter calibrated budget than pytest-benchmark's 1 s, unless the user
-    # chose one. (A benchmark marker overrides the command line, hence the check.)
-    if _user_set(config, "--benchmark-max-time"):
+    # A shorter calibrated budget than pytest-benchmark's 1 s and longer
+    # rounds, unless the user chose them. (A benchmark marker overrides the
+    # command line, hence the checks.)
+    opts = {}
+    if not _user_set(config, "--benchmark-max-time"):
+        opts["max_time"] = DEFAULT_MAX_TIME
+    if not _user_set(config, "--benchmark-min-time"):
+        opts["min_time"] = DEFAULT_MIN_TIME
+    if not opts:
         return
     for item in items:
         if "bench_case" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.benchmark(max_time=DEFAULT_MAX_TIME))
+            item.add_marker(pytest.mark.benchmark(**opts))
 
 
 def pytest_report_header(config):
@@ -234,7 +247,10 @@ def pytest_report_header(config):
         f"timing: pedantic ({PEDANTIC_ROUNDS} rounds + {PEDANTIC_WARMUP_ROUNDS} warm-up) from "
         f"{PEDANTIC_MIN_ELEMENTS} elements; calibrated below, max_time="
         + (f"{config.getoption('benchmark_max_time')} s" if _user_set(config, "--benchmark-max-time")
-           else f"{DEFAULT_MAX_TIME} s (this suite's default)"),
+           else f"{DEFAULT_MAX_TIME} s (this suite's default)")
+        + ", min_time="
+        + (f"{config.getoption('benchmark_min_time')} s" if _user_set(config, "--benchmark-min-time")
+           else f"{DEFAULT_MIN_TIME} s (this suite's default)"),
     ]
 
 

@@ -80,18 +80,26 @@ FX_INLINE V NM(zload_lin)(const XT *x, int64_t i, int64_t k, V vm, T m)
    Two such rows fit in the L2 of current x86 cores (512 KiB and up). */
 #define PF_BYTES (192 << 10)
 
-/* The row after row r of [r0, r1), as bytes to prefetch, or NULL. */
+/* What to prefetch alongside row r of [r0, r1), element for element: the
+   next row, or NULL for the last. A row longer than PF_BYTES is prefetched
+   PF_BYTES ahead of itself instead (and at its end, past it: the next row
+   of a contiguous array): without it the one-pass sums of 512 x 128256
+   float32 ran at 1.4x the read+exp bound on Zen 4, behind the hardware
+   prefetcher alone. A prefetch does not fault, so the address may run past
+   the array. */
 FX_INLINE const char *NM(next_row)(const fx_job *job, int64_t r, int64_t r1)
 {
-    if (r + 1 >= r1 || job->n_cols * (int64_t)sizeof(XT) > PF_BYTES) return NULL;
-    return (const char *)((const XT *)job->x + (r + 1) * job->x_ld);
+    const XT *row = (const XT *)job->x + r * job->x_ld;
+    if (job->n_cols * (int64_t)sizeof(XT) > PF_BYTES) return (const char *)((uintptr_t)row + PF_BYTES);
+    if (r + 1 >= r1) return NULL;
+    return (const char *)(row + job->x_ld);
 }
 
 /* Prefetch the VL elements of row pf that match x + i (L2 only). */
 FX_INLINE void NM(prefetch)(const char *pf, int64_t i)
 {
     for (int b = 0; b < VL * (int)sizeof(XT); b += 64)
-        __builtin_prefetch(pf + i * (int64_t)sizeof(XT) + b, 0, 2);
+        __builtin_prefetch((const void *)((uintptr_t)pf + (uintptr_t)(i * (int64_t)sizeof(XT) + b)), 0, 2);
 }
 
 /* The sum of exp(x_c - m) over one chunk [c0, c1) (c1 - c0 <= CHUNK), as
