@@ -113,23 +113,23 @@ class BuildExt(build_ext):
         def compile_kernels(isa):
             src = os.path.join(CSRC, f"kernels_{isa}.c")
             flags = BASE_FLAGS + ISA_FLAGS.get(isa, [])
-            if not cache:
-                return self.compiler.compile([src], output_dir=self.build_temp,
-                                             include_dirs=[CSRC], extra_postargs=flags)
-            key = hashlib.sha256(f"{sources_key}|{src}|{flags}".encode()).hexdigest()[:32]
-            cached = os.path.join(cache, f"{key}.o")
-            obj = self.compiler.object_filenames([src], output_dir=self.build_temp)[0]
-            if os.path.exists(cached):
-                self.mkpath(os.path.dirname(obj))
-                shutil.copyfile(cached, obj)
-                sys.stderr.write(f"fastxent: {src} from the build cache\n")
-                return [obj]
+            cached = None
+            if cache:
+                key = hashlib.sha256(f"{sources_key}|{src}|{flags}".encode()).hexdigest()[:32]
+                cached = os.path.join(cache, f"{key}.o")
+                if os.path.exists(cached):
+                    obj = self.compiler.object_filenames([src], output_dir=self.build_temp)[0]
+                    self.mkpath(os.path.dirname(obj))
+                    shutil.copyfile(cached, obj)
+                    sys.stderr.write(f"fastxent: {src} from the build cache\n")
+                    return [obj]
             objs = self.compiler.compile([src], output_dir=self.build_temp,
                                          include_dirs=[CSRC], extra_postargs=flags)
-            os.makedirs(cache, exist_ok=True)
-            tmp = f"{cached}.{os.getpid()}.tmp"
-            shutil.copyfile(objs[0], tmp)
-            os.replace(tmp, cached)
+            if cached:
+                os.makedirs(cache, exist_ok=True)
+                tmp = f"{cached}.{os.getpid()}.tmp"
+                shutil.copyfile(objs[0], tmp)
+                os.replace(tmp, cached)
             return objs
 
         isas = ["baseline", *ISA_FLAGS]

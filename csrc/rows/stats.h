@@ -183,17 +183,17 @@ FX_INLINE V NM(lse_floor)(void)
     return SPLAT(sizeof(T) == 4 ? (T)-FLT_MAX : (T)-DBL_MAX);
 }
 
-/* Each raise rescales the exponentials kept so far in the group: a row
+/* The new base when some element of x0, x1 exceeds b by more than
+   FX_LSE_T, with the vector sums a0, a1, the group's double sum *s and the
+   exponentials kept in st[g0, i) scaled to it. A NaN never raises (it
+   compares false); +inf makes the base +inf, whose row the callers send to
+   row_max's rules.
+   Each raise rescales the exponentials kept so far in the group: a row
    rising by more than FX_LSE_T every vector pair (a span of thousands)
    costs up to a multiply per kept element per raise; real logits raise a
    few times per row at most. The factor is formed in T: terms more than
    87 below the new base (float32) become 0, so probabilities below about
    1e-31 may be flushed on these rows (1e-38 on the two-pass rows). */
-/* The new base when some element of x0, x1 exceeds b by more than
-   FX_LSE_T, with the vector sums a0, a1, the group's double sum *s and the
-   exponentials kept in st[g0, i) scaled to it. A NaN never raises (it
-   compares false); +inf makes the base +inf, whose row the callers send to
-   row_max's rules. */
 FX_INLINE T NM(lse_raise)(T b, V x0, V x1, ACC *a0, ACC *a1, double *s, T *st, int64_t g0,
                           int64_t i)
 {
