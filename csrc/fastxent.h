@@ -108,6 +108,8 @@ typedef struct fx_job {
    exp(FX_LSE_T) and a row is read once. A row split across threads is
    split at group boundaries. */
 #define FX_LSE_T 16
+/* The threshold of the one-pass entropy (rows/stats.h, group_lse_q). */
+#define FX_ENT_T 2
 #define FX_LSE_GROUP (4 * FX_CHUNK)
 
 /* One-pass rows with outputs (gradients, softmax) keep each group's base
@@ -134,6 +136,27 @@ static inline void fx_lse_merge(double *B, double *S, double b, double s)
         *S += s;
     } else {
         *S += s * exp(b - *B);
+    }
+}
+
+/* fx_lse_merge with entropy's second sum Q = sum e (x - B) beside S: a
+   group's q against its base b moves to the row's base as
+   exp(b - B) (q + (b - B) s). A first group (S = 0, B = -inf) is taken as
+   it is: the product (B - b) S would be NaN there. */
+static inline void fx_ent_merge(double *B, double *S, double *Q, double b, double s, double q)
+{
+    if (b > *B) {
+        const double f = exp(*B - b);
+        *Q = (*S > 0 ? f * (*Q + (*B - b) * *S) : 0.0) + q;
+        *S = *S * f + s;
+        *B = b;
+    } else if (b == *B) {
+        *S += s;
+        *Q += q;
+    } else {
+        const double f = exp(b - *B);
+        *Q += s > 0 ? f * (q + (b - *B) * s) : 0.0;
+        *S += s * f;
     }
 }
 

@@ -1,5 +1,5 @@
 """One-pass row statistics (csrc/rows/stats.h, group_lse): the loss,
-logsumexp and log_softmax read a row once, summing exp(x - b) for a base b
+logsumexp, log_softmax, softmax and entropy read a row once, summing exp(x - b) for a base b
 that is raised only when an element exceeds it by more than FX_LSE_T (16).
 
 These rows make the base move: ramps (a raise every few vectors), late
@@ -58,11 +58,16 @@ def _row(kind, n, rng):
         return x
     if kind == "wide_range":
         return rng.standard_normal(n) * 40
+    if kind == "peaked":  # the heaviest class far above the first vector's base
+        x = rng.standard_normal(n)
+        x[:16] -= 15.9
+        x[n // 2] += 25.0
+        return x
     raise ValueError(kind)
 
 
 KINDS = ("ramp", "ramp_down", "late_spike", "masked", "masked_first_vector", "offset", "huge",
-         "posinf_late", "nan_late", "negnan_late", "wide_range")
+         "posinf_late", "nan_late", "negnan_late", "wide_range", "peaked")
 
 
 def _batch(n, dtype, rng):
@@ -83,6 +88,7 @@ def _results(x, y, threads):
         "lse": fastxent.logsumexp(x, **kw),
         "log_softmax": fastxent.log_softmax(x, **kw),
         "softmax": fastxent.softmax(x, **kw),
+        "entropy": fastxent.entropy(x, **kw),
         "fused_loss": loss,
         "fused_grad": grad,
         "fused_loss_inplace": loss_ip,
@@ -100,6 +106,7 @@ def test_against_the_reference(n, dtype, isa, rng):
     ref_lse = reference.logsumexp(x)
     ref_lsm = reference.log_softmax(x)
     ref_sm = reference.softmax(x)
+    ref_ent = reference.entropy(x)
     _, ref_grad = reference.cross_entropy_with_grad(x, y, reduction="none")
     huge = KINDS.index("huge")
     for i, kind in enumerate(KINDS):
@@ -111,6 +118,7 @@ def test_against_the_reference(n, dtype, isa, rng):
         assert_close(got["log_softmax"][i], ref_lsm[i], ct, scale=scale, ulps=16,
                      what="log_softmax " + what)
         assert_close(got["softmax"][i], ref_sm[i], ct, scale=1.0 / n, ulps=16, what="softmax " + what)
+        assert_close(got["entropy"][i], ref_ent[i], ct, what="entropy " + what)
         assert_close(got["fused_loss"][i], ref_ce[i], ct, scale=scale, what="fused loss " + what)
         assert_close(got["fused_grad"][i], ref_grad[i], ct, scale=1.0 / n, ulps=16,
                      what="fused grad " + what)
@@ -137,7 +145,7 @@ def test_same_bits_on_every_isa_and_thread_count(n, dtype, rng):
             for key, value in res.items():
                 assert_bitwise_equal(value, baseline[key], what=f"{key} n={n} isa={name} threads={threads}")
     for i in (0, 2, 4, 7, 9):
-        for key in ("ce", "lse", "log_softmax", "softmax", "fused_loss", "fused_grad"):
+        for key in ("ce", "lse", "log_softmax", "softmax", "entropy", "fused_loss", "fused_grad"):
             assert_bitwise_equal(baseline[f"{key}_row{i}"], baseline[key][i : i + 1], what=f"{key} row {i} alone")
 
 

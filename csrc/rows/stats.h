@@ -195,11 +195,27 @@ FX_INLINE V NM(lse_floor)(void)
    87 below the new base (float32) become 0, so probabilities below about
    1e-31 may be flushed on these rows (1e-38 on the two-pass rows). */
 FX_INLINE T NM(lse_raise)(T b, V x0, V x1, ACC *a0, ACC *a1, double *s, T *st, int64_t g0,
-                          int64_t i)
+                          int64_t i, ACC *q0, ACC *q1, double *q)
 {
     const V lo = NM(lse_floor)();
     const T nb = HMAX(VMAX(VMAX(lo, x0), x1));
     const V f = EXPM(SPLAT(b - nb));
+    if (q) {
+        /* Entropy's sums of e (x - b) move to the new base as
+           f (q + (b - nb) a), before a is scaled; a factor of 0 (a raise
+           by more than 87, float32) leaves nothing of the old terms, and
+           (b - nb) a could overflow on the way. */
+        if (f[0] == 0) {
+            *q0 = AINIT(SPLAT(0));
+            *q1 = *q0;
+            *q = 0.0;
+        } else {
+            const V dv = SPLAT(b - nb);
+            *q0 = AINIT((AGET(*q0) + dv * AGET(*a0)) * f);
+            *q1 = AINIT((AGET(*q1) + dv * AGET(*a1)) * f);
+            *q = (*q + ((double)b - (double)nb) * *s) * (double)f[0];
+        }
+    }
     *a0 = AINIT(AGET(*a0) * f);
     *a1 = AINIT(AGET(*a1) * f);
     *s *= (double)f[0];
@@ -210,21 +226,28 @@ FX_INLINE T NM(lse_raise)(T b, V x0, V x1, ACC *a0, ACC *a1, double *s, T *st, i
 
 /* s = sum of exp(x_c - *b) over group [g0, g1) (g1 - g0 <= FX_LSE_GROUP),
    with its base *b (see above); st, when not NULL, keeps exp(x_c - *b);
-   mp, when not NULL, gets the group's max (row_max's rule: NaN skipped).
-   pf: the row to prefetch, or NULL. */
-FX_INLINE double NM(group_lse)(const XT *x, int64_t g0, int64_t g1, T *bp, T *mp, T *st,
-                               const char *pf)
+   mp, when not NULL, gets the group's max (row_max's rule: NaN skipped);
+   qp, when not NULL, gets entropy's sum_c e_c (x_c - *b), a term with
+   e_c = 0 counting 0. pf: the row to prefetch, or NULL.
+   With qp the base is raised at FX_ENT_T instead of FX_LSE_T: a term's
+   product e_c (x_c - b) is rounded relative to x_c - b, so the heaviest
+   terms, which sit up to the threshold above b, carried an absolute error
+   of threshold x 2^-24 into q / s (float32 entropies of peaked rows were
+   off by 12 float32 ulps of 1 at FX_LSE_T; base = max has none). */
+FX_INLINE double NM(group_lse_q)(const XT *x, int64_t g0, int64_t g1, T *bp, T *mp, T *st,
+                                 const char *pf, double *qp)
 {
+    const T thr = qp ? (T)FX_ENT_T : (T)FX_LSE_T;
     const V lo = NM(lse_floor)();
     const int64_t k0 = g1 - g0 < VL ? g1 - g0 : VL;
     const V first = k0 == VL ? XLOAD(x + g0) : XLOAD_TAIL(x + g0, k0, -INFINITY);
     T b = HMAX(VMAX(lo, first));
     V vb = SPLAT(b);
     ACC mx = AINIT(SPLAT(-INFINITY));
-    double s = 0.0;
+    double s = 0.0, q = 0.0;
     for (int64_t c0 = g0; c0 < g1; c0 += CHUNK) {
         const int64_t c1 = c0 + CHUNK < g1 ? c0 + CHUNK : g1;
-        ACC a0 = AINIT(SPLAT(0)), a1 = a0;
+        ACC a0 = AINIT(SPLAT(0)), a1 = a0, q0 = a0, q1 = a0;
         int64_t i = c0;
         for (; i + 2 * VL <= c1; i += 2 * VL) {
             if (pf) {
@@ -234,15 +257,25 @@ FX_INLINE double NM(group_lse)(const XT *x, int64_t g0, int64_t g1, T *bp, T *mp
             const V x0 = XLOAD(x + i), x1 = XLOAD(x + i + VL);
             if (mp) mx = AMAX(AMAX(mx, x0), x1);
             V z0 = x0 - vb, z1 = x1 - vb;
-            if (__builtin_expect(SFX(fx_any_above2)(z0, z1, (T)FX_LSE_T), 0)) {
-                b = NM(lse_raise)(b, x0, x1, &a0, &a1, &s, st, g0, i);
+            if (__builtin_expect(SFX(fx_any_above2)(z0, z1, thr), 0)) {
+                b = NM(lse_raise)(b, x0, x1, &a0, &a1, &s, st, g0, i, &q0, &q1, qp ? &q : NULL);
                 vb = SPLAT(b);
                 z0 = x0 - vb;
                 z1 = x1 - vb;
             }
             const V e0 = EXPM(z0), e1 = EXPM(z1);
-            a0 = AADD(a0, e0);
-            a1 = AADD(a1, e1);
+            if (qp) {
+                /* One accumulator per sum, pairs added first: with four,
+                   the AVX2 loop ran out of registers (1.2x the time of
+                   the two-pass entropy). The floor makes e z of a -inf
+                   element 0 * -max = -0, not NaN: one max for a compare
+                   and a select (e > 0 only above the exp's cutoff). */
+                a0 = AADD(a0, e0 + e1);
+                q0 = AADD(q0, e0 * VMAX(z0, lo) + e1 * VMAX(z1, lo));
+            } else {
+                a0 = AADD(a0, e0);
+                a1 = AADD(a1, e1);
+            }
             if (st) { /* see fx_store_union */
                 SFX(fx_store_union)(st + i, e0);
                 SFX(fx_store_union)(st + i + VL, e1);
@@ -253,23 +286,32 @@ FX_INLINE double NM(group_lse)(const XT *x, int64_t g0, int64_t g1, T *bp, T *mp
             const V xv = k == VL ? XLOAD(x + i) : XLOAD_TAIL(x + i, k, -INFINITY);
             if (mp) mx = AMAX(mx, xv);
             V z = xv - vb;
-            if (SFX(fx_any_above2)(z, z, (T)FX_LSE_T)) {
-                b = NM(lse_raise)(b, xv, lo, &a0, &a1, &s, st, g0, i);
+            if (SFX(fx_any_above2)(z, z, thr)) {
+                b = NM(lse_raise)(b, xv, lo, &a0, &a1, &s, st, g0, i, &q0, &q1, qp ? &q : NULL);
                 vb = SPLAT(b);
                 z = xv - vb;
             }
             const V e = EXPM(z);
             a0 = AADD(a0, e);
+            if (qp) q0 = AADD(q0, e * VMAX(z, lo));
             if (st) {
                 if (k == VL) STORE(st + i, e);
                 else STORE_TAIL(st + i, e, k);
             }
         }
         s += HSUM(AGET(a0) + AGET(a1));
+        if (qp) q += HSUM(AGET(q0) + AGET(q1));
     }
     *bp = b;
+    if (qp) *qp = q;
     if (mp) *mp = HMAX(AGET(mx)) + (T)0;
     return s;
+}
+
+FX_INLINE double NM(group_lse)(const XT *x, int64_t g0, int64_t g1, T *bp, T *mp, T *st,
+                               const char *pf)
+{
+    return NM(group_lse_q)(x, g0, g1, bp, mp, st, pf, NULL);
 }
 
 /* One-pass (m, s) of a row: s = sum_c exp(x_c - m) for a base m (one of
@@ -295,6 +337,26 @@ FX_INLINE int NM(row_lse1)(const XT *x, int64_t n, T *m, double *s, T *st, T *ba
     if (!(isfinite(B) && S > 0 && S < INFINITY)) return 0;
     *m = (T)B;
     *s = S;
+    return 1;
+}
+
+/* row_lse1 (without outputs) with entropy's second sum:
+   *q = sum_c exp(x_c - m) (x_c - m), a term of exponential 0 counting 0.
+   A row that row_lse1 would refuse, or whose q is not finite, returns 0. */
+FX_INLINE int NM(row_ent1)(const XT *x, int64_t n, T *m, double *s, double *q, const char *pf)
+{
+    double B = -INFINITY, S = 0.0, Q = 0.0;
+    for (int64_t g0 = 0; g0 < n; g0 += FX_LSE_GROUP) {
+        const int64_t g1 = g0 + FX_LSE_GROUP < n ? g0 + FX_LSE_GROUP : n;
+        T b;
+        double gq;
+        const double gs = NM(group_lse_q)(x, g0, g1, &b, NULL, NULL, pf, &gq);
+        fx_ent_merge(&B, &S, &Q, (double)b, gs, gq);
+    }
+    if (!(isfinite(B) && S > 0 && S < INFINITY && isfinite(Q))) return 0;
+    *m = (T)B;
+    *s = S;
+    *q = Q;
     return 1;
 }
 
