@@ -310,11 +310,21 @@ FX_INLINE void NM(ce_hard_row)(const fx_job *job, int64_t r, int64_t r1, int64_t
     const double wy = w ? (double)w[y] : 1.0;
     T m;
     double s, d = 0.0;
+    /* Label smoothing's d = sum_c (x_c - m) goes along in the one pass
+       with unit weights (stats.h, d_rebase); with class weights it keeps
+       two passes. Each call is its own copy, so the plain loss's loop has
+       no d to test. */
+    const int smooth1 = eps > 0 && !w;
     /* The loss alone needs only (m, s), for any base m: one pass. */
-    if (!out && !(eps > 0) && NM(one_pass)(n)
-        && NM(row_lse1)(x, n, &m, &s, NULL, NULL, NM(next_row)(job, r, r1))) {
-        job->row_out[r] = fx_ce_hard_row(xy, wy, (double)m, s, log(s), 0.0, eps, n, W, 0.0, 0).loss;
-        return;
+    if (!out && (!(eps > 0) || smooth1) && NM(one_pass)(n)) {
+        const char *pf = NM(next_row)(job, r, r1);
+        const int ok = smooth1 ? NM(row_lse1_d)(x, n, &m, &s, NULL, NULL, pf, &d)
+                               : NM(row_lse1)(x, n, &m, &s, NULL, NULL, pf);
+        if (ok) {
+            job->row_out[r] = fx_ce_hard_row(xy, wy, (double)m, s, log(s), d, eps, n, W, 0.0, 0).loss;
+            return;
+        }
+        d = 0.0;
     }
     /* With the gradient (rows of up to FX_LSE_MAX_GROUPS groups), one pass
        keeps each group's exp(x - b_g) in the stash, which group_write
@@ -325,16 +335,18 @@ FX_INLINE void NM(ce_hard_row)(const fx_job *job, int64_t r, int64_t r1, int64_t
 #else
     st1 = out;
 #endif
-    if (out && st1 && !(eps > 0) && NM(one_pass_out)(n)) {
+    if (out && st1 && (!(eps > 0) || smooth1) && NM(one_pass_out)(n)) {
         T bases[FX_LSE_MAX_GROUPS];
         const double gs = job->gscale[r * job->gscale_step];
-        const int ok = NM(row_lse1)(x, n, &m, &s, st1, bases, NM(next_row)(job, r, r1));
+        const char *pf = NM(next_row)(job, r, r1);
+        const int ok = smooth1 ? NM(row_lse1_d)(x, n, &m, &s, st1, bases, pf, &d)
+                               : NM(row_lse1)(x, n, &m, &s, st1, bases, pf);
         /* A row without a softmax: NaN (its values may be gone, out = x). */
         if (!ok) {
             m = NAN;
             s = NAN;
         }
-        const fx_ce_row o = fx_ce_hard_row(xy, wy, (double)m, s, log(s), 0.0, eps, n, W, gs, 1);
+        const fx_ce_row o = fx_ce_hard_row(xy, wy, (double)m, s, log(s), d, eps, n, W, gs, 1);
         job->row_out[r] = o.loss;
         if (ok) NM(group_write)(x, out, w, n, m, bases, o.k1, o.k2, st1);
         else NM(row_nan)(out, n);

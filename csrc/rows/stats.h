@@ -224,6 +224,18 @@ FX_INLINE T NM(lse_raise)(T b, V x0, V x1, ACC *a0, ACC *a1, double *s, T *st, i
     return nb;
 }
 
+/* Label smoothing's d = sum_c (x_c - b) (unit weights) moved to the base
+   that lse_raise is about to set, before it does: the vector terms so far
+   in chunk [c0, i) (i - c0 elements, (i - c0) / VL per lane, all whole
+   vectors) and the group's earlier chunks [g0, c0) each shift by b - nb. */
+FX_INLINE void NM(d_rebase)(T b, V x0, V x1, ACC *d0, double *d, int64_t g0, int64_t c0,
+                            int64_t i)
+{
+    const T nb = HMAX(VMAX(VMAX(NM(lse_floor)(), x0), x1));
+    *d0 = AINIT(AGET(*d0) + SPLAT(b - nb) * SPLAT((T)((i - c0) / VL)));
+    *d += ((double)b - (double)nb) * (double)(c0 - g0);
+}
+
 /* s = sum of exp(x_c - *b) over group [g0, g1) (g1 - g0 <= FX_LSE_GROUP),
    with its base *b (see above); st, when not NULL, keeps exp(x_c - *b);
    mp, when not NULL, gets the group's max (row_max's rule: NaN skipped);
@@ -235,9 +247,10 @@ FX_INLINE T NM(lse_raise)(T b, V x0, V x1, ACC *a0, ACC *a1, double *s, T *st, i
    of threshold x 2^-24 into q / s (float32 entropies of peaked rows were
    off by 12 float32 ulps of 1 at FX_LSE_T; base = max has none). */
 FX_INLINE double NM(group_lse_q)(const XT *x, int64_t g0, int64_t g1, T *bp, T *mp, T *st,
-                                 const char *pf, double *qp)
+                                 const char *pf, double *qp, double *dp)
 {
     const T thr = qp ? (T)FX_ENT_T : (T)FX_LSE_T;
+    double d = 0.0;
     const V lo = NM(lse_floor)();
     const int64_t k0 = g1 - g0 < VL ? g1 - g0 : VL;
     const V first = k0 == VL ? XLOAD(x + g0) : XLOAD_TAIL(x + g0, k0, -INFINITY);
@@ -247,7 +260,7 @@ FX_INLINE double NM(group_lse_q)(const XT *x, int64_t g0, int64_t g1, T *bp, T *
     double s = 0.0, q = 0.0;
     for (int64_t c0 = g0; c0 < g1; c0 += CHUNK) {
         const int64_t c1 = c0 + CHUNK < g1 ? c0 + CHUNK : g1;
-        ACC a0 = AINIT(SPLAT(0)), a1 = a0, q0 = a0, q1 = a0;
+        ACC a0 = AINIT(SPLAT(0)), a1 = a0, q0 = a0, q1 = a0, d0 = a0;
         int64_t i = c0;
         for (; i + 2 * VL <= c1; i += 2 * VL) {
             if (pf) {
@@ -258,24 +271,27 @@ FX_INLINE double NM(group_lse_q)(const XT *x, int64_t g0, int64_t g1, T *bp, T *
             if (mp) mx = AMAX(AMAX(mx, x0), x1);
             V z0 = x0 - vb, z1 = x1 - vb;
             if (__builtin_expect(SFX(fx_any_above2)(z0, z1, thr), 0)) {
+                if (dp) NM(d_rebase)(b, x0, x1, &d0, &d, g0, c0, i);
                 b = NM(lse_raise)(b, x0, x1, &a0, &a1, &s, st, g0, i, &q0, &q1, qp ? &q : NULL);
                 vb = SPLAT(b);
                 z0 = x0 - vb;
                 z1 = x1 - vb;
             }
             const V e0 = EXPM(z0), e1 = EXPM(z1);
-            if (qp) {
-                /* One accumulator per sum, pairs added first: with four,
-                   the AVX2 loop ran out of registers (1.2x the time of
-                   the two-pass entropy). The floor makes e z of a -inf
-                   element 0 * -max = -0, not NaN: one max for a compare
-                   and a select (e > 0 only above the exp's cutoff). */
+            if (qp || dp) {
+                /* One accumulator per sum, pairs added first: with two per
+                   sum the AVX2 loop ran out of registers (entropy 1.2x,
+                   smoothed gradients 1.15x the time of two passes). The
+                   floor makes e z of a -inf element 0 * -max = -0, not
+                   NaN: one max for a compare and a select (e > 0 only
+                   above the exp's cutoff). */
                 a0 = AADD(a0, e0 + e1);
-                q0 = AADD(q0, e0 * VMAX(z0, lo) + e1 * VMAX(z1, lo));
+                if (qp) q0 = AADD(q0, e0 * VMAX(z0, lo) + e1 * VMAX(z1, lo));
             } else {
                 a0 = AADD(a0, e0);
                 a1 = AADD(a1, e1);
             }
+            if (dp) d0 = AADD(d0, z0 + z1);
             if (st) { /* see fx_store_union */
                 SFX(fx_store_union)(st + i, e0);
                 SFX(fx_store_union)(st + i + VL, e1);
@@ -287,6 +303,7 @@ FX_INLINE double NM(group_lse_q)(const XT *x, int64_t g0, int64_t g1, T *bp, T *
             if (mp) mx = AMAX(mx, xv);
             V z = xv - vb;
             if (SFX(fx_any_above2)(z, z, thr)) {
+                if (dp) NM(d_rebase)(b, xv, lo, &d0, &d, g0, c0, i);
                 b = NM(lse_raise)(b, xv, lo, &a0, &a1, &s, st, g0, i, &q0, &q1, qp ? &q : NULL);
                 vb = SPLAT(b);
                 z = xv - vb;
@@ -294,6 +311,7 @@ FX_INLINE double NM(group_lse_q)(const XT *x, int64_t g0, int64_t g1, T *bp, T *
             const V e = EXPM(z);
             a0 = AADD(a0, e);
             if (qp) q0 = AADD(q0, e * VMAX(z, lo));
+            if (dp) d0 = AADD(d0, k == VL ? z : NM(zload_lin)(x, i, k, vb, b));
             if (st) {
                 if (k == VL) STORE(st + i, e);
                 else STORE_TAIL(st + i, e, k);
@@ -301,9 +319,11 @@ FX_INLINE double NM(group_lse_q)(const XT *x, int64_t g0, int64_t g1, T *bp, T *
         }
         s += HSUM(AGET(a0) + AGET(a1));
         if (qp) q += HSUM(AGET(q0) + AGET(q1));
+        if (dp) d += HSUM(AGET(d0));
     }
     *bp = b;
     if (qp) *qp = q;
+    if (dp) *dp = d;
     if (mp) *mp = HMAX(AGET(mx)) + (T)0;
     return s;
 }
@@ -311,7 +331,7 @@ FX_INLINE double NM(group_lse_q)(const XT *x, int64_t g0, int64_t g1, T *bp, T *
 FX_INLINE double NM(group_lse)(const XT *x, int64_t g0, int64_t g1, T *bp, T *mp, T *st,
                                const char *pf)
 {
-    return NM(group_lse_q)(x, g0, g1, bp, mp, st, pf, NULL);
+    return NM(group_lse_q)(x, g0, g1, bp, mp, st, pf, NULL, NULL);
 }
 
 /* One-pass (m, s) of a row: s = sum_c exp(x_c - m) for a base m (one of
@@ -322,22 +342,38 @@ FX_INLINE double NM(group_lse)(const XT *x, int64_t g0, int64_t g1, T *bp, T *mp
    finite sum (a +inf, NaN or all -inf row: one without a softmax): the
    forward callers take row_max's path there, whose IEEE rules they
    document; with st, which may be x itself, the row's values may be gone,
-   and the caller writes the no-softmax output (NaN) without reading them. */
-FX_INLINE int NM(row_lse1)(const XT *x, int64_t n, T *m, double *s, T *st, T *bases,
-                           const char *pf)
+   and the caller writes the no-softmax output (NaN) without reading them.
+   d, when not NULL, gets label smoothing's sum_c (x_c - m) (unit
+   weights; -inf with a -inf element, as row_sumexp's). */
+FX_INLINE int NM(row_lse1_d)(const XT *x, int64_t n, T *m, double *s, T *st, T *bases,
+                             const char *pf, double *d)
 {
-    double B = -INFINITY, S = 0.0;
+    double B = -INFINITY, S = 0.0, D = 0.0;
     for (int64_t g0 = 0; g0 < n; g0 += FX_LSE_GROUP) {
         const int64_t g1 = g0 + FX_LSE_GROUP < n ? g0 + FX_LSE_GROUP : n;
         T b;
-        const double gs = NM(group_lse)(x, g0, g1, &b, NULL, st, pf);
+        double gd = 0.0;
+        const double gs = NM(group_lse_q)(x, g0, g1, &b, NULL, st, pf, NULL, d ? &gd : NULL);
         if (bases) bases[g0 / FX_LSE_GROUP] = b;
+        /* d to the running base: the earlier groups' g0 terms or this
+           group's g1 - g0 shift by the difference of the bases. */
+        if (d) {
+            if ((double)b > B) D = (g0 > 0 ? D + (B - (double)b) * (double)g0 : 0.0) + gd;
+            else D += gd + ((double)b - B) * (double)(g1 - g0);
+        }
         fx_lse_merge(&B, &S, (double)b, gs);
     }
     if (!(isfinite(B) && S > 0 && S < INFINITY)) return 0;
     *m = (T)B;
     *s = S;
+    if (d) *d = D;
     return 1;
+}
+
+FX_INLINE int NM(row_lse1)(const XT *x, int64_t n, T *m, double *s, T *st, T *bases,
+                           const char *pf)
+{
+    return NM(row_lse1_d)(x, n, m, s, st, bases, pf, NULL);
 }
 
 /* row_lse1 (without outputs) with entropy's second sum:
@@ -350,7 +386,7 @@ FX_INLINE int NM(row_ent1)(const XT *x, int64_t n, T *m, double *s, double *q, c
         const int64_t g1 = g0 + FX_LSE_GROUP < n ? g0 + FX_LSE_GROUP : n;
         T b;
         double gq;
-        const double gs = NM(group_lse_q)(x, g0, g1, &b, NULL, NULL, pf, &gq);
+        const double gs = NM(group_lse_q)(x, g0, g1, &b, NULL, NULL, pf, &gq, NULL);
         fx_ent_merge(&B, &S, &Q, (double)b, gs, gq);
     }
     if (!(isfinite(B) && S > 0 && S < INFINITY && isfinite(Q))) return 0;
