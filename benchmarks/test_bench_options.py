@@ -4,7 +4,8 @@ against the plain loss and KL divergence on the same inputs.
 Groups (float32 logits, int64 labels, one or two threads):
 
 - ``ce_options <N>x<C> float32 <T>thread``: ``cross_entropy`` plain and with
-  ``z_loss=1e-4``, ``softcap=30``, ``return_stats=True``, and all three;
+  ``label_smoothing=0.1``, ``z_loss=1e-4``, ``softcap=30``,
+  ``return_stats=True``, and the last three together;
 - ``ce_options_with_grad ...``: ``cross_entropy_with_grad`` of the same,
   the gradient into one reused ``out=`` buffer;
 - ``jsd <N>x<C> float32 <T>thread`` and ``jsd_with_grad ...``: ``jsd`` with
@@ -31,6 +32,7 @@ SHAPES = [(4096, 32000), (8192, 1000)]
 THREADS = [1, 2]
 VARIANTS = {
     "plain": {},
+    "label_smoothing": {"label_smoothing": 0.1},
     "z_loss": {"z_loss": 1e-4},
     "softcap": {"softcap": 30.0},
     "return_stats": {"return_stats": True},
