@@ -1,5 +1,5 @@
 """One-pass row statistics (csrc/rows/stats.h, group_lse): the loss (label
-smoothing too), logsumexp, log_softmax, softmax and entropy read a row once, summing exp(x - b) for a base b
+smoothing and the z-loss too), logsumexp, log_softmax, softmax and entropy read a row once, summing exp(x - b) for a base b
 that is raised only when an element exceeds it by more than FX_LSE_T (16).
 
 These rows make the base move: ramps (a raise every few vectors), late
@@ -82,6 +82,9 @@ def _results(x, y, threads):
     kw = {"num_threads": threads}
     loss, grad = fastxent.cross_entropy_with_grad(x, y, reduction="none", **kw)
     loss_s, grad_s = fastxent.cross_entropy_with_grad(x, y, reduction="none", label_smoothing=0.1, **kw)
+    with np.errstate(over="ignore"):  # the huge row's z-loss, 1e-3 lse^2, is past float32
+        loss_z, grad_z = fastxent.cross_entropy_with_grad(x, y, reduction="none", z_loss=1e-3, **kw)
+        ce_z = fastxent.cross_entropy(x, y, reduction="none", z_loss=1e-3, **kw)
     inplace = x.copy()
     loss_ip, _ = fastxent.cross_entropy_with_grad(inplace, y, reduction="none", out=inplace, **kw)
     return {
@@ -91,6 +94,9 @@ def _results(x, y, threads):
         "softmax": fastxent.softmax(x, **kw),
         "entropy": fastxent.entropy(x, **kw),
         "ce_smooth": fastxent.cross_entropy(x, y, reduction="none", label_smoothing=0.1, **kw),
+        "ce_z": ce_z,
+        "fused_z_loss": loss_z,
+        "fused_z_grad": grad_z,
         "fused_smooth_loss": loss_s,
         "fused_smooth_grad": grad_s,
         "fused_loss": loss,
@@ -114,6 +120,8 @@ def test_against_the_reference(n, dtype, isa, rng):
     _, ref_grad = reference.cross_entropy_with_grad(x, y, reduction="none")
     ref_ces = reference.cross_entropy(x, y, reduction="none", label_smoothing=0.1)
     _, ref_grads = reference.cross_entropy_with_grad(x, y, reduction="none", label_smoothing=0.1)
+    ref_cez = reference.cross_entropy(x, y, reduction="none", z_loss=1e-3)
+    _, ref_gradz = reference.cross_entropy_with_grad(x, y, reduction="none", z_loss=1e-3)
     huge = KINDS.index("huge")
     for i, kind in enumerate(KINDS):
         # Losses of rows whose logits are ~1e38 apart are ~1e38: scale by the row.
@@ -136,6 +144,12 @@ def test_against_the_reference(n, dtype, isa, rng):
                          what="smoothed fused loss " + what)
         assert_close(got["fused_smooth_grad"][i], ref_grads[i], ct, scale=1.0 / n, ulps=16,
                      what="smoothed fused grad " + what)
+        # The z-loss is 1e-3 lse^2: ~1e73 at the huge row's lse of 3e38.
+        if i != huge:
+            assert_close(got["ce_z"][i], ref_cez[i], ct, what="z-loss ce " + what)
+            assert_close(got["fused_z_loss"][i], ref_cez[i], ct, what="z-loss fused loss " + what)
+            assert_close(got["fused_z_grad"][i], ref_gradz[i], ct, scale=1.0 / n, ulps=16,
+                         what="z-loss fused grad " + what)
         for key in ("fused_loss", "fused_grad"):
             assert_bitwise_equal(got[key + "_inplace"][i], got[key][i], what=f"{key} in place {what}")
     assert got["ce"][KINDS.index("masked")] == 0.0
@@ -160,7 +174,8 @@ def test_same_bits_on_every_isa_and_thread_count(n, dtype, rng):
                 assert_bitwise_equal(value, baseline[key], what=f"{key} n={n} isa={name} threads={threads}")
     for i in (0, 2, 4, 7, 9):
         for key in ("ce", "lse", "log_softmax", "softmax", "entropy", "fused_loss", "fused_grad",
-                    "ce_smooth", "fused_smooth_loss", "fused_smooth_grad"):
+                    "ce_smooth", "fused_smooth_loss", "fused_smooth_grad", "ce_z", "fused_z_loss",
+                    "fused_z_grad"):
             assert_bitwise_equal(baseline[f"{key}_row{i}"], baseline[key][i : i + 1], what=f"{key} row {i} alone")
 
 

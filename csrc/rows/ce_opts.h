@@ -29,6 +29,9 @@
  * (1-eps) w_y [c == y], A = (1-eps) w_y + eps/C W; soft labels coef_c =
  * w_c ((1-eps) t_c + eps/C), A = sum_c coef_c.
  *
+ * Counted hard-label rows without soft-capping or the argmax (the z-loss
+ * alone, smoothing without class weights) take cross entropy's one pass
+ * (opts_row1); the gradient in place (out = x) keeps the visits below.
  * The visits to a row are those of rows/ce.h: the max of x (z's max is the
  * capped max of x: tanh is monotone); the chunked sums of exp(z - m), with
  * the argmax and the label's sums on the way, keeping exp(z - m) in out
@@ -199,6 +202,45 @@ FX_INLINE int64_t NM(opts_first_nan)(const XT *x, int64_t n)
     return -1;
 }
 
+/* A counted hard-label row without soft-capping or the argmax, and
+   without class weights if smoothed: cross entropy's sums, so its one pass
+   (stats.h: row_lse1, row_lse1_d; lse = b + log s for the base b). With
+   out (float32/float64, out != x) the exponentials are kept there and
+   group_write scales them. Returns 0, having written nothing the caller's
+   two passes do not rewrite, for a row without a softmax: x is intact. */
+FX_INLINE int NM(opts_row1)(const fx_job *job, int64_t r, int64_t r1, const XT *x, XT *out,
+                            int64_t y, T xy, const T *w, double eps, double W)
+{
+    const int64_t n = job->n_cols;
+    const char *pf = NM(next_row)(job, r, r1);
+    T m, bases[FX_LSE_MAX_GROUPS];
+    T *st = NULL;
+#if !X16
+    st = (T *)out;
+#endif
+    double s, d = 0.0;
+    int ok;
+    if (eps > 0) {
+        if (st) ok = NM(row_lse1_d)(x, n, &m, &s, st, bases, pf, &d);
+        else ok = NM(row_lse1_d)(x, n, &m, &s, NULL, NULL, pf, &d);
+    } else {
+        if (st) ok = NM(row_lse1)(x, n, &m, &s, st, bases, pf);
+        else ok = NM(row_lse1)(x, n, &m, &s, NULL, NULL, pf);
+    }
+    if (!ok) return 0;
+    const double lse = (double)m + log(s);
+    if (job->lse_out) job->lse_out[r] = lse;
+    const double gs = st ? job->gscale[r * job->gscale_step] : 0.0;
+    const double B = st && job->z_loss > 0 ? 2.0 * job->z_loss * job->zscale[r] * lse : 0.0;
+    const fx_opts_row o = fx_opts_hard_row((double)xy, w ? (double)w[y] : 1.0, (double)m, s, d,
+                                           eps, n, W, gs, B, 1.0, st != NULL);
+    job->row_out[r] = o.loss;
+    if (!st) return 1;
+    NM(group_write)(x, out, w, n, m, bases, o.k1, o.k2, st);
+    XSET(out, y, (T)o.gy);
+    return 1;
+}
+
 /* One row. A row whose max is +inf, or whose entries are all -inf or NaN,
    has no softmax without soft-capping (rows/stats.h): its loss and
    gradient are NaN (0 if ignored), its lse the max (NaN with a NaN). */
@@ -219,6 +261,11 @@ FX_INLINE void NM(opts_row)(const fx_job *job, int soft, int64_t r, int64_t r1, 
     }
     /* Read before out (which may be x) is written. */
     const T xy = soft || !counted ? 0 : XGET(x, y);
+    if (!cap && !soft && counted && !job->argmax_out && (!(eps > 0) || !w)
+        && (out ? !X16 && (const void *)out != (const void *)x && NM(one_pass_out)(n)
+                : NM(one_pass)(n))
+        && NM(opts_row1)(job, r, r1, x, out, y, xy, w, eps, W))
+        return;
     V thy = SPLAT(0);
     const T zy = soft || !counted ? 0 : NM(opts_z)(SPLAT(xy), cap, vinv, vcap, &thy)[0];
     const T xm = NM(row_max)(x, n);
