@@ -307,7 +307,7 @@ static __attribute__((noinline)) int NM(ce_smooth_row1)(const fx_job *job, int64
     T m;
     double s, d = 0.0;
     if (!out) {
-        if (!NM(one_pass)(n) || !NM(row_lse1_d)(x, n, &m, &s, NULL, NULL, pf, &d)) return 0;
+        if (!NM(one_pass)(n) || !NM(row_lse1_qd)(x, n, &m, &s, NULL, NULL, pf, NULL, &d)) return 0;
         job->row_out[r] = fx_ce_hard_row(xy, 1.0, (double)m, s, log(s), d, eps, n, W, 0.0, 0).loss;
         return 1;
     }
@@ -319,7 +319,7 @@ static __attribute__((noinline)) int NM(ce_smooth_row1)(const fx_job *job, int64
 #endif
     if (!st || !NM(one_pass_out)(n)) return 0;
     T bases[FX_LSE_MAX_GROUPS];
-    const int ok = NM(row_lse1_d)(x, n, &m, &s, st, bases, pf, &d);
+    const int ok = NM(row_lse1_qd)(x, n, &m, &s, st, bases, pf, NULL, &d);
     /* A row without a softmax: NaN (its values may be gone, out = x). */
     if (!ok) {
         m = NAN;

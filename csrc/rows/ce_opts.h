@@ -204,7 +204,7 @@ FX_INLINE int64_t NM(opts_first_nan)(const XT *x, int64_t n)
 
 /* A counted hard-label row without soft-capping or the argmax, and
    without class weights if smoothed: cross entropy's sums, so its one pass
-   (stats.h: row_lse1, row_lse1_d; lse = b + log s for the base b). With
+   (stats.h: row_lse1, row_lse1_qd; lse = b + log s for the base b). With
    out (float32/float64, out != x) the exponentials are kept there and
    group_write scales them. Returns 0, having written nothing the caller's
    two passes do not rewrite, for a row without a softmax: x is intact. */
@@ -221,8 +221,8 @@ FX_INLINE int NM(opts_row1)(const fx_job *job, int64_t r, int64_t r1, const XT *
     double s, d = 0.0;
     int ok;
     if (eps > 0) {
-        if (st) ok = NM(row_lse1_d)(x, n, &m, &s, st, bases, pf, &d);
-        else ok = NM(row_lse1_d)(x, n, &m, &s, NULL, NULL, pf, &d);
+        if (st) ok = NM(row_lse1_qd)(x, n, &m, &s, st, bases, pf, NULL, &d);
+        else ok = NM(row_lse1_qd)(x, n, &m, &s, NULL, NULL, pf, NULL, &d);
     } else {
         if (st) ok = NM(row_lse1)(x, n, &m, &s, st, bases, pf);
         else ok = NM(row_lse1)(x, n, &m, &s, NULL, NULL, pf);

@@ -293,8 +293,8 @@ static int KFN(softmax_split)(const fx_job *job, fx_split *sp, int phase)
     return NM(blocks_split)(job, sp, phase, FX_SOFTMAX);
 }
 
-/* Whether entropy's rows take the one pass (row_ent1): rows over 3 KiB.
-   Its loop carries a second sum through the raises, and on AVX2 rows of
+/* Whether entropy's rows take the one pass (row_lse1_qd with q): rows
+   over 3 KiB. Its loop carries a second sum through the raises, and on AVX2 rows of
    300-600 float32 classes that sat in cache took 1.04-1.09x the time of
    two passes (even from memory); at 1000 classes and up one pass took
    0.88-0.95x on AVX2 and 0.67-0.7x on AVX-512. */
@@ -317,7 +317,7 @@ static void KFN(entropy)(const fx_job *job, int64_t r0, int64_t r1)
         T m;
         double q, s;
         /* H = log s - q / s holds for any base m: one pass (stats.h). */
-        if (NM(one_pass_ent)(n) && NM(row_ent1)(x, n, &m, &s, &q, pf)) {
+        if (NM(one_pass_ent)(n) && NM(row_lse1_qd)(x, n, &m, &s, NULL, NULL, pf, &q, NULL)) {
             job->row_out[r] = log(s) - q / s;
             continue;
         }

@@ -224,14 +224,12 @@ FX_INLINE T NM(lse_raise)(T b, V x0, V x1, ACC *a0, ACC *a1, double *s, T *st, i
     return nb;
 }
 
-/* Label smoothing's d = sum_c (x_c - b) (unit weights) moved to the base
-   that lse_raise is about to set, before it does: the vector terms so far
-   in chunk [c0, i) (i - c0 elements, (i - c0) / VL per lane, all whole
-   vectors) and the group's earlier chunks [g0, c0) each shift by b - nb. */
-FX_INLINE void NM(d_rebase)(T b, V x0, V x1, ACC *d0, double *d, int64_t g0, int64_t c0,
-                            int64_t i)
+/* Label smoothing's d = sum_c (x_c - b) (unit weights) moved from base b
+   to lse_raise's new base nb: the vector terms so far in chunk [c0, i)
+   (i - c0 elements, (i - c0) / VL per lane, all whole vectors) and the
+   group's earlier chunks [g0, c0) each shift by b - nb. */
+FX_INLINE void NM(d_rebase)(T b, T nb, ACC *d0, double *d, int64_t g0, int64_t c0, int64_t i)
 {
-    const T nb = HMAX(VMAX(VMAX(NM(lse_floor)(), x0), x1));
     *d0 = AINIT(AGET(*d0) + SPLAT(b - nb) * SPLAT((T)((i - c0) / VL)));
     *d += ((double)b - (double)nb) * (double)(c0 - g0);
 }
@@ -271,8 +269,9 @@ FX_INLINE double NM(group_lse_q)(const XT *x, int64_t g0, int64_t g1, T *bp, T *
             if (mp) mx = AMAX(AMAX(mx, x0), x1);
             V z0 = x0 - vb, z1 = x1 - vb;
             if (__builtin_expect(SFX(fx_any_above2)(z0, z1, thr), 0)) {
-                if (dp) NM(d_rebase)(b, x0, x1, &d0, &d, g0, c0, i);
+                const T ob = b;
                 b = NM(lse_raise)(b, x0, x1, &a0, &a1, &s, st, g0, i, &q0, &q1, qp ? &q : NULL);
+                if (dp) NM(d_rebase)(ob, b, &d0, &d, g0, c0, i);
                 vb = SPLAT(b);
                 z0 = x0 - vb;
                 z1 = x1 - vb;
@@ -303,8 +302,9 @@ FX_INLINE double NM(group_lse_q)(const XT *x, int64_t g0, int64_t g1, T *bp, T *
             if (mp) mx = AMAX(mx, xv);
             V z = xv - vb;
             if (SFX(fx_any_above2)(z, z, thr)) {
-                if (dp) NM(d_rebase)(b, xv, lo, &d0, &d, g0, c0, i);
+                const T ob = b;
                 b = NM(lse_raise)(b, xv, lo, &a0, &a1, &s, st, g0, i, &q0, &q1, qp ? &q : NULL);
+                if (dp) NM(d_rebase)(ob, b, &d0, &d, g0, c0, i);
                 vb = SPLAT(b);
                 z = xv - vb;
             }
@@ -344,16 +344,19 @@ FX_INLINE double NM(group_lse)(const XT *x, int64_t g0, int64_t g1, T *bp, T *mp
    document; with st, which may be x itself, the row's values may be gone,
    and the caller writes the no-softmax output (NaN) without reading them.
    d, when not NULL, gets label smoothing's sum_c (x_c - m) (unit
-   weights; -inf with a -inf element, as row_sumexp's). */
-FX_INLINE int NM(row_lse1_d)(const XT *x, int64_t n, T *m, double *s, T *st, T *bases,
-                             const char *pf, double *d)
+   weights; -inf with a -inf element, as row_sumexp's); q, when not NULL
+   (entropy, no st), sum_c exp(x_c - m) (x_c - m), a term of exponential
+   0 counting 0, and a row whose q is not finite also returns 0. */
+FX_INLINE int NM(row_lse1_qd)(const XT *x, int64_t n, T *m, double *s, T *st, T *bases,
+                              const char *pf, double *q, double *d)
 {
-    double B = -INFINITY, S = 0.0, D = 0.0;
+    double B = -INFINITY, S = 0.0, D = 0.0, Q = 0.0;
     for (int64_t g0 = 0; g0 < n; g0 += FX_LSE_GROUP) {
         const int64_t g1 = g0 + FX_LSE_GROUP < n ? g0 + FX_LSE_GROUP : n;
         T b;
-        double gd = 0.0;
-        const double gs = NM(group_lse_q)(x, g0, g1, &b, NULL, st, pf, NULL, d ? &gd : NULL);
+        double gd = 0.0, gq = 0.0;
+        const double gs = NM(group_lse_q)(x, g0, g1, &b, NULL, st, pf, q ? &gq : NULL,
+                                          d ? &gd : NULL);
         if (bases) bases[g0 / FX_LSE_GROUP] = b;
         /* d to the running base: the earlier groups' g0 terms or this
            group's g1 - g0 shift by the difference of the bases. */
@@ -361,11 +364,13 @@ FX_INLINE int NM(row_lse1_d)(const XT *x, int64_t n, T *m, double *s, T *st, T *
             if ((double)b > B) D = (g0 > 0 ? D + (B - (double)b) * (double)g0 : 0.0) + gd;
             else D += gd + ((double)b - B) * (double)(g1 - g0);
         }
-        fx_lse_merge(&B, &S, (double)b, gs);
+        if (q) fx_ent_merge(&B, &S, &Q, (double)b, gs, gq);
+        else fx_lse_merge(&B, &S, (double)b, gs);
     }
-    if (!(isfinite(B) && S > 0 && S < INFINITY)) return 0;
+    if (!(isfinite(B) && S > 0 && S < INFINITY) || (q && !isfinite(Q))) return 0;
     *m = (T)B;
     *s = S;
+    if (q) *q = Q;
     if (d) *d = D;
     return 1;
 }
@@ -373,27 +378,7 @@ FX_INLINE int NM(row_lse1_d)(const XT *x, int64_t n, T *m, double *s, T *st, T *
 FX_INLINE int NM(row_lse1)(const XT *x, int64_t n, T *m, double *s, T *st, T *bases,
                            const char *pf)
 {
-    return NM(row_lse1_d)(x, n, m, s, st, bases, pf, NULL);
-}
-
-/* row_lse1 (without outputs) with entropy's second sum:
-   *q = sum_c exp(x_c - m) (x_c - m), a term of exponential 0 counting 0.
-   A row that row_lse1 would refuse, or whose q is not finite, returns 0. */
-FX_INLINE int NM(row_ent1)(const XT *x, int64_t n, T *m, double *s, double *q, const char *pf)
-{
-    double B = -INFINITY, S = 0.0, Q = 0.0;
-    for (int64_t g0 = 0; g0 < n; g0 += FX_LSE_GROUP) {
-        const int64_t g1 = g0 + FX_LSE_GROUP < n ? g0 + FX_LSE_GROUP : n;
-        T b;
-        double gq;
-        const double gs = NM(group_lse_q)(x, g0, g1, &b, NULL, NULL, pf, &gq, NULL);
-        fx_ent_merge(&B, &S, &Q, (double)b, gs, gq);
-    }
-    if (!(isfinite(B) && S > 0 && S < INFINITY && isfinite(Q))) return 0;
-    *m = (T)B;
-    *s = S;
-    *q = Q;
-    return 1;
+    return NM(row_lse1_qd)(x, n, m, s, st, bases, pf, NULL, NULL);
 }
 
 /* Rows of up to PAIR_BYTES are taken two at a time by the forward row
