@@ -96,6 +96,7 @@ static void KFN(expm_array)(const XT *x, T *y, int64_t n)
 #undef CHUNK
 #undef FX_LANES
 #undef PF_BYTES
+#undef PF_AHEAD
 #undef SMALL_C
 #undef SMALL_SELECT
 #undef SMALL_PAIR

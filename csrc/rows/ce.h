@@ -303,7 +303,7 @@ static __attribute__((noinline)) int NM(ce_smooth_row1)(const fx_job *job, int64
 {
     const XT *x = (const XT *)job->x + r * job->x_ld;
     XT *out = job->out ? (XT *)job->out + r * job->out_ld : NULL;
-    const char *pf = NM(next_row)(job, r, r1);
+    const char *pf = NM(ahead)(job, r, r1);
     T m;
     double s, d = 0.0;
     if (!out) {
@@ -357,7 +357,7 @@ FX_INLINE void NM(ce_hard_row)(const fx_job *job, int64_t r, int64_t r1, int64_t
     double s, d = 0.0;
     /* The loss alone needs only (m, s), for any base m: one pass. */
     if (!out && !(eps > 0) && NM(one_pass)(n)
-        && NM(row_lse1)(x, n, &m, &s, NULL, NULL, NM(next_row)(job, r, r1))) {
+        && NM(row_lse1)(x, n, &m, &s, NULL, NULL, NM(ahead)(job, r, r1))) {
         job->row_out[r] = fx_ce_hard_row(xy, wy, (double)m, s, log(s), 0.0, eps, n, W, 0.0, 0).loss;
         return;
     }
@@ -373,7 +373,7 @@ FX_INLINE void NM(ce_hard_row)(const fx_job *job, int64_t r, int64_t r1, int64_t
     if (out && st1 && !(eps > 0) && NM(one_pass_out)(n)) {
         T bases[FX_LSE_MAX_GROUPS];
         const double gs = job->gscale[r * job->gscale_step];
-        const int ok = NM(row_lse1)(x, n, &m, &s, st1, bases, NM(next_row)(job, r, r1));
+        const int ok = NM(row_lse1)(x, n, &m, &s, st1, bases, NM(ahead)(job, r, r1));
         /* A row without a softmax: NaN (its values may be gone, out = x). */
         if (!ok) {
             m = NAN;

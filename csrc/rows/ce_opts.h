@@ -212,7 +212,7 @@ FX_INLINE int NM(opts_row1)(const fx_job *job, int64_t r, int64_t r1, const XT *
                             int64_t y, T xy, const T *w, double eps, double W)
 {
     const int64_t n = job->n_cols;
-    const char *pf = NM(next_row)(job, r, r1);
+    const char *pf = NM(ahead)(job, r, r1);
     T m, bases[FX_LSE_MAX_GROUPS];
     T *st = NULL;
 #if !X16

@@ -108,7 +108,7 @@ FX_INLINE void NM(logsumexp_row)(const fx_job *job, int64_t r, int64_t r1)
     T b;
     double s;
     if (NM(one_pass)(job->n_cols)
-        && NM(row_lse1)(x, job->n_cols, &b, &s, NULL, NULL, NM(next_row)(job, r, r1))) {
+        && NM(row_lse1)(x, job->n_cols, &b, &s, NULL, NULL, NM(ahead)(job, r, r1))) {
         job->row_out[r] = (double)b + log(s);
         return;
     }
@@ -170,7 +170,7 @@ FX_INLINE void NM(log_softmax_row)(const fx_job *job, int64_t r, int64_t r1, int
     /* The max from a second read of the row, from cache: tracking it in
        the one pass cost more (AVX2, 8192 x 1000: 1.1x). */
     if (NM(one_pass)(job->n_cols)
-        && NM(row_lse1)(x, job->n_cols, &b, &s, NULL, NULL, NM(next_row)(job, r, r1))) {
+        && NM(row_lse1)(x, job->n_cols, &b, &s, NULL, NULL, NM(ahead)(job, r, r1))) {
         mx = NM(row_max)(x, job->n_cols);
         NM(log_softmax_write)(job, r, mx, NM(lsm_log)(b, s, mx), stream);
         return;
@@ -224,7 +224,7 @@ static void KFN(softmax)(const fx_job *job, int64_t r0, int64_t r1)
         if (NM(one_pass_out)(n)) {
             T bases[FX_LSE_MAX_GROUPS], b;
             double s;
-            if (NM(row_lse1)(x, n, &b, &s, out, bases, NM(next_row)(job, r, r1)))
+            if (NM(row_lse1)(x, n, &b, &s, out, bases, NM(ahead)(job, r, r1)))
                 NM(group_write)(x, out, NULL, n, b, bases, 1.0 / s, 0.0, out);
             else NM(row_nan)(out, n);
             continue;
@@ -317,7 +317,8 @@ static void KFN(entropy)(const fx_job *job, int64_t r0, int64_t r1)
         T m;
         double q, s;
         /* H = log s - q / s holds for any base m: one pass (stats.h). */
-        if (NM(one_pass_ent)(n) && NM(row_lse1_qd)(x, n, &m, &s, NULL, NULL, pf, &q, NULL)) {
+        if (NM(one_pass_ent)(n)
+            && NM(row_lse1_qd)(x, n, &m, &s, NULL, NULL, NM(ahead)(job, r, r1), &q, NULL)) {
             job->row_out[r] = log(s) - q / s;
             continue;
         }

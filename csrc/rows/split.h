@@ -47,7 +47,9 @@ static void KFN(group_lse)(const void *x, int64_t n, int64_t g0, int64_t g1, dou
     for (int64_t g = g0; g < g1; g++) {
         const int64_t c0 = g * FX_LSE_GROUP, c1 = c0 + FX_LSE_GROUP < n ? c0 + FX_LSE_GROUP : n;
         T b, mx;
-        sums[g] = NM(group_lse)((const XT *)x, c0, c1, &b, &mx, stp, NULL);
+        /* PF_AHEAD on, as a one-pass row (stats.h, ahead). */
+        sums[g] = NM(group_lse)((const XT *)x, c0, c1, &b, &mx, stp,
+                                (const char *)x + PF_AHEAD);
         bases[g] = (double)b;
         maxes[g] = (double)mx;
     }

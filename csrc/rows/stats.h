@@ -95,6 +95,33 @@ FX_INLINE const char *NM(next_row)(const fx_job *job, int64_t r, int64_t r1)
     return (const char *)(row + job->x_ld);
 }
 
+/* What a one-pass row (row_lse1 and its kin: the row read once, from
+   memory) prefetches alongside itself: the element PF_AHEAD bytes on,
+   running past its end into the next row of a contiguous array (a
+   prefetch does not fault), or, for a row no longer than that, the next
+   row as next_row does. The first pass's loads then meet L2: on a Xeon
+   (AVX-512, float32, 1 thread) the read+exp loop over main memory took
+   0.32-0.33 ns per element at 2-3 KiB ahead, 0.29 ns from L1, 0.83 ns
+   with no prefetch, 0.42-0.43 ns at 4-24 KiB and at 128-192 KiB ahead
+   (next_row's distance for long rows, which serves the passes that reread
+   a cached row); over data in L3, 0.29 ns from 3 KiB on, 0.30 at 2 KiB. */
+#define PF_AHEAD 3072
+
+FX_INLINE const char *NM(ahead)(const fx_job *job, int64_t r, int64_t r1)
+{
+    if (job->n_cols * (int64_t)sizeof(XT) <= PF_AHEAD) return NM(next_row)(job, r, r1);
+    return (const char *)((uintptr_t)((const XT *)job->x + r * job->x_ld) + PF_AHEAD);
+}
+
+/* Prefetch for writing the line PF_AHEAD bytes past st + i: a one-pass
+   row's stash (the gradient's out) is written in the same pass, and its
+   lines come from memory (write-allocate) as x's do. */
+FX_INLINE void NM(prefetch_st)(const T *st, int64_t i)
+{
+    for (int b = 0; b < VL * (int)sizeof(T); b += 64)
+        __builtin_prefetch((const void *)((uintptr_t)(st + i) + (uintptr_t)(PF_AHEAD + b)), 1, 2);
+}
+
 /* Prefetch the VL elements of row pf that match x + i (L2 only). */
 FX_INLINE void NM(prefetch)(const char *pf, int64_t i)
 {
@@ -264,6 +291,10 @@ FX_INLINE double NM(group_lse_q)(const XT *x, int64_t g0, int64_t g1, T *bp, T *
             if (pf) {
                 NM(prefetch)(pf, i);
                 NM(prefetch)(pf, i + VL);
+                if (st) {
+                    NM(prefetch_st)(st, i);
+                    NM(prefetch_st)(st, i + VL);
+                }
             }
             const V x0 = XLOAD(x + i), x1 = XLOAD(x + i + VL);
             if (mp) mx = AMAX(AMAX(mx, x0), x1);
