@@ -122,6 +122,14 @@ FX_INLINE void NM(prefetch_st)(const T *st, int64_t i)
         __builtin_prefetch((const void *)((uintptr_t)(st + i) + (uintptr_t)(PF_AHEAD + b)), 1, 2);
 }
 
+/* As prefetch, into L1: one-pass rows prefetch no more than PF_AHEAD
+   ahead, which L1 holds. */
+FX_INLINE void NM(prefetch_l1)(const char *pf, int64_t i)
+{
+    for (int b = 0; b < VL * (int)sizeof(XT); b += 64)
+        __builtin_prefetch((const void *)((uintptr_t)pf + (uintptr_t)(i * (int64_t)sizeof(XT) + b)), 0, 3);
+}
+
 /* Prefetch the VL elements of row pf that match x + i (L2 only). */
 FX_INLINE void NM(prefetch)(const char *pf, int64_t i)
 {
@@ -289,8 +297,8 @@ FX_INLINE double NM(group_lse_q)(const XT *x, int64_t g0, int64_t g1, T *bp, T *
         int64_t i = c0;
         for (; i + 2 * VL <= c1; i += 2 * VL) {
             if (pf) {
-                NM(prefetch)(pf, i);
-                NM(prefetch)(pf, i + VL);
+                NM(prefetch_l1)(pf, i);
+                NM(prefetch_l1)(pf, i + VL);
                 if (st) {
                     NM(prefetch_st)(st, i);
                     NM(prefetch_st)(st, i + VL);
