@@ -197,11 +197,21 @@ static double k_exp_f64(const double *x, int64_t n, double m)
 
 /* One pass that reads each element from memory and exponentiates it once:
    the least a row's max and sum of exponentials can cost together (the
-   row kernels' one-pass form, csrc/online.h), as sum of exp(x - m) over
-   main-memory data. */
+   row kernels' one-pass form, group_lse in csrc/rows/stats.h), as sum of
+   exp(x - m) over main-memory data, every line prefetched into L1 3 KiB
+   ahead as the kernels do (PF_AHEAD): without it, on a Xeon the loop
+   waited on memory (0.83 ns per element against 0.32). */
 static double k_read_exp(const float *x, int64_t lo, int64_t hi)
 {
-    return k_exp_f32(x + lo, hi - lo, 2.0f);
+    const fx_vf32 vm = fx_splat_f32(2.0f);
+    fx_acc_f32 a0 = fx_acc_init_f32(fx_splat_f32(0)), a1 = a0;
+    for (int64_t i = lo; i < hi; i += 2 * VL32) {
+        __builtin_prefetch((const char *)(x + i) + 3072, 0, 3);
+        __builtin_prefetch((const char *)(x + i) + 3072 + 64, 0, 3);
+        a0 = fx_acc_add_f32(a0, fx_expm_f32(fx_load_f32(x + i) - vm));
+        a1 = fx_acc_add_f32(a1, fx_expm_f32(fx_load_f32(x + i + VL32) - vm));
+    }
+    return fx_hsum_f32(fx_acc_get_f32(a0) + fx_acc_get_f32(a1));
 }
 
 /* ------------------------------------------------------------- harness */

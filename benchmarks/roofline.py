@@ -20,7 +20,8 @@ repetitions:
 - ``write_nt`` / ``rw_nt``: the same with streaming (non-temporal) stores,
   which skip the write-allocate read; what a kernel could gain from them;
 - ``read_exp``: one pass that reads each float32 element from main memory
-  and exponentiates it once (the exp loop below on the ``read`` array): the
+  and exponentiates it once (the exp loop below on the ``read`` array, each
+  line prefetched 3 KiB ahead as the row kernels' one pass does): the
   measured cost of the one-pass row statistics, which the bound's
   ``max(memory, exp)`` assumes overlap perfectly;
 - ``exp_f32`` / ``exp_f64``: throughput of the exp polynomial of
