@@ -588,6 +588,49 @@ def test_constant_row_gives_log_C(dtype, C, value, isa):
     assert_close(grad, expected, ct, scale=1.0)
 
 
+@pytest.mark.parametrize("target", ["hard", "weighted", "soft", "shards"])
+@pytest.mark.parametrize("C", [7, 100, 1000, 5000])
+def test_smoothing_at_the_end_of_the_float32_range(C, target, isa, rng):
+    """Label smoothing's sum of x - max over float32 logits of both signs near
+    3e38: one difference overflows float32 (4e38) and a row's sum is C times
+    that, while the loss (0.1 of the mean difference) is ~1e37."""
+    x = rng.uniform(-1e38, 1e38, (6, C)).astype(np.float32)
+    x[:, 1] = -2e38
+    x[:, C - 1] = 2e38
+    x[1] = rng.uniform(0, 3e38, C)  # one sign: no element overflows, the sum does
+    x[2] = rng.uniform(-3e38, 0, C)  # and with a max that is not large
+    y = np.argmax(x, axis=1)  # the target's own term stays small: the loss fits float32
+    if target == "soft":
+        labels = np.full((6, C), 0.05 / C, dtype=np.float32)
+        labels[np.arange(6), y] += 0.95
+    else:
+        labels = y
+    kw = dict(reduction="none", label_smoothing=0.1)
+    if target == "weighted":
+        kw["weight"] = rng.uniform(0.5, 2.0, C).astype(np.float32)
+    ref_loss, ref_grad = ref.cross_entropy_with_grad(x, labels, **kw)
+    assert np.all(np.isfinite(ref_loss)) and np.all(ref_loss > 1e36)
+    scale = float(np.max(ref_loss))
+    if target == "shards":
+        bounds = [0, C // 2, C]
+        stats = [fastxent.shard_stats(x[:, a:b], y, vocab_start=a, num_classes=C)
+                 for a, b in zip(bounds, bounds[1:])]
+        got = fastxent.shard_loss(fastxent.combine_shard_stats(stats), y, **kw)
+        assert_close(got, ref_loss, np.float32, scale=scale, what=f"shards C={C} {isa}")
+        return
+    got = fastxent.cross_entropy(x, labels, **kw)
+    assert_close(got, ref_loss, np.float32, scale=scale, what=f"loss C={C} {isa}")
+    loss, grad = fastxent.cross_entropy_with_grad(x, labels, **kw)
+    assert_close(loss, ref_loss, np.float32, scale=scale, what=f"fused loss C={C} {isa}")
+    # A soft row's gradient p - t is within 1 of 0 however the target splits.
+    gscale = 1.0 if target == "soft" else 1.0 / C
+    assert_close(grad, ref_grad, np.float32, scale=gscale, ulps=16, what=f"grad C={C} {isa}")
+    inplace = x.copy()
+    loss_ip, _ = fastxent.cross_entropy_with_grad(inplace, labels, out=inplace, **kw)
+    assert_bitwise_equal(loss_ip, loss, what="loss in place")
+    assert_bitwise_equal(inplace, grad, what="grad in place")
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_very_negative_rows(dtype, isa, rng):
     x = (-1e4 + rng.standard_normal((9, 16))).astype(dtype)

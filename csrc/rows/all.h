@@ -97,6 +97,9 @@ static void KFN(expm_array)(const XT *x, T *y, int64_t n)
 #undef FX_LANES
 #undef PF_BYTES
 #undef PF_AHEAD
+#undef D_SHIFT
+#undef D_SCALE
+#undef D_UNSCALE
 #undef SMALL_C
 #undef SMALL_SELECT
 #undef SMALL_PAIR

@@ -87,13 +87,13 @@ static inline fx_ce_row fx_ce_hard_row(double xy, double wy, double m, double s,
 FX_INLINE double NM(row_soft)(const XT *x, const T *t, const T *w, int64_t n, T m,
                                    double *a, double *b, double *d)
 {
-    const V vm = SPLAT(m), zero = SPLAT(0);
+    const V vm = SPLAT(m), zero = SPLAT(0), vsc = SPLAT(D_SCALE), vms = SPLAT(m * D_SCALE);
     double s = 0.0, aa = 0.0, bb = 0.0, dd = 0.0;
     for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
         const int64_t c1 = NM(chunk_end)(c0, n);
         ACC vs = AINIT(zero), va = vs, vb = vs, vd = vs;
         FX_LANES(i, c0, c1, k, {
-            const V z = NM(zload_lin)(x, i, k, vm, m);
+            const V z = NM(zload_lin_s)(x, i, k, vsc, vms, m);
             const V tv = k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, 0);
             const V wv = NM(wload)(w, i, k);
             const V wt = wv * tv;
@@ -107,9 +107,9 @@ FX_INLINE double NM(row_soft)(const XT *x, const T *t, const T *w, int64_t n, T 
         bb += HSUM(AGET(vb));
         dd += HSUM(AGET(vd));
     }
-    *a = aa;
+    *a = aa * D_UNSCALE;
     *b = bb;
-    *d = dd;
+    *d = dd * D_UNSCALE;
     return s;
 }
 
@@ -180,13 +180,17 @@ static __attribute__((noinline)) void NM(ce_small_group)(const fx_job *job, int6
     }
     VW dv = __builtin_convertvector(SPLAT(0), VW);
     if (eps > 0) {
+        /* x - m scaled as stats.h's zload_lin_s: it overflows T at logits
+           of both signs near the range's end. */
+        const V vs = SPLAT(D_SCALE), ms = m * vs;
         ACCW adv = AWINIT(dv);
         for (int64_t c = 0; c < n; c++) {
             const T wc = w ? w[c] : 1;
             if (wc != 0)
-                adv = AWADD(adv, __builtin_convertvector(SPLAT(wc) * (LOAD(buf + c * VL) - m), VW));
+                adv = AWADD(adv, __builtin_convertvector(SPLAT(wc) * (LOAD(buf + c * VL) * vs - ms),
+                                                         VW));
         }
-        dv = AWGET(adv);
+        dv = AWGET(adv) * D_UNSCALE;
     }
     double xyv[VL], mv[VL], exy[VL], gsv[VL], gy[VL];
     T k1[VL], k2[VL], nan_row[VL];
