@@ -172,16 +172,27 @@ static void k_rw_nt(const float *x, float *y, int64_t lo, int64_t hi, float a)
     for (int64_t i = lo; i < hi; i += VL32) store_nt(y + i, va * fx_load_f32(x + i));
 }
 
-/* The fastxent sum-of-exponentials loop (csrc/rows/stats.h, chunk_sumexp_). */
-static double k_exp_f32(const float *x, int64_t n, float m)
+/* The fastxent sum-of-exponentials loop (csrc/rows/stats.h, chunk_sumexp_);
+   with pf, every line is prefetched into L1 pf bytes ahead, as the row
+   kernels' one pass does (PF_AHEAD). */
+static inline double exp_sum_f32(const float *x, int64_t n, float m, int64_t pf)
 {
     const fx_vf32 vm = fx_splat_f32(m);
     fx_acc_f32 a0 = fx_acc_init_f32(fx_splat_f32(0)), a1 = a0;
     for (int64_t i = 0; i < n; i += 2 * VL32) {
+        if (pf) {
+            __builtin_prefetch((const char *)(x + i) + pf, 0, 3);
+            __builtin_prefetch((const char *)(x + i) + pf + 64, 0, 3);
+        }
         a0 = fx_acc_add_f32(a0, fx_expm_f32(fx_load_f32(x + i) - vm));
         a1 = fx_acc_add_f32(a1, fx_expm_f32(fx_load_f32(x + i + VL32) - vm));
     }
     return fx_hsum_f32(fx_acc_get_f32(a0) + fx_acc_get_f32(a1));
+}
+
+static double k_exp_f32(const float *x, int64_t n, float m)
+{
+    return exp_sum_f32(x, n, m, 0);
 }
 
 static double k_exp_f64(const double *x, int64_t n, double m)
@@ -203,15 +214,7 @@ static double k_exp_f64(const double *x, int64_t n, double m)
    waited on memory (0.83 ns per element against 0.32). */
 static double k_read_exp(const float *x, int64_t lo, int64_t hi)
 {
-    const fx_vf32 vm = fx_splat_f32(2.0f);
-    fx_acc_f32 a0 = fx_acc_init_f32(fx_splat_f32(0)), a1 = a0;
-    for (int64_t i = lo; i < hi; i += 2 * VL32) {
-        __builtin_prefetch((const char *)(x + i) + 3072, 0, 3);
-        __builtin_prefetch((const char *)(x + i) + 3072 + 64, 0, 3);
-        a0 = fx_acc_add_f32(a0, fx_expm_f32(fx_load_f32(x + i) - vm));
-        a1 = fx_acc_add_f32(a1, fx_expm_f32(fx_load_f32(x + i + VL32) - vm));
-    }
-    return fx_hsum_f32(fx_acc_get_f32(a0) + fx_acc_get_f32(a1));
+    return exp_sum_f32(x + lo, hi - lo, 2.0f, 3072);
 }
 
 /* ------------------------------------------------------------- harness */

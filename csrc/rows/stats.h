@@ -271,16 +271,16 @@ FX_INLINE T NM(lse_raise)(T b, V x0, V x1, ACC *a0, ACC *a1, double *s, T *st, i
     return nb;
 }
 
-/* Label smoothing's d = sum_c (x_c - b) (unit weights, scaled as
-   zload_lin_s's) moved from base b to lse_raise's new base nb: the vector
-   terms so far in chunk [c0, i) (i - c0 elements, (i - c0) / VL per lane,
-   all whole vectors) and the group's earlier chunks [g0, c0) each shift by
-   b - nb. */
+/* Label smoothing's d = sum_c (x_c - b) (unit weights; its lanes d0
+   scaled as zload_lin_s's) moved from base b to lse_raise's new base nb:
+   the vector terms so far in chunk [c0, i) (i - c0 elements, (i - c0) / VL
+   per lane, all whole vectors) and the group's earlier chunks [g0, c0)
+   each shift by b - nb. */
 FX_INLINE void NM(d_rebase)(T b, T nb, ACC *d0, double *d, int64_t g0, int64_t c0, int64_t i)
 {
     const T sh = b * D_SCALE - nb * D_SCALE;
     *d0 = AINIT(AGET(*d0) + SPLAT(sh) * SPLAT((T)((i - c0) / VL)));
-    *d += ((double)b - (double)nb) / D_UNSCALE * (double)(c0 - g0);
+    *d += ((double)b - (double)nb) * (double)(c0 - g0);
 }
 
 /* s = sum of exp(x_c - *b) over group [g0, g1) (g1 - g0 <= FX_LSE_GROUP),
@@ -376,11 +376,11 @@ FX_INLINE double NM(group_lse_q)(const XT *x, int64_t g0, int64_t g1, T *bp, T *
         }
         s += HSUM(AGET(a0) + AGET(a1));
         if (qp) q += HSUM(AGET(q0) + AGET(q1));
-        if (dp) d += HSUM(AGET(d0));
+        if (dp) d += HSUM(AGET(d0)) * D_UNSCALE;
     }
     *bp = b;
     if (qp) *qp = q;
-    if (dp) *dp = d * D_UNSCALE;
+    if (dp) *dp = d;
     if (mp) *mp = HMAX(AGET(mx)) + (T)0;
     return s;
 }
