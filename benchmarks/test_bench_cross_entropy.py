@@ -122,3 +122,41 @@ def test_cross_entropy_with_grad(bench):
     loss, grad = bench.run(fn, writes_result=True)
     assert np.isfinite(float(loss))
     assert tuple(grad.shape) == x.shape
+
+
+# Label smoothing: its sum of x - max is a pass of its own on rows of up to
+# 1 KiB and on weighted rows, a term of the one pass on longer rows.
+SMOOTH_CASES = (((4096, 32000), "float32"), ((8192, 1000), "float32"), ((32768, 128), "float32"))
+
+
+@pytest.mark.cases(*SMOOTH_CASES)
+@pytest.mark.contenders("fastxent-out", "reference", "torch")
+def test_cross_entropy_smoothed_with_grad(bench):
+    x, y, threads = bench.logits, bench.labels, bench.threads
+    if bench.contender == "fastxent-out":
+        g = np.empty_like(x)
+
+        def fn():
+            return fastxent.cross_entropy_with_grad(x, y, label_smoothing=0.1, out=g,
+                                                    num_threads=threads)
+
+    elif bench.contender == "reference":
+
+        def fn():
+            return reference.cross_entropy_with_grad(x, y, label_smoothing=0.1)
+
+    elif bench.contender == "torch":
+        xt, yt = bench.torch_tensors(requires_grad=True)
+
+        def fn():
+            xt.grad = None
+            loss = F.cross_entropy(xt, yt, label_smoothing=0.1)
+            loss.backward()
+            return loss.detach(), xt.grad
+
+    else:
+        raise AssertionError(bench.contender)
+
+    loss, grad = bench.run(fn, writes_result=True)
+    assert np.isfinite(float(loss))
+    assert tuple(grad.shape) == x.shape
