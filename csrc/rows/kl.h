@@ -139,20 +139,6 @@ FX_INLINE V NM(kl_exp_target)(V lp)
     return lp;
 }
 
-/* One vector's terms: the student's exp(za) into va and, with a teacher,
-   exp(zb) into vb and the cross term eb (zb - za) into vu (0 where eb is:
-   0 log 0 = 0, also against a -inf za). */
-FX_INLINE void NM(kl_add)(V za, V zb, int teacher, ACC *va, ACC *vb, ACC *vu)
-{
-    const V zero = SPLAT(0);
-    *va = AADD(*va, EXPM(za));
-    if (teacher) {
-        const V eb = EXPM(zb);
-        *vb = AADD(*vb, eb);
-        *vu = AADD(*vu, SEL(SFX(fx_eq)(eb, zero), zero, eb * (zb - za)));
-    }
-}
-
 /* ------------------------------------------------------------------------
  * One pass over a row with a logits target (the distillation case): the
  * student's and the teacher's sums of exponentials and the cross term
@@ -266,7 +252,12 @@ FX_INLINE void NM(kl_group1)(const XT *z, const T *t, int64_t g0, int64_t g1, V 
                     zb = xb - vbb;
                 }
             }
-            NM(kl_add)(za, zb, teacher, &va, &vb, &vu);
+            va = AADD(va, EXPM(za));
+            if (teacher) {
+                const V eb = EXPM(zb);
+                vb = AADD(vb, eb);
+                vu = AADD(vu, SEL(SFX(fx_eq)(eb, zero), zero, eb * (zb - za)));
+            }
         });
         sa += HSUM(AGET(va));
         sb += HSUM(AGET(vb));
@@ -401,9 +392,13 @@ FX_INLINE void NM(kl_rows2)(const fx_job *job, int kind, int64_t r0, int64_t r1)
             ACC va = AINIT(zero), vb = va, vu = va;
             FX_LANES(i, c0, c1, k, {
                 const V za = (k == VL ? XLOAD(z + i) : XLOAD_TAIL(z + i, k, -INFINITY)) * vinv - vma;
-                const V zb = kind != FX_KL_LOGITS ? za
-                    : (k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, -INFINITY)) * vinv - vmb;
-                NM(kl_add)(za, zb, kind == FX_KL_LOGITS, &va, &vb, &vu);
+                va = AADD(va, EXPM(za));
+                if (kind == FX_KL_LOGITS) {
+                    const V zb = (k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, -INFINITY)) * vinv - vmb;
+                    const V eb = EXPM(zb);
+                    vb = AADD(vb, eb);
+                    vu = AADD(vu, SEL(SFX(fx_eq)(eb, zero), zero, eb * (zb - za)));
+                }
             });
             sa += HSUM(AGET(va));
             sb += HSUM(AGET(vb));
