@@ -68,22 +68,15 @@ static void NM(kl_row_scalar)(const fx_job *job, int kind, const XT *z, const T 
    a block with a target they do not cover (zero is covered; subnormal,
    negative, infinite or NaN p, or log p > 0) and the row's last n % 8
    elements go through the C library, element by element. Lanes are added
-   in a fixed order, so the bits do not depend on the ISA. pf: whether the
-   target is prefetched (a one-pass row's, below). */
+   in a fixed order, so the bits do not depend on the ISA. */
 FX_INLINE double NM(kl_target_terms)(int kind, const XT *z, const T *t, int64_t n, T inv_t, T ma,
-                                     int pf, double *acc_out)
+                                     double *acc_out)
 {
     const fx_vf64 zero = fx_splat_f64(0.0);
     fx_acc_f64 vacc = fx_acc_init_f64(zero), vps = vacc;
     double acc = 0.0, psum = 0.0;
     int64_t c = 0;
     for (; c + 8 <= n; c += 8) {
-        /* After a one-pass row's statistics the target comes from memory
-           here: PF_AHEAD bytes ahead into L1 (stats.h's one-pass
-           distance), on into the next row. Without it the 4096 x 32000
-           rows took 1.07-1.10x the two-pass time. */
-        if (pf && ((c * (int64_t)sizeof(T)) & 63) == 0)
-            __builtin_prefetch((const char *)(t + c) + PF_AHEAD, 0, 3);
         const fx_vf64 tv = NM(load8)(t + c);
 #if X16
         fx_vf64 za;
@@ -139,229 +132,7 @@ FX_INLINE V NM(kl_exp_target)(V lp)
     return lp;
 }
 
-/* ------------------------------------------------------------------------
- * One pass over a row with a logits target (the distillation case): the
- * student's and the teacher's sums of exponentials and the cross term
- *   sa = sum exp(za),  sb = sum exp(zb),  u = sum eb (zb - za)
- * with za = z / T - ba, zb = t / T - bb, each against a lazy base of its
- * own (group_lse_q's scheme, stats.h): per group of FX_LSE_GROUP elements,
- * the max of the group's first vector, raised only when an element exceeds
- * it by more than FX_ENT_T. The loss u / sb - log sb + log sa holds for any
- * pair of bases, so neither row's max is read first: both rows come from
- * memory once, their reads overlapping the two exponentials. A raise of ba
- * by d shifts every term's zb - za by +d (u += d sb); a raise of bb by d
- * scales the terms by f = exp(-d) and shifts them by -d (u = f (u - d sb)).
- * The threshold is entropy's 2, not 16: u's terms are rounded relative to
- * zb - za, which the bases' distance below the maxima widens, and at 16 the
- * near-converged float32 rows (KL well under 1) lost several ulps of 1.
- * Groups merge in order (kl_merge): the bits depend on neither the thread
- * count nor the ISA.
- * ---------------------------------------------------------------------- */
-
-/* The group's (ba, bb, sa, sb, u) state, a raise applied to it. */
-typedef struct {
-    T ba, bb;
-    double sa, sb, u;
-} NM(kl_sums);
-
-/* Move a piece (a, b, sa, sb, u) to the bases (A, B) >= (a, b) and add it
-   to the row's running sums, in double. */
-FX_INLINE void NM(kl_merge)(double *A, double *B, double *SA, double *SB, double *U, double a,
-                            double b, double sa, double sb, double u)
-{
-    if (*A == -INFINITY) { /* the first group, as it is */
-        *A = a; *B = b; *SA = sa; *SB = sb; *U = u;
-        return;
-    }
-    const double NA = fmax(*A, a), NB = fmax(*B, b);
-    /* A term with eb = 0 (sb = 0 with it) contributes nothing: a shift
-       times 0 stays 0 as long as it is finite, and every base is finite. */
-    const double fr = *B == NB ? 1.0 : exp(*B - NB), fg = b == NB ? 1.0 : exp(b - NB);
-    const double ur = fr * (*U + ((NA - *A) - (NB - *B)) * *SB);
-    const double ug = fg * (u + ((NA - a) - (NB - b)) * sb);
-    *SA = (*A == NA ? *SA : *SA * exp(*A - NA)) + (a == NA ? sa : sa * exp(a - NA));
-    *SB = *SB * fr + sb * fg;
-    *U = ur + ug;
-    *A = NA;
-    *B = NB;
-}
-
-/* Group [g0, g1) of student row z and teacher row t (see above); with
-   t NULL (a constant at every call), the student's (ba, sa) alone, for the
-   probability targets. */
-FX_INLINE void NM(kl_group1)(const XT *z, const T *t, int64_t g0, int64_t g1, V vinv,
-                             NM(kl_sums) *out)
-{
-    const int teacher = t != NULL;
-    const T thr = (T)FX_ENT_T;
-    const V lo = NM(lse_floor)(), zero = SPLAT(0);
-    const int64_t k0 = g1 - g0 < VL ? g1 - g0 : VL;
-    const V fa = (k0 == VL ? XLOAD(z + g0) : XLOAD_TAIL(z + g0, k0, -INFINITY)) * vinv;
-    const V fb = !teacher ? lo : (k0 == VL ? LOAD(t + g0) : LOAD_TAIL(t + g0, k0, -INFINITY)) * vinv;
-    T ba = HMAX(VMAX(lo, fa)), bb = HMAX(VMAX(lo, fb));
-    V vba = SPLAT(ba), vbb = SPLAT(bb);
-    double sa = 0.0, sb = 0.0, u = 0.0;
-    for (int64_t c0 = g0; c0 < g1; c0 += CHUNK) {
-        const int64_t c1 = c0 + CHUNK < g1 ? c0 + CHUNK : g1;
-        ACC va = AINIT(zero), vb = va, vu = va;
-        FX_LANES(i, c0, c1, k, {
-            if (k == VL) {
-                /* Both rows PF_AHEAD bytes on into L1 (stats.h's ahead),
-                   past the row's end into the next one. */
-                for (int o = 0; o < VL * (int)sizeof(XT); o += 64)
-                    __builtin_prefetch((const char *)(z + i) + PF_AHEAD + o, 0, 3);
-                for (int o = 0; teacher && o < VL * (int)sizeof(T); o += 64)
-                    __builtin_prefetch((const char *)(t + i) + PF_AHEAD + o, 0, 3);
-            }
-            const V xa = (k == VL ? XLOAD(z + i) : XLOAD_TAIL(z + i, k, -INFINITY)) * vinv;
-            const V xb = !teacher ? lo : (k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, -INFINITY)) * vinv;
-            V za = xa - vba, zb = xb - vbb;
-            if (__builtin_expect(SFX(fx_any_above2)(za, teacher ? zb : za, thr), 0)) {
-                /* NaN never raises; +inf makes a base +inf, whose row the
-                   caller sends to kl_row_scalar. */
-                const T na = HMAX(VMAX(VMAX(lo, xa), vba)), nb = HMAX(VMAX(VMAX(lo, xb), vbb));
-                if (na > ba) {
-                    const T d = na - ba;
-                    const V f = EXPM(SPLAT(-d));
-                    vu = AINIT(AGET(vu) + SPLAT(d) * AGET(vb));
-                    u += (double)d * sb;
-                    va = AINIT(AGET(va) * f);
-                    sa *= (double)f[0];
-                    ba = na;
-                    vba = SPLAT(ba);
-                    za = xa - vba;
-                }
-                if (teacher && nb > bb) {
-                    const T d = nb - bb;
-                    const V f = EXPM(SPLAT(-d));
-                    if (f[0] == 0) {
-                        /* Nothing of the old terms is left (a raise by
-                           more than 87 in float32), and d sb could
-                           overflow on the way to 0 x inf. */
-                        vb = AINIT(zero);
-                        vu = vb;
-                        sb = u = 0.0;
-                    } else {
-                        vu = AINIT((AGET(vu) - SPLAT(d) * AGET(vb)) * f);
-                        vb = AINIT(AGET(vb) * f);
-                        u = (u - (double)d * sb) * (double)f[0];
-                        sb *= (double)f[0];
-                    }
-                    bb = nb;
-                    vbb = SPLAT(bb);
-                    zb = xb - vbb;
-                }
-            }
-            va = AADD(va, EXPM(za));
-            if (teacher) {
-                const V eb = EXPM(zb);
-                vb = AADD(vb, eb);
-                vu = AADD(vu, SEL(SFX(fx_eq)(eb, zero), zero, eb * (zb - za)));
-            }
-        });
-        sa += HSUM(AGET(va));
-        sb += HSUM(AGET(vb));
-        u += HSUM(AGET(vu));
-    }
-    out->ba = ba;
-    out->bb = bb;
-    out->sa = sa;
-    out->sb = sb;
-    out->u = u;
-}
-
-/* Whether a row takes the one pass: as the row ops decide (stats.h's
-   one_pass), from n alone. */
-FX_INLINE int NM(kl_one_pass)(int64_t n)
-{
-    return NM(one_pass)(n);
-}
-
-/* The gradient row ea k1 - p k2, with ea = exp(z / T - ma) (vma) and a
-   logits target's p = exp(t / T - mb) (vmb): k1 = gs T psum / sa and
-   k2 = gs T / sb (1 for probabilities) give gs T (Q psum - P) (the callers' k1, k2).
-   The callers pass the vectors they hold: taking the scalars and forming
-   them here, the two-pass gradients of 32768 x 128 took 1.05x the time. */
-FX_INLINE void NM(kl_write)(int kind, const XT *z, const T *t, XT *out, int64_t n, V vinv, V vma,
-                            V vmb, V k1, V k2)
-{
-    FX_LANES(i, 0, n, k, {
-        const V ea = EXPM((k == VL ? XLOAD(z + i) : XLOAD_TAIL(z + i, k, -INFINITY)) * vinv - vma);
-        V p;
-        if (kind == FX_KL_LOGITS) {
-            p = EXPM((k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, -INFINITY)) * vinv - vmb);
-        } else {
-            p = k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, 0);
-            if (kind == FX_KL_LOG_PROBS) p = NM(kl_exp_target)(p);
-        }
-        const V g = ea * k1 - p * k2;
-        if (k == VL) XSTORE(out + i, g);
-        else XSTORE_TAIL(out + i, g, k);
-    });
-}
-
-/* Rows longer than PAIR_BYTES in one pass (kl_group1): a logits target's
-   sums and cross term, or the student's sums alone before a probability
-   target's terms (kl_target_terms, which reads the student's row again
-   from cache, as the gradient does). Out of line: inlined beside the
-   two-pass rows, it changed how GCC allocated their loops, and 32768 x 128
-   gradients took 1.04-1.09x the time (AVX-512). */
-static __attribute__((noinline)) void NM(kl_rows1)(const fx_job *job, int kind, int64_t r0,
-                                                   int64_t r1)
-{
-    const int64_t n = job->n_cols;
-    const double Tt = job->temperature;
-    const T inv_t = (T)(1.0 / Tt);
-    const V vinv = SPLAT(inv_t);
-    for (int64_t r = r0; r < r1; r++) {
-        const XT *z = (const XT *)job->x + r * job->x_ld;
-        const T *t = (const T *)job->t + r * job->t_ld;
-        XT *out = job->out ? (XT *)job->out + r * job->out_ld : NULL;
-        const double gs = out ? job->gscale[r * job->gscale_step] : 0.0;
-        double A = -INFINITY, B = 0.0, SA = 0.0, SB = 1.0, U = 0.0;
-        if (kind == FX_KL_LOGITS) {
-            B = -INFINITY;
-            SB = 0.0;
-            for (int64_t g0 = 0; g0 < n; g0 += FX_LSE_GROUP) {
-                NM(kl_sums) g;
-                NM(kl_group1)(z, t, g0, g0 + FX_LSE_GROUP < n ? g0 + FX_LSE_GROUP : n, vinv, &g);
-                NM(kl_merge)(&A, &B, &SA, &SB, &U, (double)g.ba, (double)g.bb, g.sa, g.sb, g.u);
-            }
-        } else {
-            for (int64_t g0 = 0; g0 < n; g0 += FX_LSE_GROUP) {
-                NM(kl_sums) g;
-                NM(kl_group1)(z, NULL, g0, g0 + FX_LSE_GROUP < n ? g0 + FX_LSE_GROUP : n, vinv, &g);
-                fx_lse_merge(&A, &SA, (double)g.ba, g.sa);
-            }
-        }
-        /* A row with a non-finite base or sum (+inf, NaN, all -inf): the
-           scalar form's IEEE rules. U may be +inf (mass where the student
-           has none). */
-        if (!(isfinite(A) && isfinite(B) && SA > 0 && SA < INFINITY && SB > 0 && SB < INFINITY)
-            || isnan(U)) {
-            NM(kl_row_scalar)(job, kind, z, t, out, gs, &job->row_out[r]);
-            continue;
-        }
-        double loss, psum = 1.0;
-        if (kind == FX_KL_LOGITS) {
-            loss = U / SB - log(SB) + log(SA);
-        } else {
-            /* The terms against the base A for the max: exact for any
-               base, as the loss is. */
-            double acc;
-            psum = NM(kl_target_terms)(kind, z, t, n, inv_t, (T)A, 1, &acc);
-            loss = acc + psum * log(SA);
-        }
-        job->row_out[r] = Tt * Tt * loss;
-        if (!out) continue;
-        const V k1 = SPLAT((T)(gs * Tt * psum / SA));
-        const V k2 = SPLAT((T)(gs * Tt / (kind == FX_KL_LOGITS ? SB : 1.0)));
-        NM(kl_write)(kind, z, t, out, n, vinv, SPLAT((T)A), SPLAT((T)B), k1, k2);
-    }
-}
-
-/* Rows of up to PAIR_BYTES: each row's max, then its sums from L1. */
-FX_INLINE void NM(kl_rows2)(const fx_job *job, int kind, int64_t r0, int64_t r1)
+FX_INLINE void NM(kl_rows)(const fx_job *job, int kind, int64_t r0, int64_t r1)
 {
     const int64_t n = job->n_cols;
     const double Tt = job->temperature;
@@ -410,21 +181,27 @@ FX_INLINE void NM(kl_rows2)(const fx_job *job, int kind, int64_t r0, int64_t r1)
             loss = u / sb - log(sb) + log(sa);
         } else {
             double acc;
-            psum = NM(kl_target_terms)(kind, z, t, n, inv_t, ma, 0, &acc);
+            psum = NM(kl_target_terms)(kind, z, t, n, inv_t, ma, &acc);
             loss = acc + psum * log(sa);
         }
         job->row_out[r] = Tt * Tt * loss;
         if (!out) continue;
         const V k1 = SPLAT((T)(gs * Tt * psum / sa));
         const V k2 = SPLAT((T)(gs * Tt / (kind == FX_KL_LOGITS ? sb : 1.0)));
-        NM(kl_write)(kind, z, t, out, n, vinv, vma, vmb, k1, k2);
+        FX_LANES(i, 0, n, k, {
+            const V ea = EXPM((k == VL ? XLOAD(z + i) : XLOAD_TAIL(z + i, k, -INFINITY)) * vinv - vma);
+            V p;
+            if (kind == FX_KL_LOGITS) {
+                p = EXPM((k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, -INFINITY)) * vinv - vmb);
+            } else {
+                p = k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, 0);
+                if (kind == FX_KL_LOG_PROBS) p = NM(kl_exp_target)(p);
+            }
+            const V g = ea * k1 - p * k2;
+            if (k == VL) XSTORE(out + i, g);
+            else XSTORE_TAIL(out + i, g, k);
+        });
     }
-}
-
-FX_INLINE void NM(kl_rows)(const fx_job *job, int kind, int64_t r0, int64_t r1)
-{
-    if (NM(kl_one_pass)(job->n_cols)) NM(kl_rows1)(job, kind, r0, r1);
-    else NM(kl_rows2)(job, kind, r0, r1);
 }
 
 static void KFN(kl_probs)(const fx_job *job, int64_t r0, int64_t r1)
