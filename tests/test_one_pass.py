@@ -189,3 +189,84 @@ def test_exp_kernel_above_zero_within_an_ulp():
     assert np.max(np.abs(got64 - np.exp(x64)) / np.exp(x64)) <= 2.5 * np.finfo(np.float64).eps
     for name in each_isa():
         assert_bitwise_equal(_core.expm(x), got.astype(np.float32), what=name)
+
+
+# ------------------------------------------------------------ KL divergence
+
+# KL (csrc/rows/kl.h, kl_block) reads the student's row, and a logits
+# target's, once, in blocks of 1024 whose maxima raise each row's running
+# base (a ramp raises it every block, a late spike once). The huge row is left
+# out: its KL of ~1e38 times the teacher's sum of exponentials overflows
+# float32's cross term on any path.
+KL_KINDS = tuple(k for k in KINDS if k != "huge")
+
+
+def _kl_pairs(n, dtype, rng):
+    """Student and teacher rows: each kind as the student against normal
+    teacher logits, as the teacher against a normal student, and on both
+    sides (two draws of the same kind)."""
+    normal = lambda: 3 * rng.standard_normal(n)  # noqa: E731
+    z = [_row(k, n, rng) for k in KL_KINDS] + [normal() for _ in KL_KINDS] + [_row(k, n, rng) for k in KL_KINDS]
+    t = [normal() for _ in KL_KINDS] + [_row(k, n, rng) for k in KL_KINDS] + [_row(k, n, rng) for k in KL_KINDS]
+    return np.stack(z).astype(dtype), np.stack(t).astype(dtype)
+
+
+def _kl_target(t, kind):
+    """The teacher's rows as the target kind: probabilities and
+    log-probabilities are its softmax (NaN for the rows that have none)."""
+    if kind == "logits":
+        return t
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (reference.softmax(t) if kind == "probs" else reference.log_softmax(t)).astype(t.dtype)
+
+
+@pytest.mark.parametrize("kind", ["logits", "probs", "log_probs"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("n", WIDTHS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kl_against_the_reference(n, dtype, temperature, kind, isa, rng):
+    z, t = _kl_pairs(n, dtype, rng)
+    t = _kl_target(t, kind)
+    ct = compute_dtype(dtype)
+    kw = dict(target_kind=kind, temperature=temperature, reduction="none")
+    ref_loss, ref_grad = reference.kl_div_with_grad(z, t, **kw)
+    loss = fastxent.kl_div(z, t, **kw)
+    fused, grad = fastxent.kl_div_with_grad(z, t, **kw)
+    inplace = z.copy()
+    fused_ip, _ = fastxent.kl_div_with_grad(inplace, t, out=inplace, **kw)
+    # The gradient T (q - p) cancels: it is accurate to a few ulp of the
+    # larger probability it is formed from (test_kl_div's near-converged rows).
+    with np.errstate(invalid="ignore"):
+        p = {"logits": lambda: reference.softmax(t / temperature), "probs": lambda: t.astype(np.float64),
+             "log_probs": lambda: np.exp(t.astype(np.float64))}[kind]()
+        heaviest = np.fmax(reference.softmax(z / temperature).max(axis=-1), p.max(axis=-1))
+    for i in range(len(z)):
+        what = f"row {i} ({KL_KINDS[i % len(KL_KINDS)]}) n={n} T={temperature} {isa}"
+        # T^2 KL: a few ulp of max(KL, 1) before the T^2.
+        assert_close(loss[i], ref_loss[i], ct, scale=temperature**2, what="loss " + what)
+        assert_bitwise_equal(fused[i], loss[i], what="fused loss " + what)
+        assert_bitwise_equal(fused_ip[i], loss[i], what="in-place loss " + what)
+        scale = temperature * (heaviest[i] if np.isfinite(heaviest[i]) else 1.0)
+        assert_close(grad[i], ref_grad[i], ct, scale=scale, what="grad " + what)
+        assert_bitwise_equal(inplace[i], grad[i], what="in-place grad " + what)
+    assert np.isinf(ref_loss).any() and np.isfinite(ref_loss).sum() > len(z) // 2
+
+
+@pytest.mark.parametrize("kind", ["logits", "probs"])
+@pytest.mark.parametrize("n", WIDTHS)
+def test_kl_same_bits_on_every_isa_and_thread_count(n, kind, rng):
+    z, t = _kl_pairs(n, np.float32, rng)
+    t = _kl_target(t, kind)
+    kw = dict(target_kind=kind, temperature=2.0, reduction="none")
+    baseline = None
+    for name in each_isa():
+        for threads in (1, 2, 3):
+            loss, grad = fastxent.kl_div_with_grad(z, t, num_threads=threads, **kw)
+            row = fastxent.kl_div_with_grad(z[5:6], t[5:6], num_threads=threads, **kw)
+            if baseline is None:
+                baseline = (loss, grad)
+                assert_bitwise_equal(row[0], loss[5:6], what="row alone")
+                continue
+            assert_bitwise_equal(loss, baseline[0], what=f"loss n={n} isa={name} threads={threads}")
+            assert_bitwise_equal(grad, baseline[1], what=f"grad n={n} isa={name} threads={threads}")
+            assert_bitwise_equal(row[1], baseline[1][5:6], what=f"row alone n={n} isa={name}")

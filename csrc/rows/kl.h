@@ -68,15 +68,22 @@ static void NM(kl_row_scalar)(const fx_job *job, int kind, const XT *z, const T 
    a block with a target they do not cover (zero is covered; subnormal,
    negative, infinite or NaN p, or log p > 0) and the row's last n % 8
    elements go through the C library, element by element. Lanes are added
-   in a fixed order, so the bits do not depend on the ISA. */
+   in a fixed order, so the bits do not depend on the ISA. pf: whether the
+   target is prefetched (a one-pass row's, below). */
 FX_INLINE double NM(kl_target_terms)(int kind, const XT *z, const T *t, int64_t n, T inv_t, T ma,
-                                     double *acc_out)
+                                     int pf, double *acc_out)
 {
     const fx_vf64 zero = fx_splat_f64(0.0);
     fx_acc_f64 vacc = fx_acc_init_f64(zero), vps = vacc;
     double acc = 0.0, psum = 0.0;
     int64_t c = 0;
     for (; c + 8 <= n; c += 8) {
+        /* After a one-pass row's statistics the target comes from memory
+           here: PF_AHEAD bytes ahead into L1 (stats.h's one-pass
+           distance), on into the next row. Without it the 4096 x 32000
+           rows took 1.07-1.10x the two-pass time. */
+        if (pf && ((c * (int64_t)sizeof(T)) & 63) == 0)
+            __builtin_prefetch((const char *)(t + c) + PF_AHEAD, 0, 3);
         const fx_vf64 tv = NM(load8)(t + c);
 #if X16
         fx_vf64 za;
@@ -132,7 +139,184 @@ FX_INLINE V NM(kl_exp_target)(V lp)
     return lp;
 }
 
-FX_INLINE void NM(kl_rows)(const fx_job *job, int kind, int64_t r0, int64_t r1)
+/* One vector's terms: the student's exp(za) into va and, with a teacher,
+   exp(zb) into vb and the cross term eb (zb - za) into vu (0 where eb is:
+   0 log 0 = 0, also against a -inf za). */
+FX_INLINE void NM(kl_add)(V za, V zb, int teacher, ACC *va, ACC *vb, ACC *vu)
+{
+    const V zero = SPLAT(0);
+    *va = AADD(*va, EXPM(za));
+    if (teacher) {
+        const V eb = EXPM(zb);
+        *vb = AADD(*vb, eb);
+        *vu = AADD(*vu, SEL(SFX(fx_eq)(eb, zero), zero, eb * (zb - za)));
+    }
+}
+
+/* ------------------------------------------------------------------------
+ * One pass over memory for rows longer than PAIR_BYTES: the student's and,
+ * with a logits target (the distillation case), the teacher's sums and the
+ * cross term
+ *   sa = sum exp(za),  sb = sum exp(zb),  u = sum eb (zb - za)
+ * with za = z / T - ba, zb = t / T - bb against each row's running max.
+ * Every block of CHUNK elements is read from memory once, for its max, and
+ * its sums are then formed from L1 (the online-softmax rule: one scalar
+ * rescale when a block raises a base). A raise of ba by d shifts every
+ * term's zb - za by +d (u += d sb); a raise of bb by d scales the terms by
+ * f = exp(-d) and shifts them by -d (u = f (u - d sb)). Every term is at
+ * most 1, as in the two-pass form, so u keeps its accuracy.
+ * The loops carry no vector across a branch: on AVX2, whose registers hold
+ * half a 64-byte vector, GCC keeps such a vector in memory, and a base
+ * raised lazily inside the loop (group_lse_q's scheme) ran 1.3-1.7x the
+ * two-pass time there on store-forwarding stalls. The block size and order
+ * are fixed, so the bits depend on neither the thread count nor the ISA.
+ * ---------------------------------------------------------------------- */
+
+/* A row's running bases and sums. */
+typedef struct {
+    T ba, bb;
+    double sa, sb, u;
+} NM(kl_sums);
+
+/* Block [c0, c1) of student row z and, with teacher (a constant at every
+   call, so that the loops have no test of it), teacher row t into *s;
+   without, the student's (ba, sa) alone, for the probability targets. */
+FX_INLINE void NM(kl_block)(const XT *z, const T *t, int teacher, int64_t c0, int64_t c1, V vinv,
+                            T inv_t, NM(kl_sums) *s)
+{
+    const V zero = SPLAT(0);
+    ACC ma = AINIT(NM(lse_floor)()), mb = ma;
+    FX_LANES(i, c0, c1, k, {
+        if (k == VL) {
+            /* Both rows PF_AHEAD bytes on into L1 (stats.h's ahead), past
+               the row's end into the next one. */
+            for (int o = 0; o < VL * (int)sizeof(XT); o += 64)
+                __builtin_prefetch((const char *)(z + i) + PF_AHEAD + o, 0, 3);
+            for (int o = 0; teacher && o < VL * (int)sizeof(T); o += 64)
+                __builtin_prefetch((const char *)(t + i) + PF_AHEAD + o, 0, 3);
+        }
+        ma = AMAX(ma, k == VL ? XLOAD(z + i) : XLOAD_TAIL(z + i, k, -INFINITY));
+        if (teacher) mb = AMAX(mb, k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, -INFINITY));
+    });
+    /* max(x) / T is max(x / T): rounding is monotone and T > 0. NaN never
+       raises (AMAX skips it); +inf makes a base +inf, whose row the caller
+       sends to kl_row_scalar. The floor keeps an all -inf prefix's terms at
+       exp(-inf) = 0, not NaN. */
+    const T na = HMAX(AGET(ma)) * inv_t, nb = teacher ? HMAX(AGET(mb)) * inv_t : s->bb;
+    if (na > s->ba) {
+        const double d = (double)na - (double)s->ba;
+        s->u += d * s->sb;
+        s->sa *= exp(-d);
+        s->ba = na;
+    }
+    if (nb > s->bb) {
+        const double d = (double)nb - (double)s->bb, f = exp(-d);
+        /* f = 0: nothing of the old terms is left, and d sb could overflow
+           on the way to 0 x inf. */
+        s->u = f == 0 ? 0.0 : (s->u - d * s->sb) * f;
+        s->sb = f == 0 ? 0.0 : s->sb * f;
+        s->bb = nb;
+    }
+    const V vba = SPLAT(s->ba), vbb = SPLAT(s->bb);
+    ACC va = AINIT(zero), vb = va, vu = va;
+    FX_LANES(i, c0, c1, k, {
+        const V za = (k == VL ? XLOAD(z + i) : XLOAD_TAIL(z + i, k, -INFINITY)) * vinv - vba;
+        const V zb = !teacher ? za
+            : (k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, -INFINITY)) * vinv - vbb;
+        NM(kl_add)(za, zb, teacher, &va, &vb, &vu);
+    });
+    s->sa += HSUM(AGET(va));
+    if (teacher) {
+        s->sb += HSUM(AGET(vb));
+        s->u += HSUM(AGET(vu));
+    }
+}
+
+/* Whether a row takes the one pass: as the row ops decide (stats.h's
+   one_pass), from n alone. */
+FX_INLINE int NM(kl_one_pass)(int64_t n)
+{
+    return NM(one_pass)(n);
+}
+
+/* The gradient row ea k1 - p k2, with ea = exp(z / T - ma) (vma) and a
+   logits target's p = exp(t / T - mb) (vmb): k1 = gs T psum / sa and
+   k2 = gs T / sb (1 for probabilities) give gs T (Q psum - P) (the callers' k1, k2).
+   The callers pass the vectors they hold: taking the scalars and forming
+   them here, the two-pass gradients of 32768 x 128 took 1.05x the time. */
+FX_INLINE void NM(kl_write)(int kind, const XT *z, const T *t, XT *out, int64_t n, V vinv, V vma,
+                            V vmb, V k1, V k2)
+{
+    FX_LANES(i, 0, n, k, {
+        const V ea = EXPM((k == VL ? XLOAD(z + i) : XLOAD_TAIL(z + i, k, -INFINITY)) * vinv - vma);
+        V p;
+        if (kind == FX_KL_LOGITS) {
+            p = EXPM((k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, -INFINITY)) * vinv - vmb);
+        } else {
+            p = k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, 0);
+            if (kind == FX_KL_LOG_PROBS) p = NM(kl_exp_target)(p);
+        }
+        const V g = ea * k1 - p * k2;
+        if (k == VL) XSTORE(out + i, g);
+        else XSTORE_TAIL(out + i, g, k);
+    });
+}
+
+/* Rows longer than PAIR_BYTES in one pass (kl_block): a logits target's
+   sums and cross term, or the student's sums alone before a probability
+   target's terms (kl_target_terms, which reads the student's row again
+   from cache, as the gradient does). Out of line (one copy per kind,
+   below): inlined beside the
+   two-pass rows, it changed how GCC allocated their loops, and 32768 x 128
+   gradients took 1.04-1.09x the time (AVX-512). */
+FX_INLINE void NM(kl_rows1)(const fx_job *job, int kind, int64_t r0, int64_t r1)
+{
+    const int64_t n = job->n_cols;
+    const double Tt = job->temperature;
+    const T inv_t = (T)(1.0 / Tt);
+    const V vinv = SPLAT(inv_t);
+    for (int64_t r = r0; r < r1; r++) {
+        const XT *z = (const XT *)job->x + r * job->x_ld;
+        const T *t = (const T *)job->t + r * job->t_ld;
+        XT *out = job->out ? (XT *)job->out + r * job->out_ld : NULL;
+        const double gs = out ? job->gscale[r * job->gscale_step] : 0.0;
+        const T floor = NM(lse_floor)()[0];
+        NM(kl_sums) st = {floor, kind == FX_KL_LOGITS ? floor : (T)0, 0.0,
+                          kind == FX_KL_LOGITS ? 0.0 : 1.0, 0.0};
+        for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
+            const int64_t c1 = c0 + CHUNK < n ? c0 + CHUNK : n;
+            if (kind == FX_KL_LOGITS) NM(kl_block)(z, t, 1, c0, c1, vinv, inv_t, &st);
+            else NM(kl_block)(z, t, 0, c0, c1, vinv, inv_t, &st);
+        }
+        const double A = st.ba, B = st.bb, SA = st.sa, SB = st.sb, U = st.u;
+        /* A row with a non-finite base or sum (+inf, NaN, all -inf): the
+           scalar form's IEEE rules. U may be +inf (mass where the student
+           has none). */
+        if (!(isfinite(A) && isfinite(B) && SA > 0 && SA < INFINITY && SB > 0 && SB < INFINITY)
+            || isnan(U)) {
+            NM(kl_row_scalar)(job, kind, z, t, out, gs, &job->row_out[r]);
+            continue;
+        }
+        double loss, psum = 1.0;
+        if (kind == FX_KL_LOGITS) {
+            loss = U / SB - log(SB) + log(SA);
+        } else {
+            /* The terms against the base A for the max: exact for any
+               base, as the loss is. */
+            double acc;
+            psum = NM(kl_target_terms)(kind, z, t, n, inv_t, (T)A, 1, &acc);
+            loss = acc + psum * log(SA);
+        }
+        job->row_out[r] = Tt * Tt * loss;
+        if (!out) continue;
+        const V k1 = SPLAT((T)(gs * Tt * psum / SA));
+        const V k2 = SPLAT((T)(gs * Tt / (kind == FX_KL_LOGITS ? SB : 1.0)));
+        NM(kl_write)(kind, z, t, out, n, vinv, SPLAT((T)A), SPLAT((T)B), k1, k2);
+    }
+}
+
+/* Rows of up to PAIR_BYTES: each row's max, then its sums from L1. */
+FX_INLINE void NM(kl_rows2)(const fx_job *job, int kind, int64_t r0, int64_t r1)
 {
     const int64_t n = job->n_cols;
     const double Tt = job->temperature;
@@ -163,13 +347,9 @@ FX_INLINE void NM(kl_rows)(const fx_job *job, int kind, int64_t r0, int64_t r1)
             ACC va = AINIT(zero), vb = va, vu = va;
             FX_LANES(i, c0, c1, k, {
                 const V za = (k == VL ? XLOAD(z + i) : XLOAD_TAIL(z + i, k, -INFINITY)) * vinv - vma;
-                va = AADD(va, EXPM(za));
-                if (kind == FX_KL_LOGITS) {
-                    const V zb = (k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, -INFINITY)) * vinv - vmb;
-                    const V eb = EXPM(zb);
-                    vb = AADD(vb, eb);
-                    vu = AADD(vu, SEL(SFX(fx_eq)(eb, zero), zero, eb * (zb - za)));
-                }
+                const V zb = kind != FX_KL_LOGITS ? za
+                    : (k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, -INFINITY)) * vinv - vmb;
+                NM(kl_add)(za, zb, kind == FX_KL_LOGITS, &va, &vb, &vu);
             });
             sa += HSUM(AGET(va));
             sb += HSUM(AGET(vb));
@@ -181,27 +361,39 @@ FX_INLINE void NM(kl_rows)(const fx_job *job, int kind, int64_t r0, int64_t r1)
             loss = u / sb - log(sb) + log(sa);
         } else {
             double acc;
-            psum = NM(kl_target_terms)(kind, z, t, n, inv_t, ma, &acc);
+            psum = NM(kl_target_terms)(kind, z, t, n, inv_t, ma, 0, &acc);
             loss = acc + psum * log(sa);
         }
         job->row_out[r] = Tt * Tt * loss;
         if (!out) continue;
         const V k1 = SPLAT((T)(gs * Tt * psum / sa));
         const V k2 = SPLAT((T)(gs * Tt / (kind == FX_KL_LOGITS ? sb : 1.0)));
-        FX_LANES(i, 0, n, k, {
-            const V ea = EXPM((k == VL ? XLOAD(z + i) : XLOAD_TAIL(z + i, k, -INFINITY)) * vinv - vma);
-            V p;
-            if (kind == FX_KL_LOGITS) {
-                p = EXPM((k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, -INFINITY)) * vinv - vmb);
-            } else {
-                p = k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, 0);
-                if (kind == FX_KL_LOG_PROBS) p = NM(kl_exp_target)(p);
-            }
-            const V g = ea * k1 - p * k2;
-            if (k == VL) XSTORE(out + i, g);
-            else XSTORE_TAIL(out + i, g, k);
-        });
+        NM(kl_write)(kind, z, t, out, n, vinv, vma, vmb, k1, k2);
     }
+}
+
+/* One copy of the one-pass rows per kind, each with its kind a constant
+   (a kind tested inside the loops cost AVX2 1.2-1.5x the time). */
+static __attribute__((noinline)) void NM(kl_rows1_logits)(const fx_job *job, int64_t r0, int64_t r1)
+{
+    NM(kl_rows1)(job, FX_KL_LOGITS, r0, r1);
+}
+static __attribute__((noinline)) void NM(kl_rows1_probs)(const fx_job *job, int64_t r0, int64_t r1)
+{
+    NM(kl_rows1)(job, FX_KL_PROBS, r0, r1);
+}
+static __attribute__((noinline)) void NM(kl_rows1_log_probs)(const fx_job *job, int64_t r0,
+                                                             int64_t r1)
+{
+    NM(kl_rows1)(job, FX_KL_LOG_PROBS, r0, r1);
+}
+
+FX_INLINE void NM(kl_rows)(const fx_job *job, int kind, int64_t r0, int64_t r1)
+{
+    if (!NM(kl_one_pass)(job->n_cols)) NM(kl_rows2)(job, kind, r0, r1);
+    else if (kind == FX_KL_LOGITS) NM(kl_rows1_logits)(job, r0, r1);
+    else if (kind == FX_KL_PROBS) NM(kl_rows1_probs)(job, r0, r1);
+    else NM(kl_rows1_log_probs)(job, r0, r1);
 }
 
 static void KFN(kl_probs)(const fx_job *job, int64_t r0, int64_t r1)
