@@ -270,3 +270,40 @@ def test_kl_same_bits_on_every_isa_and_thread_count(n, kind, rng):
             assert_bitwise_equal(loss, baseline[0], what=f"loss n={n} isa={name} threads={threads}")
             assert_bitwise_equal(grad, baseline[1], what=f"grad n={n} isa={name} threads={threads}")
             assert_bitwise_equal(row[1], baseline[1][5:6], what=f"row alone n={n} isa={name}")
+
+
+# JSD (csrc/rows/jsd.h) on the same rows: against the reference, the loss
+# alone, with its gradient and in place, on every ISA.
+@pytest.mark.parametrize("kind", ["logits", "probs"])
+@pytest.mark.parametrize("n", WIDTHS)
+def test_jsd_against_the_reference_on_every_isa(n, kind, rng):
+    z, t = _kl_pairs(n, np.float32, rng)
+    t = _kl_target(t, kind)
+    kw = dict(target_kind=kind, temperature=2.0, beta=0.3, reduction="none")
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        ref_loss, ref_grad = reference.jsd_with_grad(z, t, **kw)
+    baseline = None
+    for name in each_isa():
+        loss = fastxent.jsd(z, t, **kw)
+        fused, grad = fastxent.jsd_with_grad(z, t, **kw)
+        inplace = z.copy()
+        fused_ip, _ = fastxent.jsd_with_grad(inplace, t, out=inplace, **kw)
+        assert_bitwise_equal(fused, loss, what=f"fused loss n={n} {name}")
+        assert_bitwise_equal(fused_ip, loss, what=f"in-place loss n={n} {name}")
+        assert_bitwise_equal(inplace, grad, what=f"in-place grad n={n} {name}")
+        if baseline is None:
+            baseline = (loss, grad)
+            for i in range(len(z)):
+                what = f"row {i} ({KL_KINDS[i % len(KL_KINDS)]}) n={n}"
+                # T^2 times a divergence of at most log 2: ulps of T^2.
+                assert_close(loss[i], ref_loss[i], np.float32, ulps=64, scale=4.0, what="loss " + what)
+                # Where q and p both underflow to 0 the reference's
+                # gradient is NaN or -inf (its 0 log 0), the kernels' 0:
+                # compared where the reference is finite.
+                ok = np.isfinite(ref_grad[i])
+                assert_close(grad[i][ok], ref_grad[i][ok], np.float32, ulps=64, scale=2.0,
+                             what="grad " + what)
+        else:
+            assert_bitwise_equal(loss, baseline[0], what=f"loss n={n} {name}")
+            assert_bitwise_equal(grad, baseline[1], what=f"grad n={n} {name}")
+    assert np.isfinite(ref_loss).sum() > len(z) // 2
