@@ -620,21 +620,17 @@ def test_float32_rows_with_large_common_offset(C, offset, isa, rng):
 def test_float32_near_converged_distillation(C, temperature, isa, rng):
     """Student and teacher logits almost equal: the KL is small while each
     side's log-sum-exp is large, and the float32 result must still be within
-    a few ulp of T^2 max(KL, 1)."""
+    a few ulp of max(KL, 1)."""
     n = 2 if C > 10000 else 13
     z = random_logits(rng, (n, C), np.float32)
     t = (z + 0.05 * rng.standard_normal((n, C))).astype(np.float32)
     kw = dict(target_kind="logits", temperature=temperature)
     expected = ref.kl_div(z, t, reduction="none", **kw)
     assert np.all(expected < 0.05)
-    # The loss is T^2 KL, so its error is T^2 times the KL's: ulps of T^2.
-    # The sum's rows each add theirs (rms about 1.5 ulp of 1 before the T^2
-    # at 1000 classes, T = 2).
-    assert_close(fastxent.kl_div(z, t, reduction="none", **kw), expected, np.float32,
-                 scale=temperature**2)
+    assert_close(fastxent.kl_div(z, t, reduction="none", **kw), expected, np.float32)
     loss, grad = fastxent.kl_div_with_grad(z, t, reduction="sum", **kw)
     ref_loss, ref_grad = ref.kl_div_with_grad(z, t, reduction="sum", **kw)
-    assert_close(loss, ref_loss, np.float32, scale=temperature**2)
+    assert_close(loss, ref_loss, np.float32)
     # The gradient T (q - p) cancels: it is accurate to a few ulp of the
     # probabilities it is formed from, not of the (small) difference.
     terms = temperature * max(float(ref.softmax(z / np.float32(temperature)).max()),

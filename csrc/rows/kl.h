@@ -189,9 +189,9 @@ FX_INLINE void NM(kl_block)(const XT *z, const T *t, int teacher, int64_t c0, in
     FX_LANES(i, c0, c1, k, {
         if (k == VL) {
             /* Both rows PF_AHEAD bytes on into L1 (stats.h's ahead), past
-               the row's end into the next one. */
-            for (int o = 0; o < VL * (int)sizeof(XT); o += 64)
-                __builtin_prefetch((const char *)(z + i) + PF_AHEAD + o, 0, 3);
+               the row's end into the next one; the teacher's row is T, not
+               XT, so prefetch_l1 covers the student's alone. */
+            NM(prefetch_l1)((const char *)z + PF_AHEAD, i);
             for (int o = 0; teacher && o < VL * (int)sizeof(T); o += 64)
                 __builtin_prefetch((const char *)(t + i) + PF_AHEAD + o, 0, 3);
         }
@@ -232,13 +232,6 @@ FX_INLINE void NM(kl_block)(const XT *z, const T *t, int teacher, int64_t c0, in
     }
 }
 
-/* Whether a row takes the one pass: as the row ops decide (stats.h's
-   one_pass), from n alone. */
-FX_INLINE int NM(kl_one_pass)(int64_t n)
-{
-    return NM(one_pass)(n);
-}
-
 /* The gradient row ea k1 - p k2, with ea = exp(z / T - ma) (vma) and a
    logits target's p = exp(t / T - mb) (vmb): k1 = gs T psum / sa and
    k2 = gs T / sb (1 for probabilities) give gs T (Q psum - P) (the callers' k1, k2).
@@ -265,22 +258,22 @@ FX_INLINE void NM(kl_write)(int kind, const XT *z, const T *t, XT *out, int64_t 
 /* Rows longer than PAIR_BYTES in one pass (kl_block): a logits target's
    sums and cross term, or the student's sums alone before a probability
    target's terms (kl_target_terms, which reads the student's row again
-   from cache, as the gradient does). Out of line (one copy per kind,
-   below): inlined beside the
-   two-pass rows, it changed how GCC allocated their loops, and 32768 x 128
-   gradients took 1.04-1.09x the time (AVX-512). */
+   from cache, as the gradient does). Called out of line, one copy per kind
+   (below): inlined beside the two-pass rows, it changed how GCC allocated
+   their loops, and 32768 x 128 gradients took 1.04-1.09x the time
+   (AVX-512). */
 FX_INLINE void NM(kl_rows1)(const fx_job *job, int kind, int64_t r0, int64_t r1)
 {
     const int64_t n = job->n_cols;
     const double Tt = job->temperature;
     const T inv_t = (T)(1.0 / Tt);
     const V vinv = SPLAT(inv_t);
+    const T floor = NM(lse_floor)()[0];
     for (int64_t r = r0; r < r1; r++) {
         const XT *z = (const XT *)job->x + r * job->x_ld;
         const T *t = (const T *)job->t + r * job->t_ld;
         XT *out = job->out ? (XT *)job->out + r * job->out_ld : NULL;
         const double gs = out ? job->gscale[r * job->gscale_step] : 0.0;
-        const T floor = NM(lse_floor)()[0];
         NM(kl_sums) st = {floor, kind == FX_KL_LOGITS ? floor : (T)0, 0.0,
                           kind == FX_KL_LOGITS ? 0.0 : 1.0, 0.0};
         for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
@@ -288,11 +281,11 @@ FX_INLINE void NM(kl_rows1)(const fx_job *job, int kind, int64_t r0, int64_t r1)
             if (kind == FX_KL_LOGITS) NM(kl_block)(z, t, 1, c0, c1, vinv, inv_t, &st);
             else NM(kl_block)(z, t, 0, c0, c1, vinv, inv_t, &st);
         }
-        const double A = st.ba, B = st.bb, SA = st.sa, SB = st.sb, U = st.u;
+        const double SA = st.sa, SB = st.sb, U = st.u;
         /* A row with a non-finite base or sum (+inf, NaN, all -inf): the
            scalar form's IEEE rules. U may be +inf (mass where the student
            has none). */
-        if (!(isfinite(A) && isfinite(B) && SA > 0 && SA < INFINITY && SB > 0 && SB < INFINITY)
+        if (!(isfinite(st.ba) && isfinite(st.bb) && SA > 0 && SA < INFINITY && SB > 0 && SB < INFINITY)
             || isnan(U)) {
             NM(kl_row_scalar)(job, kind, z, t, out, gs, &job->row_out[r]);
             continue;
@@ -301,17 +294,17 @@ FX_INLINE void NM(kl_rows1)(const fx_job *job, int kind, int64_t r0, int64_t r1)
         if (kind == FX_KL_LOGITS) {
             loss = U / SB - log(SB) + log(SA);
         } else {
-            /* The terms against the base A for the max: exact for any
-               base, as the loss is. */
+            /* The terms against the student's base for the max: exact
+               for any base, as the loss is. */
             double acc;
-            psum = NM(kl_target_terms)(kind, z, t, n, inv_t, (T)A, 1, &acc);
+            psum = NM(kl_target_terms)(kind, z, t, n, inv_t, st.ba, 1, &acc);
             loss = acc + psum * log(SA);
         }
         job->row_out[r] = Tt * Tt * loss;
         if (!out) continue;
         const V k1 = SPLAT((T)(gs * Tt * psum / SA));
         const V k2 = SPLAT((T)(gs * Tt / (kind == FX_KL_LOGITS ? SB : 1.0)));
-        NM(kl_write)(kind, z, t, out, n, vinv, SPLAT((T)A), SPLAT((T)B), k1, k2);
+        NM(kl_write)(kind, z, t, out, n, vinv, SPLAT(st.ba), SPLAT(st.bb), k1, k2);
     }
 }
 
@@ -390,7 +383,7 @@ static __attribute__((noinline)) void NM(kl_rows1_log_probs)(const fx_job *job, 
 
 FX_INLINE void NM(kl_rows)(const fx_job *job, int kind, int64_t r0, int64_t r1)
 {
-    if (!NM(kl_one_pass)(job->n_cols)) NM(kl_rows2)(job, kind, r0, r1);
+    if (!NM(one_pass)(job->n_cols)) NM(kl_rows2)(job, kind, r0, r1);
     else if (kind == FX_KL_LOGITS) NM(kl_rows1_logits)(job, r0, r1);
     else if (kind == FX_KL_PROBS) NM(kl_rows1_probs)(job, r0, r1);
     else NM(kl_rows1_log_probs)(job, r0, r1);
