@@ -130,8 +130,6 @@ FX_INLINE fx_nf64 fx_nmax_f64(fx_nf64 a, fx_nf64 b)
    lines into the cache (no read-for-ownership), which is what bounds a
    gradient pass over main memory. Same bits as a normal store. */
 #if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-
 FX_INLINE void fx_stream_f32(float *p, fx_vf32 v)
 {
 #if defined(__AVX512F__)
