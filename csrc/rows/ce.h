@@ -69,24 +69,6 @@ static inline fx_ce_row fx_ce_hard_row_e(double xy, double wy, double m, double 
     return o;
 }
 
-/* log(s) of a row's sum and exp(x_y - m) of its label, as one lane of
-   logm.h's and expm.h's vector kernels, so that a batch of rows
-   (fx_ce_batch) gives each row the bits it has alone: split rows and
-   smoothed rows take these. Lanes outside the kernels' ranges (s not a
-   positive normal: a NaN row; x_y - m above 16) take libm's value. */
-FX_INLINE int fx_row_log_ok(double s) { return s >= 0x1p-1022 && s < INFINITY; }
-FX_INLINE int fx_row_exp_ok(double d) { return d <= 16.0; }
-
-static inline double fx_row_log(double s)
-{
-    return fx_row_log_ok(s) ? fx_log_pos_f64(fx_splat_f64(s))[0] : log(s);
-}
-
-static inline double fx_row_exp(double d)
-{
-    return fx_row_exp_ok(d) ? fx_expm_f64(fx_splat_f64(d))[0] : exp(d);
-}
-
 static inline fx_ce_row fx_ce_hard_row(double xy, double wy, double m, double s, double logs,
                                        double d, double eps, int64_t n, double W, double gs,
                                        int grad)
@@ -95,11 +77,10 @@ static inline fx_ce_row fx_ce_hard_row(double xy, double wy, double m, double s,
                             grad ? fx_row_exp(xy - m) : 0.0);
 }
 
-/* Rows whose loss (and gradient at the label) wait for their log and exp,
-   taken a vector of rows at a time: libm's log, one call per row, was 11%
-   of the time of float32 cross entropy on 32768 x 128 (measured by
-   leaving it out). The rest of a row's gradient is written at once: its
-   coefficients k1, k2 need neither. */
+/* Rows whose loss (and gradient at the label) wait for their log and exp
+   (fx_row_log, fx_row_exp), taken a vector of rows at a time. The rest of
+   a row's gradient is written at once: its coefficients k1, k2 need
+   neither. */
 #define FX_CE_BATCH ((int)(FX_VBYTES / sizeof(double)))
 typedef struct fx_ce_batch {
     int64_t r[FX_CE_BATCH], y[FX_CE_BATCH];

@@ -102,20 +102,20 @@ static __attribute__((noinline)) void NM(blocks_small)(const fx_job *job, int op
     }
 }
 
-FX_INLINE void NM(logsumexp_row)(const fx_job *job, int64_t r, int64_t r1)
+FX_INLINE void NM(logsumexp_row)(const fx_job *job, int64_t r, int64_t r1, fx_log_batch *lb)
 {
     const XT *x = (const XT *)job->x + r * job->x_ld;
     T b;
     double s;
     if (NM(one_pass)(job->n_cols)
         && NM(row_lse1)(x, job->n_cols, &b, &s, NULL, NULL, NM(ahead)(job, r, r1))) {
-        job->row_out[r] = (double)b + log(s);
+        fx_log_push(job, lb, r, (double)b, s, 0);
         return;
     }
     const T m = NM(row_max)(x, job->n_cols);
     if (isfinite(m)) {
-        job->row_out[r] = (double)m + log(NM(row_sumexp)(x, NULL, job->n_cols, m, NULL, NULL,
-                                                         NM(next_row)(job, r, r1)));
+        fx_log_push(job, lb, r, (double)m,
+                    NM(row_sumexp)(x, NULL, job->n_cols, m, NULL, NULL, NM(next_row)(job, r, r1)), 0);
         return;
     }
     /* +inf for a row holding +inf, -inf for a row of -inf; NaN poisons. */
@@ -132,19 +132,23 @@ static void KFN(logsumexp)(const fx_job *job, int64_t r0, int64_t r1)
         return;
     }
     int64_t r = r0;
+    fx_log_batch lb;
+    lb.k = 0;
+    lb.sub = 0;
     if (NM(paired)(job, FX_LOGSUMEXP))
         for (; r + 1 < r1; r += 2) {
             T m[2];
             double s[2] = {0.0, 0.0};
             if (NM(pair_stats)(job, r, r1, m, s)) {
-                job->row_out[r] = (double)m[0] + log(s[0]);
-                job->row_out[r + 1] = (double)m[1] + log(s[1]);
+                fx_log_push(job, &lb, r, (double)m[0], s[0], 0);
+                fx_log_push(job, &lb, r + 1, (double)m[1], s[1], 0);
             } else {
-                NM(logsumexp_row)(job, r, r1);
-                NM(logsumexp_row)(job, r + 1, r1);
+                NM(logsumexp_row)(job, r, r1, &lb);
+                NM(logsumexp_row)(job, r + 1, r1, &lb);
             }
         }
-    for (; r < r1; r++) NM(logsumexp_row)(job, r, r1);
+    for (; r < r1; r++) NM(logsumexp_row)(job, r, r1, &lb);
+    fx_log_flush(job, &lb);
 }
 
 /* Row r's log-softmax (x - m) - l from its max m and l = log(sum_c
@@ -264,7 +268,7 @@ FX_INLINE int NM(blocks_split)(const fx_job *job, fx_split *sp, int phase, int o
         return 1;
     case FX_SPLIT_FINISH:
         if (op == FX_LOGSUMEXP) {
-            job->row_out[sp->r] = sp->m + log(sp->s);
+            job->row_out[sp->r] = sp->m + fx_row_log(sp->s);
             return 0;
         }
         sp->lsm = op == FX_LOG_SOFTMAX;
@@ -311,6 +315,9 @@ static void KFN(entropy)(const fx_job *job, int64_t r0, int64_t r1)
         NM(blocks_small)(job, FX_ENTROPY, r0, r1);
         return;
     }
+    fx_log_batch lb;
+    lb.k = 0;
+    lb.sub = 1;
     for (int64_t r = r0; r < r1; r++) {
         const XT *x = (const XT *)job->x + r * job->x_ld;
         const char *pf = NM(next_row)(job, r, r1);
@@ -319,7 +326,7 @@ static void KFN(entropy)(const fx_job *job, int64_t r0, int64_t r1)
         /* H = log s - q / s holds for any base m: one pass (stats.h). */
         if (NM(one_pass_ent)(n)
             && NM(row_lse1_qd)(x, n, &m, &s, NULL, NULL, NM(ahead)(job, r, r1), &q, NULL)) {
-            job->row_out[r] = log(s) - q / s;
+            fx_log_push(job, &lb, r, q / s, s, 1);
             continue;
         }
         m = NM(row_max)(x, n);
@@ -330,8 +337,9 @@ static void KFN(entropy)(const fx_job *job, int64_t r0, int64_t r1)
             continue;
         }
         s = NM(row_entropy)(x, n, m, &q, pf);
-        job->row_out[r] = log(s) - q / s;
+        fx_log_push(job, &lb, r, q / s, s, 1);
     }
+    fx_log_flush_ool(job, &lb);
 }
 
 /* H = -sum_c p_c log p_c (0 log 0 = 0), in double. Eight probabilities at
