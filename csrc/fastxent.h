@@ -209,6 +209,9 @@ typedef struct fx_isa {
     void (*expm_f64)(const double *x, double *y, int64_t n);
     void (*tanh_f32)(const float *x, float *y, int64_t n);
     void (*tanh_f64)(const double *x, double *y, int64_t n);
+    /* fx_check_labels (reduce.c) */
+    int64_t (*check_labels)(const int64_t *labels, int64_t n, int64_t n_cols,
+                            int64_t ignore_index, int64_t *counted);
 } fx_isa;
 
 /* Dispatch (dispatch.c). fx_init picks the best ISA this CPU runs, or the

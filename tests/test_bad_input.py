@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 
 import fastxent
+from fastxent import reference
+from conftest import each_isa
 
 
 N, C = 4, 5
@@ -180,6 +182,24 @@ def test_uint64_labels_beyond_int64(name, value):
     must still be rejected, and shown as the value the caller passed."""
     lab = np.array([0, value, 1, 2], dtype=np.uint64)
     expect(ValueError, lambda: call(name, _x(), lab), "label", str(value), "(1,)")
+
+
+@pytest.mark.parametrize("pos", [0, 255, 256, 257, 511, 700, 999])
+def test_first_bad_label_in_a_long_batch_on_every_isa(pos):
+    """The check takes labels in blocks on vector ISAs; the error still names
+    the first bad label, after ignored ones and before a later bad one, and
+    the count of labels that are not ignored sets the mean."""
+    rng = np.random.default_rng(pos)
+    x = rng.standard_normal((1000, C))
+    lab = rng.integers(0, C, 1000)
+    lab[::7] = -100
+    want = np.mean(reference.cross_entropy(x, lab, reduction="none")[lab != -100])
+    bad = lab.copy()
+    bad[pos + 1 :] = -5
+    bad[pos] = C + 3
+    for isa in each_isa():
+        np.testing.assert_allclose(fastxent.cross_entropy(x, lab), want, rtol=1e-12, err_msg=isa)
+        expect(ValueError, lambda: fastxent.cross_entropy(x, bad), "label", str(C + 3), f"({pos},)")
 
 
 @pytest.mark.parametrize("name", CE)
