@@ -17,7 +17,7 @@ from conftest import assert_bitwise_equal, assert_close, compute_dtype, each_isa
 
 # 16 classes a vector (float32), 4096 a group: widths inside one vector,
 # one chunk, one group, and several groups (70000 splits across threads).
-WIDTHS = (40, 1000, 5000, 70000)
+WIDTHS = (40, 128, 1000, 5000, 70000)
 
 
 def _row(kind, n, rng):

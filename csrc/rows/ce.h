@@ -485,7 +485,12 @@ FX_INLINE void NM(ce_hard_row)(const fx_job *job, int64_t r, int64_t r1, int64_t
         s = NM(row_sumexp)(x, w, n, m, eps > 0 ? &d : NULL, stash, NM(next_row)(job, r, r1));
     else s = NAN;
     const double gs = out ? job->gscale[r * job->gscale_step] : 0.0;
-    if (out) {
+    /* A row without a softmax (s NaN) gets the quiet NaN, as the one-pass
+       rows: e k1 - k2 w keeps one of the NaNs in x, k1 and the stash, which
+       one by an operand order the compiler chooses per ISA build (smoothed
+       gradients of such rows differed between AVX2 and AVX-512). */
+    if (out && isnan(s)) NM(row_nan)(out, n);
+    else if (out) {
         const fx_ce_row o = fx_ce_hard_row_e(xy, wy, (double)m, s, 0.0, d, eps, n, W, gs, 1, 0.0);
         const T k1 = (T)o.k1, k2 = (T)o.k2;
         if (stash) NM(grad_write)(x, out, w, n, m, k1, k2, stash);
