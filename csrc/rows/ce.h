@@ -81,7 +81,7 @@ static inline fx_ce_row fx_ce_hard_row(double xy, double wy, double m, double s,
    (fx_row_log, fx_row_exp), taken a vector of rows at a time. The rest of
    a row's gradient is written at once: its coefficients k1, k2 need
    neither. */
-#define FX_CE_BATCH ((int)(FX_VBYTES / sizeof(double)))
+#define FX_CE_BATCH FX_LOG_BATCH
 typedef struct fx_ce_batch {
     int64_t r[FX_CE_BATCH], y[FX_CE_BATCH];
     double xy[FX_CE_BATCH], wy[FX_CE_BATCH], m[FX_CE_BATCH], s[FX_CE_BATCH], d[FX_CE_BATCH],
@@ -101,16 +101,12 @@ typedef struct fx_ce_lbatch {
 
 static inline void fx_ce_lflush(const fx_job *job, fx_ce_lbatch *b)
 {
-    fx_vf64 sv;
-    for (int j = 0; j < FX_CE_BATCH; j++)
-        sv[j] = j < b->k && fx_row_log_ok(b->s[j]) ? b->s[j] : 1.0;
-    const fx_vf64 lv = fx_log_pos_f64(sv);
-    for (int j = 0; j < b->k; j++) {
-        const double ls = fx_row_log_ok(b->s[j]) ? lv[j] : log(b->s[j]);
+    double ls[FX_CE_BATCH];
+    fx_row_logs(b->s, b->k, ls);
+    for (int j = 0; j < b->k; j++)
         job->row_out[b->r[j]] =
-            fx_ce_hard_row_e(b->xy[j], b->wy[j], b->m[j], b->s[j], ls, 0.0, 0.0, 1, 0.0, 0.0, 0, 0.0)
+            fx_ce_hard_row_e(b->xy[j], b->wy[j], b->m[j], b->s[j], ls[j], 0.0, 0.0, 1, 0.0, 0.0, 0, 0.0)
                 .loss;
-    }
     b->k = 0;
 }
 #endif
@@ -333,25 +329,20 @@ static __attribute__((noinline)) void NM(ce_hard_small)(const fx_job *job, int64
  * Ignored rows: loss 0, gradient 0.
  * ---------------------------------------------------------------------- */
 /* The batch's losses into row_out and, with out, each row's gradient at
-   its label (out may be x: x_y was saved). */
-static void NM(ce_flush)(const fx_job *job, fx_ce_batch *b, double eps, int64_t n, double W)
+   its label (out may be x: x_y was saved). Once per batch, so the job's
+   scalars are read here rather than passed down the row loop. */
+static void NM(ce_flush)(const fx_job *job, fx_ce_batch *b)
 {
     if (!b->k) return;
     XT *out = (XT *)job->out;
-    fx_vf64 sv, dv;
-    for (int j = 0; j < FX_CE_BATCH; j++) {
-        sv[j] = j < b->k && fx_row_log_ok(b->s[j]) ? b->s[j] : 1.0;
-        dv[j] = j < b->k && fx_row_exp_ok(b->xy[j] - b->m[j]) ? b->xy[j] - b->m[j] : 0.0;
-    }
-    const fx_vf64 lv = fx_log_pos_f64(sv);
-    fx_vf64 ev = dv;
-    if (out) ev = fx_expm_f64(dv);
+    const double eps = job->smoothing, W = job->w_sum;
+    double ls[FX_CE_BATCH], dy[FX_CE_BATCH] = {0}, e[FX_CE_BATCH] = {0};
+    fx_row_logs(b->s, b->k, ls);
+    for (int j = 0; j < b->k; j++) dy[j] = b->xy[j] - b->m[j];
+    if (out) fx_row_exps(dy, b->k, e);
     for (int j = 0; j < b->k; j++) {
-        const double ls = fx_row_log_ok(b->s[j]) ? lv[j] : log(b->s[j]);
-        const double dy = b->xy[j] - b->m[j];
-        const double e = !out ? 0.0 : fx_row_exp_ok(dy) ? ev[j] : exp(dy);
-        const fx_ce_row o = fx_ce_hard_row_e(b->xy[j], b->wy[j], b->m[j], b->s[j], ls, b->d[j],
-                                             eps, n, W, b->gs[j], out != NULL, e);
+        const fx_ce_row o = fx_ce_hard_row_e(b->xy[j], b->wy[j], b->m[j], b->s[j], ls[j], b->d[j],
+                                             eps, job->n_cols, W, b->gs[j], out != NULL, e[j]);
         job->row_out[b->r[j]] = o.loss;
         if (out) XSET(out + b->r[j] * job->out_ld, b->y[j], (T)o.gy);
     }
@@ -359,8 +350,7 @@ static void NM(ce_flush)(const fx_job *job, fx_ce_batch *b, double eps, int64_t 
 }
 
 FX_INLINE void NM(ce_push)(const fx_job *job, fx_ce_batch *b, int64_t r, int64_t y, double xy,
-                           double wy, double m, double s, double d, double gs, double eps,
-                           int64_t n, double W)
+                           double wy, double m, double s, double d, double gs)
 {
     const int k = b->k;
     b->r[k] = r;
@@ -371,7 +361,7 @@ FX_INLINE void NM(ce_push)(const fx_job *job, fx_ce_batch *b, int64_t r, int64_t
     b->s[k] = s;
     b->d[k] = d;
     b->gs[k] = gs;
-    if (++b->k == FX_CE_BATCH) NM(ce_flush)(job, b, eps, n, W);
+    if (++b->k == FX_CE_BATCH) NM(ce_flush)(job, b);
 }
 
 /* A labelled row with label smoothing and no class weights, in one pass:
@@ -442,7 +432,7 @@ FX_INLINE void NM(ce_hard_row)(const fx_job *job, int64_t r, int64_t r1, int64_t
     /* The loss alone needs only (m, s), for any base m: one pass. */
     if (!out && !(eps > 0) && NM(one_pass)(n)
         && NM(row_lse1)(x, n, &m, &s, NULL, NULL, NM(ahead)(job, r, r1))) {
-        NM(ce_push)(job, b, r, y, xy, wy, (double)m, s, 0.0, 0.0, eps, n, W);
+        NM(ce_push)(job, b, r, y, xy, wy, (double)m, s, 0.0, 0.0);
         return;
     }
     /* With the gradient (rows of up to FX_LSE_MAX_GROUPS groups), one pass
@@ -468,7 +458,7 @@ FX_INLINE void NM(ce_hard_row)(const fx_job *job, int64_t r, int64_t r1, int64_t
         const fx_ce_row o = fx_ce_hard_row_e(xy, wy, (double)m, s, 0.0, 0.0, eps, n, W, gs, 1, 0.0);
         if (ok) NM(group_write)(x, out, w, n, m, bases, o.k1, o.k2, st1);
         else NM(row_nan)(out, n);
-        NM(ce_push)(job, b, r, y, xy, wy, (double)m, s, 0.0, gs, eps, n, W);
+        NM(ce_push)(job, b, r, y, xy, wy, (double)m, s, 0.0, gs);
         return;
     }
     m = NM(row_max)(x, n);
@@ -496,7 +486,7 @@ FX_INLINE void NM(ce_hard_row)(const fx_job *job, int64_t r, int64_t r1, int64_t
         if (stash) NM(grad_write)(x, out, w, n, m, k1, k2, stash);
         else NM(grad_write)(x, out, w, n, m, k1, k2, NULL);
     }
-    NM(ce_push)(job, b, r, y, xy, wy, (double)m, s, d, gs, eps, n, W);
+    NM(ce_push)(job, b, r, y, xy, wy, (double)m, s, d, gs);
 }
 
 static void KFN(ce_hard)(const fx_job *job, int64_t r0, int64_t r1)
@@ -548,7 +538,7 @@ static void KFN(ce_hard)(const fx_job *job, int64_t r0, int64_t r1)
         fx_ce_lflush(job, &lb);
     }
     for (; r < r1; r++) NM(ce_hard_row)(job, r, r1, n, w, eps, W, scratch, &b);
-    NM(ce_flush)(job, &b, eps, n, W);
+    NM(ce_flush)(job, &b);
     free(scratch);
 }
 

@@ -44,10 +44,28 @@ static inline double fx_row_exp(double d)
     return fx_row_exp_ok(d) ? fx_expm_f64(fx_splat_f64(d))[0] : exp(d);
 }
 
+/* l[j] = fx_row_log(s[j]) for j < k <= FX_LOG_BATCH, one vector for all. */
+#define FX_LOG_BATCH ((int)(FX_VBYTES / sizeof(double)))
+static inline void fx_row_logs(const double *s, int k, double *l)
+{
+    fx_vf64 sv;
+    for (int j = 0; j < FX_LOG_BATCH; j++) sv[j] = j < k && fx_row_log_ok(s[j]) ? s[j] : 1.0;
+    const fx_vf64 lv = fx_log_pos_f64(sv);
+    for (int j = 0; j < k; j++) l[j] = fx_row_log_ok(s[j]) ? lv[j] : log(s[j]);
+}
+
+/* e[j] = fx_row_exp(d[j]) for j < k <= FX_LOG_BATCH, likewise. */
+static inline void fx_row_exps(const double *d, int k, double *e)
+{
+    fx_vf64 dv;
+    for (int j = 0; j < FX_LOG_BATCH; j++) dv[j] = j < k && fx_row_exp_ok(d[j]) ? d[j] : 0.0;
+    const fx_vf64 ev = fx_expm_f64(dv);
+    for (int j = 0; j < k; j++) e[j] = fx_row_exp_ok(d[j]) ? ev[j] : exp(d[j]);
+}
+
 /* Row values waiting for their logs: v + log(s) (logsumexp, v = m) or,
    with sub, log(s) - v (entropy, v = q/s): each in the order of the
    scalar form, which decides which NaN a NaN row gets. */
-#define FX_LOG_BATCH ((int)(FX_VBYTES / sizeof(double)))
 typedef struct fx_log_batch {
     int64_t r[FX_LOG_BATCH];
     double v[FX_LOG_BATCH], s[FX_LOG_BATCH];
@@ -56,13 +74,9 @@ typedef struct fx_log_batch {
 
 static inline void fx_log_flush(const fx_job *job, fx_log_batch *b)
 {
-    fx_vf64 sv;
-    for (int j = 0; j < FX_LOG_BATCH; j++) sv[j] = j < b->k && fx_row_log_ok(b->s[j]) ? b->s[j] : 1.0;
-    const fx_vf64 lv = fx_log_pos_f64(sv);
-    for (int j = 0; j < b->k; j++) {
-        const double l = fx_row_log_ok(b->s[j]) ? lv[j] : log(b->s[j]);
-        job->row_out[b->r[j]] = b->sub ? l - b->v[j] : b->v[j] + l;
-    }
+    double l[FX_LOG_BATCH];
+    fx_row_logs(b->s, b->k, l);
+    for (int j = 0; j < b->k; j++) job->row_out[b->r[j]] = b->sub ? l[j] - b->v[j] : b->v[j] + l[j];
     b->k = 0;
 }
 
