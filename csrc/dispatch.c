@@ -67,5 +67,6 @@ const char *fx_get_isa(void) { return fx_active->name; }
 
 void fx_expm_f32_array(const float *x, float *y, int64_t n) { fx_active->expm_f32(x, y, n); }
 void fx_expm_f64_array(const double *x, double *y, int64_t n) { fx_active->expm_f64(x, y, n); }
+void fx_expsum_f32_array(const float *x, float *y, int64_t n) { fx_active->expsum_f32(x, y, n); }
 void fx_tanh_f32_array(const float *x, float *y, int64_t n) { fx_active->tanh_f32(x, y, n); }
 void fx_tanh_f64_array(const double *x, double *y, int64_t n) { fx_active->tanh_f64(x, y, n); }

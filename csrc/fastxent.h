@@ -207,6 +207,7 @@ typedef struct fx_isa {
                                        const fx_split *sp);
     void (*expm_f32)(const float *x, float *y, int64_t n);
     void (*expm_f64)(const double *x, double *y, int64_t n);
+    void (*expsum_f32)(const float *x, float *y, int64_t n);
     void (*tanh_f32)(const float *x, float *y, int64_t n);
     void (*tanh_f64)(const double *x, double *y, int64_t n);
     /* fx_check_labels (reduce.c) */
@@ -250,6 +251,8 @@ extern const fx_isa fx_isa_avx512;
 /* The active ISA's exp kernel (expm.h) over n values, for its accuracy tests. */
 void fx_expm_f32_array(const float *x, float *y, int64_t n);
 void fx_expm_f64_array(const double *x, double *y, int64_t n);
+/* ... and the exp of terms that are only summed (fx_expsum_f32). */
+void fx_expsum_f32_array(const float *x, float *y, int64_t n);
 /* The active ISA's tanh kernel (tanhm.h), for its accuracy tests. */
 void fx_tanh_f32_array(const float *x, float *y, int64_t n);
 void fx_tanh_f64_array(const double *x, double *y, int64_t n);
@@ -257,5 +260,8 @@ void fx_tanh_f64_array(const double *x, double *y, int64_t n);
 /* Largest error, in float32 ulp, of the active exp kernel over every float32
    in [lo, hi] <= 0, and where it occurs (selftest.c). */
 double fx_expm_f32_max_ulp(float lo, float hi, float *worst_x);
+/* How many float32 in [lo, hi] fx_expsum_f32 gives other bits than
+   fx_expm_f32 for, and the largest of them in *last_x (the active ISA). */
+int64_t fx_expsum_f32_mismatches(float lo, float hi, float *last_x);
 
 #endif

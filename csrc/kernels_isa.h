@@ -218,6 +218,7 @@ const fx_isa FX_CAT2(fx_isa, FX_ISA) = {
     .range_write = FX_ALL(range_write),
     .expm_f32 = FX_CAT3(expm_array, f32, FX_ISA),
     .expm_f64 = FX_CAT3(expm_array, f64, FX_ISA),
+    .expsum_f32 = FX_CAT3(expsum_array, f32, FX_ISA),
     .tanh_f32 = FX_CAT3(tanh_array, f32, FX_ISA),
     .tanh_f64 = FX_CAT3(tanh_array, f64, FX_ISA),
     .check_labels = FX_CAT2(check_labels, FX_ISA),

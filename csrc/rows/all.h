@@ -17,6 +17,7 @@
 #define HSUM SFX(fx_hsum)
 #define HMAX SFX(fx_hmax)
 #define EXPM SFX(fx_expm)
+#define EXPS SFX(fx_expsum) /* terms only summed (expm.h) */
 /* ... and accumulators (vec.h): ACC for V, ACCW for VW. */
 #define ACC SFX(fx_acc)
 #define AINIT SFX(fx_acc_init)
@@ -71,6 +72,15 @@ static void KFN(expm_array)(const XT *x, T *y, int64_t n)
     if (i < n) STORE_TAIL(y + i, EXPM(XLOAD_TAIL(x + i, n - i, 0)), n - i);
 }
 
+#if VL == 16 /* float32 */
+static void KFN(expsum_array)(const XT *x, T *y, int64_t n)
+{
+    int64_t i = 0;
+    for (; i + VL <= n; i += VL) STORE(y + i, EXPS(XLOAD(x + i)));
+    if (i < n) STORE_TAIL(y + i, EXPS(XLOAD_TAIL(x + i, n - i, 0)), n - i);
+}
+#endif
+
 #endif /* !X16 */
 
 
@@ -84,6 +94,7 @@ static void KFN(expm_array)(const XT *x, T *y, int64_t n)
 #undef HSUM
 #undef HMAX
 #undef EXPM
+#undef EXPS
 #undef ACC
 #undef AINIT
 #undef AGET

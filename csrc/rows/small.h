@@ -157,10 +157,10 @@ FX_INLINE V NM(small_stats)(const T *buf, int64_t n, VW *s, T *ebuf, VW *q)
         }
     } else {
         for (c = 0; c + 2 <= n; c += 2) {
-            const V e0 = EXPM(LOAD(buf + c * VL) - m), e1 = EXPM(LOAD(buf + (c + 1) * VL) - m);
+            const V e0 = EXPS(LOAD(buf + c * VL) - m), e1 = EXPS(LOAD(buf + (c + 1) * VL) - m);
             acc = AWADD(acc, __builtin_convertvector(e0 + e1, VW));
         }
-        if (c < n) acc = AWADD(acc, __builtin_convertvector(EXPM(LOAD(buf + c * VL) - m), VW));
+        if (c < n) acc = AWADD(acc, __builtin_convertvector(EXPS(LOAD(buf + c * VL) - m), VW));
     }
     *s = AWGET(acc);
     return m;
@@ -189,8 +189,10 @@ FX_INLINE void NM(small_stats2)(const T *ba, const T *bb, int64_t n, V *ma, V *m
     const V m = AGET(AMAX(a0, AGET(a1))), mq = AGET(AMAX(b0, AGET(b1)));
     ACCW acc = AWINIT(__builtin_convertvector(SPLAT(0), VW)), bcc = acc;
     for (c = 0; c + 2 <= n; c += 2) {
-        const V e0 = EXPM(LOAD(ba + c * VL) - m), e1 = EXPM(LOAD(ba + (c + 1) * VL) - m);
-        const V f0 = EXPM(LOAD(bb + c * VL) - mq), f1 = EXPM(LOAD(bb + (c + 1) * VL) - mq);
+        const V za0 = LOAD(ba + c * VL) - m, za1 = LOAD(ba + (c + 1) * VL) - m;
+        const V zb0 = LOAD(bb + c * VL) - mq, zb1 = LOAD(bb + (c + 1) * VL) - mq;
+        const V e0 = ea ? EXPM(za0) : EXPS(za0), e1 = ea ? EXPM(za1) : EXPS(za1);
+        const V f0 = ea ? EXPM(zb0) : EXPS(zb0), f1 = ea ? EXPM(zb1) : EXPS(zb1);
         if (ea) {
             STORE(ea + c * VL, e0);
             STORE(ea + (c + 1) * VL, e1);
@@ -201,7 +203,8 @@ FX_INLINE void NM(small_stats2)(const T *ba, const T *bb, int64_t n, V *ma, V *m
         bcc = AWADD(bcc, __builtin_convertvector(f0 + f1, VW));
     }
     if (c < n) {
-        const V e0 = EXPM(LOAD(ba + c * VL) - m), f0 = EXPM(LOAD(bb + c * VL) - mq);
+        const V za = LOAD(ba + c * VL) - m, zb = LOAD(bb + c * VL) - mq;
+        const V e0 = ea ? EXPM(za) : EXPS(za), f0 = ea ? EXPM(zb) : EXPS(zb);
         if (ea) {
             STORE(ea + c * VL, e0);
             STORE(eb + c * VL, f0);

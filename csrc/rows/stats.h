@@ -251,12 +251,13 @@ FX_INLINE double NM(chunk_sumexp_)(const XT *x, int64_t c0, int64_t c1, V vm, T 
             NM(prefetch)(pfb, i);
             NM(prefetch)(pfb, i + VL);
         }
-        const V e0 = EXPM(XLOAD(x + i) - vm), e1 = EXPM(XLOAD(x + i + VL) - vm);
+        const V z0 = XLOAD(x + i) - vm, z1 = XLOAD(x + i + VL) - vm;
+        const V e0 = st ? EXPM(z0) : EXPS(z0), e1 = st ? EXPM(z1) : EXPS(z1);
         a0 = AADD(a0, e0);
         a1 = AADD(a1, e1);
         if (xb) {
-            b0 = AADD(b0, EXPM(XLOAD(xb + i) - vmb));
-            b1 = AADD(b1, EXPM(XLOAD(xb + i + VL) - vmb));
+            b0 = AADD(b0, EXPS(XLOAD(xb + i) - vmb));
+            b1 = AADD(b1, EXPS(XLOAD(xb + i + VL) - vmb));
         }
         if (st) { /* see fx_store_union */
             SFX(fx_store_union)(st + i, e0);
@@ -265,9 +266,9 @@ FX_INLINE double NM(chunk_sumexp_)(const XT *x, int64_t c0, int64_t c1, V vm, T 
     }
     for (; i < c1; i += VL) {
         const int64_t k = c1 - i < VL ? c1 - i : VL;
-        const V e = EXPM(NM(zload_exp)(x, i, k, vm));
+        const V z = NM(zload_exp)(x, i, k, vm), e = st ? EXPM(z) : EXPS(z);
         a0 = AADD(a0, e);
-        if (xb) b0 = AADD(b0, EXPM(NM(zload_exp)(xb, i, k, vmb)));
+        if (xb) b0 = AADD(b0, EXPS(NM(zload_exp)(xb, i, k, vmb)));
         if (st) {
             if (k == VL) STORE(st + i, e);
             else STORE_TAIL(st + i, e, k);
@@ -388,10 +389,44 @@ FX_INLINE double NM(group_lse_q)(const XT *x, int64_t g0, int64_t g1, T *bp, T *
     V vbs = SPLAT(b * D_SCALE);
     ACC mx = AINIT(SPLAT(-INFINITY));
     double s = 0.0, q = 0.0;
+    /* Exponentials only summed (expm.h's fx_expsum): entropy's q needs
+       exact zeros, st keeps them. */
+    const int sums = !st && !qp;
+    /* The max of x - b over the group, for sums: fx_expsum gives -inf a
+       term of 1.6e-38, not 0, so a group of -inf (and NaN) elements is
+       told by this, not by s == 0 (row_lse1's test of a row without a
+       softmax). */
+    ACC zall = AINIT(SPLAT(-INFINITY));
     for (int64_t c0 = g0; c0 < g1; c0 += CHUNK) {
         const int64_t c1 = c0 + CHUNK < g1 ? c0 + CHUNK : g1;
         ACC a0 = AINIT(SPLAT(0)), a1 = a0, q0 = a0, q1 = a0, d0 = a0;
         int64_t i = c0;
+        if (sums) {
+            /* Sums alone: the chunk's exponentials against the base with
+               no test per vector, only a running max of x - b, checked
+               once; a chunk that would raise the base is taken again from
+               its start by the loop below, which raises it where that
+               loop always has (the same bits as without this loop). */
+            ACC zm = AINIT(SPLAT(-INFINITY));
+            for (; i + 2 * VL <= c1; i += 2 * VL) {
+                if (pf) {
+                    NM(prefetch_l1)(pf, i);
+                    NM(prefetch_l1)(pf, i + VL);
+                }
+                const V x0 = XLOAD(x + i), x1 = XLOAD(x + i + VL);
+                if (mp) mx = AMAX(AMAX(mx, x0), x1);
+                const V z0 = x0 - vb, z1 = x1 - vb;
+                zm = AMAX(AMAX(zm, z0), z1);
+                a0 = AADD(a0, EXPS(z0));
+                a1 = AADD(a1, EXPS(z1));
+                if (dp) d0 = AADD(d0, (x0 * vs - vbs) + (x1 * vs - vbs));
+            }
+            zall = AMAX(zall, AGET(zm));
+            if (__builtin_expect(SFX(fx_any_above2)(AGET(zm), AGET(zm), thr), 0)) {
+                i = c0;
+                a0 = a1 = d0 = AINIT(SPLAT(0));
+            }
+        }
         for (; i + 2 * VL <= c1; i += 2 * VL) {
             if (pf) {
                 NM(prefetch_l1)(pf, i);
@@ -413,7 +448,7 @@ FX_INLINE double NM(group_lse_q)(const XT *x, int64_t g0, int64_t g1, T *bp, T *
                 z0 = x0 - vb;
                 z1 = x1 - vb;
             }
-            const V e0 = EXPM(z0), e1 = EXPM(z1);
+            const V e0 = sums ? EXPS(z0) : EXPM(z0), e1 = sums ? EXPS(z1) : EXPM(z1);
             if (qp || dp) {
                 /* One accumulator per sum, pairs added first: with two per
                    sum the AVX2 loop ran out of registers (entropy 1.2x,
@@ -446,7 +481,8 @@ FX_INLINE double NM(group_lse_q)(const XT *x, int64_t g0, int64_t g1, T *bp, T *
                 vbs = SPLAT(b * D_SCALE);
                 z = xv - vb;
             }
-            const V e = EXPM(z);
+            const V e = sums ? EXPS(z) : EXPM(z);
+            if (sums) zall = AMAX(zall, z);
             a0 = AADD(a0, e);
             if (qp) q0 = AADD(q0, e * VMAX(z, lo));
             if (dp) d0 = AADD(d0, k == VL ? xv * vs - vbs : NM(zload_lin_s)(x, i, k, vs, vbs, b));
@@ -459,6 +495,7 @@ FX_INLINE double NM(group_lse_q)(const XT *x, int64_t g0, int64_t g1, T *bp, T *
         if (qp) q += HSUM(AGET(q0) + AGET(q1));
         if (dp) d += HSUM(AGET(d0)) * D_UNSCALE;
     }
+    if (sums && !(HMAX(AGET(zall)) > -INFINITY)) s = 0.0;
     *bp = b;
     if (qp) *qp = q;
     if (dp) *dp = d;

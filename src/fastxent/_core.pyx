@@ -114,6 +114,8 @@ cdef extern from "fastxent.h" nogil:
     void fx_tanh_f32_array(const float *x, float *y, int64_t n)
     void fx_tanh_f64_array(const double *x, double *y, int64_t n)
     double fx_expm_f32_max_ulp(float lo, float hi, float *worst_x)
+    void fx_expsum_f32_array(const float *x, float *y, int64_t n)
+    int64_t fx_expsum_f32_mismatches(float lo, float hi, float *last_x)
     double fx_sum_f64(const double *v, int64_t n)
     int64_t fx_check_labels(const int64_t *labels, int64_t n, int64_t n_cols,
                             int64_t ignore_index, int64_t *counted)
@@ -837,6 +839,26 @@ cdef object _probe(cnp.ndarray x, _vec_f32 f32, _vec_f64 f64, str name):
 def expm(cnp.ndarray x):
     """The active ISA's exp kernel for x <= 16 (expm.h), for accuracy tests."""
     return _probe(x, fx_expm_f32_array, fx_expm_f64_array, "expm")
+
+
+def expsum(cnp.ndarray x):
+    """The active ISA's exp of terms that are only summed (expm.h's
+    fx_expsum), float32, for its tests."""
+    if cnp.PyArray_TYPE(x) != cnp.NPY_FLOAT32:
+        raise TypeError("expsum takes float32")
+    return _probe(x, fx_expsum_f32_array, fx_expm_f64_array, "expsum")
+
+
+def expsum_f32_mismatches(float lo, float hi):
+    """(count, largest argument) of the float32 in [lo, hi] for which the
+    active ISA's fx_expsum_f32 and fx_expm_f32 differ in any bit."""
+    if not (lo <= hi):
+        raise ValueError("need lo <= hi")
+    cdef float last = 0
+    cdef int64_t count
+    with nogil:
+        count = fx_expsum_f32_mismatches(lo, hi, &last)
+    return count, last
 
 
 def tanh(cnp.ndarray x):
