@@ -515,6 +515,28 @@ static void KFN(ce_hard)(const fx_job *job, int64_t r0, int64_t r1)
     if (NM(paired)(job, FX_CE_HARD) && !job->out && !(eps > 0)) {
         fx_ce_lbatch lb;
         lb.k = 0;
+#ifdef FX_QUADS
+        for (; r + 3 < r1; r += 4) {
+            T m[4];
+            double s[4];
+            int plain = 1;
+            for (int j = 0; j < 4; j++) plain &= job->labels[r + j] != job->ignore_index;
+            if (!plain || !NM(quad_stats)(job, r, r1, m, s)) {
+                for (int j = 0; j < 4; j++) NM(ce_hard_row)(job, r + j, r1, n, w, eps, W, scratch, &b);
+                continue;
+            }
+            for (int j = 0; j < 4; j++) {
+                const XT *x = (const XT *)job->x + (r + j) * job->x_ld;
+                const int64_t y = job->labels[r + j];
+                lb.r[lb.k] = r + j;
+                lb.xy[lb.k] = (double)XGET(x, y);
+                lb.wy[lb.k] = w ? (double)w[y] : 1.0;
+                lb.m[lb.k] = (double)m[j];
+                lb.s[lb.k++] = s[j];
+                if (lb.k == FX_CE_BATCH) fx_ce_lflush(job, &lb);
+            }
+        }
+#endif
         for (; r + 1 < r1; r += 2) {
             const int64_t y[2] = {job->labels[r], job->labels[r + 1]};
             T m[2];

@@ -135,7 +135,17 @@ static void KFN(logsumexp)(const fx_job *job, int64_t r0, int64_t r1)
     fx_log_batch lb;
     lb.k = 0;
     lb.sub = 0;
-    if (NM(paired)(job, FX_LOGSUMEXP))
+    if (NM(paired)(job, FX_LOGSUMEXP)) {
+#ifdef FX_QUADS
+        for (; r + 3 < r1; r += 4) {
+            T m[4];
+            double s[4];
+            if (NM(quad_stats)(job, r, r1, m, s))
+                for (int j = 0; j < 4; j++) fx_log_push(job, &lb, r + j, (double)m[j], s[j], 0);
+            else
+                for (int j = 0; j < 4; j++) NM(logsumexp_row)(job, r + j, r1, &lb);
+        }
+#endif
         for (; r + 1 < r1; r += 2) {
             T m[2];
             double s[2] = {0.0, 0.0};
@@ -147,6 +157,7 @@ static void KFN(logsumexp)(const fx_job *job, int64_t r0, int64_t r1)
                 NM(logsumexp_row)(job, r + 1, r1, &lb);
             }
         }
+    }
     for (; r < r1; r++) NM(logsumexp_row)(job, r, r1, &lb);
     fx_log_flush(job, &lb);
 }
@@ -194,7 +205,17 @@ static void KFN(log_softmax)(const fx_job *job, int64_t r0, int64_t r1)
     stream = NM(streaming)(job);
 #endif
     int64_t r = r0;
-    if (NM(paired)(job, FX_LOG_SOFTMAX))
+    if (NM(paired)(job, FX_LOG_SOFTMAX)) {
+#ifdef FX_QUADS
+        for (; r + 3 < r1; r += 4) {
+            T m[4];
+            double s[4];
+            if (NM(quad_stats)(job, r, r1, m, s))
+                for (int j = 0; j < 4; j++) NM(log_softmax_write)(job, r + j, m[j], log(s[j]), stream);
+            else
+                for (int j = 0; j < 4; j++) NM(log_softmax_row)(job, r + j, r1, stream);
+        }
+#endif
         for (; r + 1 < r1; r += 2) {
             T m[2];
             double s[2] = {0.0, 0.0};
@@ -206,6 +227,7 @@ static void KFN(log_softmax)(const fx_job *job, int64_t r0, int64_t r1)
                 NM(log_softmax_row)(job, r + 1, r1, stream);
             }
         }
+    }
     for (; r < r1; r++) NM(log_softmax_row)(job, r, r1, stream);
 #if !X16
     if (stream) fx_stream_fence();

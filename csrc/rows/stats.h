@@ -405,8 +405,10 @@ FX_INLINE double NM(group_lse_q)(const XT *x, int64_t g0, int64_t g1, T *bp, T *
             /* Sums alone: the chunk's exponentials against the base with
                no test per vector, only a running max of x - b, checked
                once; a chunk that would raise the base is taken again from
-               its start by the loop below, which raises it where that
-               loop always has (the same bits as without this loop). */
+               its start by the loop below, which raises it where it
+               always has. That loop and the tail keep fx_expm: st or qp
+               is not known to be NULL there at compile time, and a select
+               between two exps could cost the loops that keep them. */
             ACC zm = AINIT(SPLAT(-INFINITY));
             for (; i + 2 * VL <= c1; i += 2 * VL) {
                 if (pf) {
@@ -448,7 +450,7 @@ FX_INLINE double NM(group_lse_q)(const XT *x, int64_t g0, int64_t g1, T *bp, T *
                 z0 = x0 - vb;
                 z1 = x1 - vb;
             }
-            const V e0 = sums ? EXPS(z0) : EXPM(z0), e1 = sums ? EXPS(z1) : EXPM(z1);
+            const V e0 = EXPM(z0), e1 = EXPM(z1);
             if (qp || dp) {
                 /* One accumulator per sum, pairs added first: with two per
                    sum the AVX2 loop ran out of registers (entropy 1.2x,
@@ -481,7 +483,7 @@ FX_INLINE double NM(group_lse_q)(const XT *x, int64_t g0, int64_t g1, T *bp, T *
                 vbs = SPLAT(b * D_SCALE);
                 z = xv - vb;
             }
-            const V e = sums ? EXPS(z) : EXPM(z);
+            const V e = EXPM(z);
             if (sums) zall = AMAX(zall, z);
             a0 = AADD(a0, e);
             if (qp) q0 = AADD(q0, e * VMAX(z, lo));
@@ -624,6 +626,61 @@ FX_INLINE int NM(pair_stats)(const fx_job *job, int64_t r, int64_t r1, T *m, dou
                              &s[1]);
     return 1;
 }
+
+#if defined(__AVX512F__)
+/* Rows of up to PAIR_BYTES four at a time: with 32 vector registers the
+   four rows' chains (max -> exp -> sum) and accumulators fit, and what
+   two rows leave of the chains' latency the other two fill. Each row
+   takes pair_stats' operations lane for lane (row_max2's max, then
+   chunk_sumexp_'s two accumulators and tail), so its bits are those of
+   the row alone or paired. */
+#define FX_QUADS 1
+FX_INLINE int NM(quad_stats)(const fx_job *job, int64_t r, int64_t r1, T *m, double *s)
+{
+    const int64_t n = job->n_cols;
+    const XT *x[4];
+    x[0] = (const XT *)job->x + r * job->x_ld;
+    for (int j = 1; j < 4; j++) x[j] = x[j - 1] + job->x_ld;
+    ACC mx[4];
+    for (int j = 0; j < 4; j++) mx[j] = AINIT(SPLAT(-INFINITY));
+    int64_t i = 0;
+    for (; i + VL <= n; i += VL)
+        for (int j = 0; j < 4; j++) mx[j] = AMAX(mx[j], XLOAD(x[j] + i));
+    if (i < n)
+        for (int j = 0; j < 4; j++) mx[j] = AMAX(mx[j], XLOAD_TAIL(x[j] + i, n - i, -INFINITY));
+    int finite = 1;
+    for (int j = 0; j < 4; j++) {
+        m[j] = HMAX(AGET(mx[j])) + (T)0;
+        finite &= isfinite(m[j]) != 0;
+    }
+    if (!finite) return 0;
+    /* The next four rows are prefetched during the sums. */
+    const char *pf[4];
+    for (int j = 0; j < 4; j++) pf[j] = NM(next_row)(job, r + 3 + j, r1);
+    V vm[4];
+    ACC a0[4], a1[4];
+    for (int j = 0; j < 4; j++) {
+        vm[j] = SPLAT(m[j]);
+        a0[j] = AINIT(SPLAT(0));
+        a1[j] = a0[j];
+    }
+    for (i = 0; i + 2 * VL <= n; i += 2 * VL)
+        for (int j = 0; j < 4; j++) {
+            if (pf[j]) {
+                NM(prefetch)(pf[j], i);
+                NM(prefetch)(pf[j], i + VL);
+            }
+            a0[j] = AADD(a0[j], EXPS(XLOAD(x[j] + i) - vm[j]));
+            a1[j] = AADD(a1[j], EXPS(XLOAD(x[j] + i + VL) - vm[j]));
+        }
+    for (; i < n; i += VL) {
+        const int64_t k = n - i < VL ? n - i : VL;
+        for (int j = 0; j < 4; j++) a0[j] = AADD(a0[j], EXPS(NM(zload_exp)(x[j], i, k, vm[j])));
+    }
+    for (int j = 0; j < 4; j++) s[j] = HSUM(AGET(a0[j]) + AGET(a1[j]));
+    return 1;
+}
+#endif
 
 /* d = sum_c w_c (x_c - m) (row_sumexp's), its terms scaled as
    zload_lin_s's. A pass of its own over a row the max pass has just
