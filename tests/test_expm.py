@@ -120,6 +120,11 @@ def test_summed_terms_below_the_floor_leave_the_loss_bits(n):
     y = rng.integers(0, n, rows)
     y[0::4] = n - 1
     y[2::4] = n - 1
+    probs = np.zeros_like(x)  # soft targets on classes with finite logits
+    probs[np.arange(rows), y] = 0.75
+    probs[:, -1] += 0.25
+    probs[1::4, -1] = 0.0
+    probs[1::4, 0] += 0.25
     previous = _core.get_isa()
     try:
         losses = []
@@ -128,6 +133,9 @@ def test_summed_terms_below_the_floor_leave_the_loss_bits(n):
             loss = fastxent.cross_entropy(x, y, reduction="none")
             loss_g, _ = fastxent.cross_entropy_with_grad(x, y, reduction="none")
             assert_array_equal(loss.view(np.uint32), loss_g.view(np.uint32))
+            soft = fastxent.cross_entropy(x, probs, reduction="none")
+            soft_g, _ = fastxent.cross_entropy_with_grad(x, probs, reduction="none")
+            assert_array_equal(soft.view(np.uint32), soft_g.view(np.uint32))
             losses.append(loss)
             lse = fastxent.logsumexp(x)
             np.testing.assert_allclose(lse, reference.logsumexp(x), rtol=2 ** -22)

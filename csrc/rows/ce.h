@@ -131,7 +131,7 @@ FX_INLINE double NM(row_soft)(const XT *x, const T *t, const T *w, int64_t n, T 
             const V tv = k == VL ? LOAD(t + i) : LOAD_TAIL(t + i, k, 0);
             const V wv = NM(wload)(w, i, k);
             const V wt = wv * tv;
-            vs = AADD(vs, EXPM(NM(zload_exp)(x, i, k, vm)));
+            vs = AADD(vs, EXPS(NM(zload_exp)(x, i, k, vm)));
             va = AADD(va, SEL(SFX(fx_eq)(wt, zero), zero, wt * z));
             vb = AADD(vb, wt);
             vd = AADD(vd, SEL(SFX(fx_eq)(wv, zero), zero, wv * z));
