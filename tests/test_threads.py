@@ -268,12 +268,13 @@ def test_bitwise_identical_across_threads_and_isas(dtype, shape, rng):
 @pytest.mark.parametrize("C", [49, 64, 100, 129, 256, 512])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 def test_rows_alone_match_rows_in_a_batch(dtype, C, isa, rng):
-    """Rows of up to 1 KiB are taken two at a time by the forward kernels;
-    a row alone is never paired, so it must give the bits it gives in a
-    batch, next to any neighbour: an ignored label, rows whose max is -inf,
-    +inf or NaN (which send their pair down the one-row path), an odd row
-    count. Each one-row result is also checked against the reference, so a
-    pair that swapped or mixed its two rows cannot pass."""
+    """Rows of up to 1 KiB are taken in groups (four on AVX-512, then
+    pairs) by the forward kernels; a row alone is never grouped, so it must
+    give the bits it gives in a batch, next to any neighbour: an ignored
+    label, rows whose max is -inf, +inf or NaN (which send their group down
+    the one-row path), a row count that leaves a pair and a single row.
+    Each one-row result is also checked against the reference, so a group
+    that swapped or mixed its rows cannot pass."""
     x = random_logits(rng, (11, C), dtype)
     x[1, :] = -np.inf
     x[4, 3] = np.inf

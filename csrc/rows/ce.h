@@ -489,6 +489,36 @@ FX_INLINE void NM(ce_hard_row)(const fx_job *job, int64_t r, int64_t r1, int64_t
     NM(ce_push)(job, b, r, y, xy, wy, (double)m, s, d, gs);
 }
 
+/* The loss alone of rows [r, r1) in groups of P (group_stats), up to the
+   last whole group: returns the first row not taken. */
+FX_INLINE int64_t NM(ce_hard_groups)(const fx_job *job, int64_t r, int64_t r1, int P, const T *w,
+                                     double eps, double W, T *scratch, fx_ce_batch *b,
+                                     fx_ce_lbatch *lb)
+{
+    const int64_t n = job->n_cols;
+    for (; r + P <= r1; r += P) {
+        T m[FX_GROUP_ROWS];
+        double s[FX_GROUP_ROWS];
+        int plain = 1;
+        for (int j = 0; j < P; j++) plain &= job->labels[r + j] != job->ignore_index;
+        if (!plain || !NM(group_stats)(job, r, r1, P, m, s)) {
+            for (int j = 0; j < P; j++) NM(ce_hard_row)(job, r + j, r1, n, w, eps, W, scratch, b);
+            continue;
+        }
+        for (int j = 0; j < P; j++) {
+            const XT *x = (const XT *)job->x + (r + j) * job->x_ld;
+            const int64_t y = job->labels[r + j];
+            lb->r[lb->k] = r + j;
+            lb->xy[lb->k] = (double)XGET(x, y);
+            lb->wy[lb->k] = w ? (double)w[y] : 1.0;
+            lb->m[lb->k] = (double)m[j];
+            lb->s[lb->k++] = s[j];
+            if (lb->k == FX_CE_BATCH) fx_ce_lflush(job, lb);
+        }
+    }
+    return r;
+}
+
 static void KFN(ce_hard)(const fx_job *job, int64_t r0, int64_t r1)
 {
     const int64_t n = job->n_cols;
@@ -515,48 +545,10 @@ static void KFN(ce_hard)(const fx_job *job, int64_t r0, int64_t r1)
     if (NM(paired)(job, FX_CE_HARD) && !job->out && !(eps > 0)) {
         fx_ce_lbatch lb;
         lb.k = 0;
-#ifdef FX_QUADS
-        for (; r + 3 < r1; r += 4) {
-            T m[4];
-            double s[4];
-            int plain = 1;
-            for (int j = 0; j < 4; j++) plain &= job->labels[r + j] != job->ignore_index;
-            if (!plain || !NM(quad_stats)(job, r, r1, m, s)) {
-                for (int j = 0; j < 4; j++) NM(ce_hard_row)(job, r + j, r1, n, w, eps, W, scratch, &b);
-                continue;
-            }
-            for (int j = 0; j < 4; j++) {
-                const XT *x = (const XT *)job->x + (r + j) * job->x_ld;
-                const int64_t y = job->labels[r + j];
-                lb.r[lb.k] = r + j;
-                lb.xy[lb.k] = (double)XGET(x, y);
-                lb.wy[lb.k] = w ? (double)w[y] : 1.0;
-                lb.m[lb.k] = (double)m[j];
-                lb.s[lb.k++] = s[j];
-                if (lb.k == FX_CE_BATCH) fx_ce_lflush(job, &lb);
-            }
-        }
+#if FX_GROUP_ROWS > 2
+        r = NM(ce_hard_groups)(job, r, r1, FX_GROUP_ROWS, w, eps, W, scratch, &b, &lb);
 #endif
-        for (; r + 1 < r1; r += 2) {
-            const int64_t y[2] = {job->labels[r], job->labels[r + 1]};
-            T m[2];
-            double s[2] = {0.0, 0.0};
-            if (y[0] == job->ignore_index || y[1] == job->ignore_index ||
-                !NM(pair_stats)(job, r, r1, m, s)) {
-                NM(ce_hard_row)(job, r, r1, n, w, eps, W, scratch, &b);
-                NM(ce_hard_row)(job, r + 1, r1, n, w, eps, W, scratch, &b);
-                continue;
-            }
-            for (int j = 0; j < 2; j++) {
-                const XT *x = (const XT *)job->x + (r + j) * job->x_ld;
-                lb.r[lb.k] = r + j;
-                lb.xy[lb.k] = (double)XGET(x, y[j]);
-                lb.wy[lb.k] = w ? (double)w[y[j]] : 1.0;
-                lb.m[lb.k] = (double)m[j];
-                lb.s[lb.k++] = s[j];
-            }
-            if (lb.k == FX_CE_BATCH) fx_ce_lflush(job, &lb);
-        }
+        r = NM(ce_hard_groups)(job, r, r1, 2, w, eps, W, scratch, &b, &lb);
         fx_ce_lflush(job, &lb);
     }
     for (; r < r1; r++) NM(ce_hard_row)(job, r, r1, n, w, eps, W, scratch, &b);

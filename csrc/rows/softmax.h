@@ -125,6 +125,22 @@ FX_INLINE void NM(logsumexp_row)(const fx_job *job, int64_t r, int64_t r1, fx_lo
     job->row_out[r] = v;
 }
 
+/* Rows [r, r1) in groups of P (group_stats), up to the last whole group:
+   returns the first row not taken. */
+FX_INLINE int64_t NM(logsumexp_groups)(const fx_job *job, int64_t r, int64_t r1, int P,
+                                       fx_log_batch *lb)
+{
+    for (; r + P <= r1; r += P) {
+        T m[FX_GROUP_ROWS];
+        double s[FX_GROUP_ROWS];
+        if (NM(group_stats)(job, r, r1, P, m, s))
+            for (int j = 0; j < P; j++) fx_log_push(job, lb, r + j, (double)m[j], s[j], 0);
+        else
+            for (int j = 0; j < P; j++) NM(logsumexp_row)(job, r + j, r1, lb);
+    }
+    return r;
+}
+
 static void KFN(logsumexp)(const fx_job *job, int64_t r0, int64_t r1)
 {
     if (NM(small)(job)) {
@@ -136,27 +152,10 @@ static void KFN(logsumexp)(const fx_job *job, int64_t r0, int64_t r1)
     lb.k = 0;
     lb.sub = 0;
     if (NM(paired)(job, FX_LOGSUMEXP)) {
-#ifdef FX_QUADS
-        for (; r + 3 < r1; r += 4) {
-            T m[4];
-            double s[4];
-            if (NM(quad_stats)(job, r, r1, m, s))
-                for (int j = 0; j < 4; j++) fx_log_push(job, &lb, r + j, (double)m[j], s[j], 0);
-            else
-                for (int j = 0; j < 4; j++) NM(logsumexp_row)(job, r + j, r1, &lb);
-        }
+#if FX_GROUP_ROWS > 2
+        r = NM(logsumexp_groups)(job, r, r1, FX_GROUP_ROWS, &lb);
 #endif
-        for (; r + 1 < r1; r += 2) {
-            T m[2];
-            double s[2] = {0.0, 0.0};
-            if (NM(pair_stats)(job, r, r1, m, s)) {
-                fx_log_push(job, &lb, r, (double)m[0], s[0], 0);
-                fx_log_push(job, &lb, r + 1, (double)m[1], s[1], 0);
-            } else {
-                NM(logsumexp_row)(job, r, r1, &lb);
-                NM(logsumexp_row)(job, r + 1, r1, &lb);
-            }
-        }
+        r = NM(logsumexp_groups)(job, r, r1, 2, &lb);
     }
     for (; r < r1; r++) NM(logsumexp_row)(job, r, r1, &lb);
     fx_log_flush(job, &lb);
@@ -194,6 +193,21 @@ FX_INLINE void NM(log_softmax_row)(const fx_job *job, int64_t r, int64_t r1, int
     NM(log_softmax_write)(job, r, mx, log(s2), stream);
 }
 
+/* As logsumexp_groups, for log_softmax. */
+FX_INLINE int64_t NM(log_softmax_groups)(const fx_job *job, int64_t r, int64_t r1, int P,
+                                         int stream)
+{
+    for (; r + P <= r1; r += P) {
+        T m[FX_GROUP_ROWS];
+        double s[FX_GROUP_ROWS];
+        if (NM(group_stats)(job, r, r1, P, m, s))
+            for (int j = 0; j < P; j++) NM(log_softmax_write)(job, r + j, m[j], log(s[j]), stream);
+        else
+            for (int j = 0; j < P; j++) NM(log_softmax_row)(job, r + j, r1, stream);
+    }
+    return r;
+}
+
 static void KFN(log_softmax)(const fx_job *job, int64_t r0, int64_t r1)
 {
     if (NM(small_lsm)(job)) {
@@ -206,27 +220,10 @@ static void KFN(log_softmax)(const fx_job *job, int64_t r0, int64_t r1)
 #endif
     int64_t r = r0;
     if (NM(paired)(job, FX_LOG_SOFTMAX)) {
-#ifdef FX_QUADS
-        for (; r + 3 < r1; r += 4) {
-            T m[4];
-            double s[4];
-            if (NM(quad_stats)(job, r, r1, m, s))
-                for (int j = 0; j < 4; j++) NM(log_softmax_write)(job, r + j, m[j], log(s[j]), stream);
-            else
-                for (int j = 0; j < 4; j++) NM(log_softmax_row)(job, r + j, r1, stream);
-        }
+#if FX_GROUP_ROWS > 2
+        r = NM(log_softmax_groups)(job, r, r1, FX_GROUP_ROWS, stream);
 #endif
-        for (; r + 1 < r1; r += 2) {
-            T m[2];
-            double s[2] = {0.0, 0.0};
-            if (NM(pair_stats)(job, r, r1, m, s)) {
-                NM(log_softmax_write)(job, r, m[0], log(s[0]), stream);
-                NM(log_softmax_write)(job, r + 1, m[1], log(s[1]), stream);
-            } else {
-                NM(log_softmax_row)(job, r, r1, stream);
-                NM(log_softmax_row)(job, r + 1, r1, stream);
-            }
-        }
+        r = NM(log_softmax_groups)(job, r, r1, 2, stream);
     }
     for (; r < r1; r++) NM(log_softmax_row)(job, r, r1, stream);
 #if !X16

@@ -233,32 +233,23 @@ FX_INLINE void NM(prefetch)(const char *pf, int64_t i)
 /* The sum of exp(x_c - m) over one chunk [c0, c1) (c1 - c0 <= CHUNK), as
    one double: the unit that rows split across threads add in order. pf,
    when not NULL, is the row to prefetch, element for element alongside x.
-   xb, when not NULL, is a second row (max mb, prefetch pfb, no stash)
-   whose sum goes to *sb: the same additions lane for lane, so a row gives
-   the same bits alone or paired (which a thread split decides). */
+   Row groups (group_stats) take the same operations lane for lane, so a
+   row gives the same bits alone or grouped (which a thread split
+   decides). */
 FX_INLINE double NM(chunk_sumexp_)(const XT *x, int64_t c0, int64_t c1, V vm, T *st,
-                                   const char *pf, const XT *xb, V vmb, const char *pfb,
-                                   double *sb)
+                                   const char *pf)
 {
-    ACC a0 = AINIT(SPLAT(0)), a1 = a0, b0 = a0, b1 = a0;
+    ACC a0 = AINIT(SPLAT(0)), a1 = a0;
     int64_t i = c0;
     for (; i + 2 * VL <= c1; i += 2 * VL) {
         if (pf) {
             NM(prefetch)(pf, i);
             NM(prefetch)(pf, i + VL);
         }
-        if (pfb) {
-            NM(prefetch)(pfb, i);
-            NM(prefetch)(pfb, i + VL);
-        }
         const V z0 = XLOAD(x + i) - vm, z1 = XLOAD(x + i + VL) - vm;
         const V e0 = st ? EXPM(z0) : EXPS(z0), e1 = st ? EXPM(z1) : EXPS(z1);
         a0 = AADD(a0, e0);
         a1 = AADD(a1, e1);
-        if (xb) {
-            b0 = AADD(b0, EXPS(XLOAD(xb + i) - vmb));
-            b1 = AADD(b1, EXPS(XLOAD(xb + i + VL) - vmb));
-        }
         if (st) { /* see fx_store_union */
             SFX(fx_store_union)(st + i, e0);
             SFX(fx_store_union)(st + i + VL, e1);
@@ -268,13 +259,11 @@ FX_INLINE double NM(chunk_sumexp_)(const XT *x, int64_t c0, int64_t c1, V vm, T 
         const int64_t k = c1 - i < VL ? c1 - i : VL;
         const V z = NM(zload_exp)(x, i, k, vm), e = st ? EXPM(z) : EXPS(z);
         a0 = AADD(a0, e);
-        if (xb) b0 = AADD(b0, EXPS(NM(zload_exp)(xb, i, k, vmb)));
         if (st) {
             if (k == VL) STORE(st + i, e);
             else STORE_TAIL(st + i, e, k);
         }
     }
-    if (xb) *sb = HSUM(AGET(b0) + AGET(b1));
     return HSUM(AGET(a0) + AGET(a1));
 }
 
@@ -282,8 +271,8 @@ FX_INLINE double NM(chunk_sumexp_)(const XT *x, int64_t c0, int64_t c1, V vm, T 
 FX_INLINE double NM(chunk_sumexp)(const XT *x, int64_t c0, int64_t c1, V vm, T *st,
                                   const char *pf)
 {
-    if (st) return NM(chunk_sumexp_)(x, c0, c1, vm, st, pf, NULL, vm, NULL, NULL);
-    return NM(chunk_sumexp_)(x, c0, c1, vm, NULL, pf, NULL, vm, NULL, NULL);
+    if (st) return NM(chunk_sumexp_)(x, c0, c1, vm, st, pf);
+    return NM(chunk_sumexp_)(x, c0, c1, vm, NULL, pf);
 }
 
 /* ------------------------------------------------------------------------
@@ -365,6 +354,25 @@ FX_INLINE void NM(d_rebase)(T b, T nb, ACC *d0, double *d, int64_t g0, int64_t c
     *d += ((double)b - (double)nb) * (double)(c0 - g0);
 }
 
+/* Elements [i, i + 2 VL) of x into *x0, *x1 for group_lse_q's loops:
+   their prefetches (pf ahead in x, and in st for writing when st is not
+   NULL) and, when mx is not NULL, the group's running max. */
+FX_INLINE void NM(lse_load2)(const XT *x, int64_t i, const char *pf, const T *st, ACC *mx, V *x0,
+                             V *x1)
+{
+    if (pf) {
+        NM(prefetch_l1)(pf, i);
+        NM(prefetch_l1)(pf, i + VL);
+        if (st) {
+            NM(prefetch_st)(st, i);
+            NM(prefetch_st)(st, i + VL);
+        }
+    }
+    *x0 = XLOAD(x + i);
+    *x1 = XLOAD(x + i + VL);
+    if (mx) *mx = AMAX(AMAX(*mx, *x0), *x1);
+}
+
 /* s = sum of exp(x_c - *b) over group [g0, g1) (g1 - g0 <= FX_LSE_GROUP),
    with its base *b (see above); st, when not NULL, keeps exp(x_c - *b);
    mp, when not NULL, gets the group's max (row_max's rule: NaN skipped);
@@ -411,12 +419,8 @@ FX_INLINE double NM(group_lse_q)(const XT *x, int64_t g0, int64_t g1, T *bp, T *
                between two exps could cost the loops that keep them. */
             ACC zm = AINIT(SPLAT(-INFINITY));
             for (; i + 2 * VL <= c1; i += 2 * VL) {
-                if (pf) {
-                    NM(prefetch_l1)(pf, i);
-                    NM(prefetch_l1)(pf, i + VL);
-                }
-                const V x0 = XLOAD(x + i), x1 = XLOAD(x + i + VL);
-                if (mp) mx = AMAX(AMAX(mx, x0), x1);
+                V x0, x1;
+                NM(lse_load2)(x, i, pf, NULL, mp ? &mx : NULL, &x0, &x1);
                 const V z0 = x0 - vb, z1 = x1 - vb;
                 zm = AMAX(AMAX(zm, z0), z1);
                 a0 = AADD(a0, EXPS(z0));
@@ -430,16 +434,8 @@ FX_INLINE double NM(group_lse_q)(const XT *x, int64_t g0, int64_t g1, T *bp, T *
             }
         }
         for (; i + 2 * VL <= c1; i += 2 * VL) {
-            if (pf) {
-                NM(prefetch_l1)(pf, i);
-                NM(prefetch_l1)(pf, i + VL);
-                if (st) {
-                    NM(prefetch_st)(st, i);
-                    NM(prefetch_st)(st, i + VL);
-                }
-            }
-            const V x0 = XLOAD(x + i), x1 = XLOAD(x + i + VL);
-            if (mp) mx = AMAX(AMAX(mx, x0), x1);
+            V x0, x1;
+            NM(lse_load2)(x, i, pf, st, mp ? &mx : NULL, &x0, &x1);
             V z0 = x0 - vb, z1 = x1 - vb;
             if (__builtin_expect(SFX(fx_any_above2)(z0, z1, thr), 0)) {
                 const T ob = b;
@@ -558,15 +554,16 @@ FX_INLINE int NM(row_lse1)(const XT *x, int64_t n, T *m, double *s, T *st, T *ba
     return NM(row_lse1_qd)(x, n, m, s, st, bases, pf, NULL, NULL);
 }
 
-/* Rows of up to PAIR_BYTES are taken two at a time by the forward row
-   kernels: at these lengths the latency of one row's max -> exp -> sum ->
-   log chain is about as long as its arithmetic, and two independent rows
-   in one loop overlap what one row cannot (float32, 64-256 classes:
-   0.77-0.94x the time). Longer rows gained nothing, and at 2 KiB (float32
-   512, float64 256 classes) lost up to 10%. */
+/* Rows of up to PAIR_BYTES are taken in groups (group_stats) by the
+   forward row kernels: at these lengths the latency of one row's max ->
+   exp -> sum -> log chain is about as long as its arithmetic, and
+   independent rows in one loop overlap what one row cannot (pairs, float32,
+   64-256 classes: 0.77-0.94x the time of single rows). Longer rows gained
+   nothing, and at 2 KiB (float32 512, float64 256 classes) lost up to
+   10%. */
 #define PAIR_BYTES 1024 /* <= CHUNK elements */
 
-/* Whether op's rows go in pairs: rows of up to PAIR_BYTES, except that
+/* Whether op's rows go in groups: rows of up to PAIR_BYTES, except that
    log_softmax pairs only rows below it (at float32 256 classes, 1 KiB, with
    16 MiB of logits, log_softmax was 1.07-1.1x slower paired). */
 FX_INLINE int NM(paired)(const fx_job *job, int op)
@@ -594,93 +591,92 @@ FX_INLINE int NM(one_pass_out)(int64_t n)
     return NM(one_pass)(n) && n <= FX_LSE_MAX_GROUPS * FX_LSE_GROUP;
 }
 
-/* Maxima of rows a and b (row_max's value for each). */
-FX_INLINE void NM(row_max2)(const XT *xa, const XT *xb, int64_t n, T *ma, T *mb)
-{
-    ACC a = AINIT(SPLAT(-INFINITY)), b = a;
-    int64_t i = 0;
-    for (; i + VL <= n; i += VL) {
-        a = AMAX(a, XLOAD(xa + i));
-        b = AMAX(b, XLOAD(xb + i));
-    }
-    if (i < n) {
-        a = AMAX(a, XLOAD_TAIL(xa + i, n - i, -INFINITY));
-        b = AMAX(b, XLOAD_TAIL(xb + i, n - i, -INFINITY));
-    }
-    *ma = HMAX(AGET(a)) + (T)0;
-    *mb = HMAX(AGET(b)) + (T)0;
-}
-
-/* (m, s) of rows r and r + 1 of [r0, r1), when both maxima are finite
-   (else 0, and the caller takes the rows one at a time). */
-FX_INLINE int NM(pair_stats)(const fx_job *job, int64_t r, int64_t r1, T *m, double *s)
-{
-    const XT *xa = (const XT *)job->x + r * job->x_ld, *xb = xa + job->x_ld;
-    NM(row_max2)(xa, xb, job->n_cols, &m[0], &m[1]);
-    if (!isfinite(m[0]) || !isfinite(m[1])) return 0;
-    /* The next pair is prefetched during the sum pass. */
-    const char *pa = NM(next_row)(job, r + 1, r1), *pb = NM(next_row)(job, r + 2, r1);
-    /* Never with a stash: gradients and softmax (which stash exponentials)
-       were 1.05-1.3x slower paired. */
-    s[0] = NM(chunk_sumexp_)(xa, 0, job->n_cols, SPLAT(m[0]), NULL, pa, xb, SPLAT(m[1]), pb,
-                             &s[1]);
-    return 1;
-}
-
+/* Rows of up to PAIR_BYTES go FX_GROUP_ROWS at a time, then in pairs:
+   with AVX-512's 32 vector registers four rows' chains (max -> exp -> sum)
+   and accumulators fit, and what two rows leave of the chains' latency the
+   other two fill; AVX2's 16 hold two. */
 #if defined(__AVX512F__)
-/* Rows of up to PAIR_BYTES four at a time: with 32 vector registers the
-   four rows' chains (max -> exp -> sum) and accumulators fit, and what
-   two rows leave of the chains' latency the other two fill. Each row
-   takes pair_stats' operations lane for lane (row_max2's max, then
-   chunk_sumexp_'s two accumulators and tail), so its bits are those of
-   the row alone or paired. */
-#define FX_QUADS 1
-FX_INLINE int NM(quad_stats)(const fx_job *job, int64_t r, int64_t r1, T *m, double *s)
+#define FX_GROUP_ROWS 4
+#else
+#define FX_GROUP_ROWS 2
+#endif
+/* (m, s) of rows [r, r + P) of [r0, r1), P = 2 or 4 (<= FX_GROUP_ROWS) a
+   constant, when every max is finite (else 0, and the caller takes the
+   rows one at a time). Each row takes row_max's max and chunk_sumexp_'s
+   two accumulators and tail, lane for lane, so its bits are those of the
+   row alone, whatever group a thread split puts it in. Never with a stash:
+   gradients and softmax (which stash exponentials) were 1.05-1.3x slower
+   paired. Row j's state is in named locals (GROUP_EACH pastes j into
+   them): arrays of accumulators indexed by j, even in loops unrolled by
+   pragma, stayed in memory on AVX2, whose vectors take two registers
+   (2x the time). */
+#define GROUP_EACH(S)                                                          \
+    do {                                                                       \
+        S(0) S(1)                                                              \
+        if (P > 2) { S(2) S(3) }                                               \
+    } while (0)
+FX_INLINE int NM(group_stats)(const fx_job *job, int64_t r, int64_t r1, int P, T *m, double *s)
 {
-    const int64_t n = job->n_cols;
-    const XT *x[4];
-    x[0] = (const XT *)job->x + r * job->x_ld;
-    for (int j = 1; j < 4; j++) x[j] = x[j - 1] + job->x_ld;
-    ACC mx[4];
-    for (int j = 0; j < 4; j++) mx[j] = AINIT(SPLAT(-INFINITY));
+    const int64_t n = job->n_cols, ld = job->x_ld;
+    const XT *x0 = (const XT *)job->x + r * ld, *x1 = x0 + ld;
+    const XT *x2 = P > 2 ? x1 + ld : x1, *x3 = P > 2 ? x2 + ld : x1;
+    ACC mx0 = AINIT(SPLAT(-INFINITY)), mx1 = mx0, mx2 = mx0, mx3 = mx0;
     int64_t i = 0;
-    for (; i + VL <= n; i += VL)
-        for (int j = 0; j < 4; j++) mx[j] = AMAX(mx[j], XLOAD(x[j] + i));
-    if (i < n)
-        for (int j = 0; j < 4; j++) mx[j] = AMAX(mx[j], XLOAD_TAIL(x[j] + i, n - i, -INFINITY));
+#define GROUP_MAX(j) mx##j = AMAX(mx##j, XLOAD(x##j + i));
+#define GROUP_MAX_TAIL(j) mx##j = AMAX(mx##j, XLOAD_TAIL(x##j + i, n - i, -INFINITY));
+    for (; i + VL <= n; i += VL) GROUP_EACH(GROUP_MAX);
+    if (i < n) GROUP_EACH(GROUP_MAX_TAIL);
     int finite = 1;
-    for (int j = 0; j < 4; j++) {
-        m[j] = HMAX(AGET(mx[j])) + (T)0;
-        finite &= isfinite(m[j]) != 0;
-    }
+#define GROUP_M(j)                                                             \
+    m[j] = HMAX(AGET(mx##j)) + (T)0;                                           \
+    finite &= isfinite(m[j]) != 0;
+    GROUP_EACH(GROUP_M);
     if (!finite) return 0;
-    /* The next four rows are prefetched during the sums. */
-    const char *pf[4];
-    for (int j = 0; j < 4; j++) pf[j] = NM(next_row)(job, r + 3 + j, r1);
-    V vm[4];
-    ACC a0[4], a1[4];
-    for (int j = 0; j < 4; j++) {
-        vm[j] = SPLAT(m[j]);
-        a0[j] = AINIT(SPLAT(0));
-        a1[j] = a0[j];
+    /* The maxima splatted where they are declared: assigned later, AVX2's
+       two halves of each were held in two registers, and the loop spilled
+       more (1.05-1.1x the time). */
+    const V vm0 = SPLAT(m[0]), vm1 = SPLAT(m[1]), vm2 = SPLAT(P > 2 ? m[2] : (T)0),
+            vm3 = SPLAT(P > 2 ? m[3] : (T)0);
+    ACC a00 = AINIT(SPLAT(0)), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00,
+        a31 = a00;
+    /* The next group is prefetched during the sums. */
+    const char *pf0, *pf1, *pf2 = NULL, *pf3 = NULL;
+#define GROUP_PF_ROW(j) pf##j = NM(next_row)(job, r + P - 1 + j, r1);
+    GROUP_EACH(GROUP_PF_ROW);
+#define GROUP_PF(j)                                                            \
+    if (pf##j) {                                                               \
+        NM(prefetch)(pf##j, i);                                                \
+        NM(prefetch)(pf##j, i + VL);                                           \
     }
-    for (i = 0; i + 2 * VL <= n; i += 2 * VL)
-        for (int j = 0; j < 4; j++) {
-            if (pf[j]) {
-                NM(prefetch)(pf[j], i);
-                NM(prefetch)(pf[j], i + VL);
-            }
-            a0[j] = AADD(a0[j], EXPS(XLOAD(x[j] + i) - vm[j]));
-            a1[j] = AADD(a1[j], EXPS(XLOAD(x[j] + i + VL) - vm[j]));
-        }
+#define GROUP_SUM(j)                                                           \
+    {                                                                          \
+        const V z0 = XLOAD(x##j + i) - vm##j, z1 = XLOAD(x##j + i + VL) - vm##j; \
+        const V e0 = EXPS(z0), e1 = EXPS(z1);                                  \
+        a##j##0 = AADD(a##j##0, e0);                                           \
+        a##j##1 = AADD(a##j##1, e1);                                           \
+    }
+#define GROUP_SUM_TAIL(j) a##j##0 = AADD(a##j##0, EXPS(NM(zload_exp)(x##j, i, k, vm##j)));
+#define GROUP_S(j) s[j] = HSUM(AGET(a##j##0) + AGET(a##j##1));
+    for (i = 0; i + 2 * VL <= n; i += 2 * VL) {
+        GROUP_EACH(GROUP_PF);
+        GROUP_EACH(GROUP_SUM);
+    }
     for (; i < n; i += VL) {
         const int64_t k = n - i < VL ? n - i : VL;
-        for (int j = 0; j < 4; j++) a0[j] = AADD(a0[j], EXPS(NM(zload_exp)(x[j], i, k, vm[j])));
+        GROUP_EACH(GROUP_SUM_TAIL);
     }
-    for (int j = 0; j < 4; j++) s[j] = HSUM(AGET(a0[j]) + AGET(a1[j]));
+    GROUP_EACH(GROUP_S);
     return 1;
 }
-#endif
+#undef GROUP_EACH
+#undef GROUP_MAX
+#undef GROUP_MAX_TAIL
+#undef GROUP_M
+#undef GROUP_PF_ROW
+#undef GROUP_PF
+#undef GROUP_SUM
+#undef GROUP_SUM_TAIL
+#undef GROUP_S
 
 /* d = sum_c w_c (x_c - m) (row_sumexp's), its terms scaled as
    zload_lin_s's. A pass of its own over a row the max pass has just
