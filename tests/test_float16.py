@@ -17,6 +17,9 @@ every function.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -439,3 +442,32 @@ def test_bitwise_identical_across_threads_and_isas(shape, dtype16, rng):
                         assert_bitwise_equal(value, baseline[key], what=f"{key} {isa} {threads}")
     finally:
         _core.set_isa(previous)
+
+
+def test_bfloat16_without_importing_ml_dtypes_up_front():
+    """``import fastxent`` leaves ml_dtypes alone (its import costs about
+    half a second); bfloat16 arrays made after it, with ml_dtypes imported
+    then, still take the kernels' 16-bit path and give float32's losses of
+    the same values."""
+    pytest.importorskip("ml_dtypes")
+    code = textwrap.dedent(
+        """
+        import sys
+        import numpy as np
+        import fastxent
+        assert "ml_dtypes" not in sys.modules, "import fastxent imported ml_dtypes"
+        import ml_dtypes
+        x = (np.arange(60, dtype=np.float32).reshape(6, 10) / 7).astype(ml_dtypes.bfloat16)
+        y = np.arange(6) % 10
+        got = fastxent.cross_entropy(x, y, reduction="none")
+        want = fastxent.cross_entropy(x.astype(np.float32), y, reduction="none")
+        assert got.dtype == np.float32, got.dtype
+        assert np.array_equal(got, want), (got, want)
+        lsm = fastxent.log_softmax(x)
+        assert lsm.dtype == x.dtype, lsm.dtype
+        print("ok")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"

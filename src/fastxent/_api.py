@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import sys
 
 import numpy as np
 
@@ -89,19 +90,18 @@ def get_num_threads():
 # dtypes and layout
 # --------------------------------------------------------------------------
 
-_UPCAST_16 = {np.dtype(np.float16)}
-try:  # bfloat16 is optional
-    import ml_dtypes as _ml_dtypes
-
-    _UPCAST_16.add(np.dtype(_ml_dtypes.bfloat16))
-except ImportError:  # pragma: no cover - depends on the environment
-    _ml_dtypes = None  # type: ignore[assignment]
+def _is_bfloat16(dt):
+    """Whether dt is ml_dtypes' bfloat16, told without importing ml_dtypes
+    (half a second of ``import fastxent``): an array of that dtype means the
+    caller has imported it already."""
+    if dt.kind != "V" or dt.name != "bfloat16":
+        return False
+    ml = sys.modules.get("ml_dtypes")
+    return ml is not None and dt == np.dtype(ml.bfloat16)
 
 
 def _compute_dtype(dt, name):
     """(compute dtype, result dtype for arrays shaped like the input)."""
-    if dt in _UPCAST_16:
-        return np.dtype(np.float32), dt
     if dt.kind == "f":
         if dt.itemsize == 2:
             return np.dtype(np.float32), np.dtype(np.float16)
@@ -110,6 +110,8 @@ def _compute_dtype(dt, name):
         return np.dtype(np.float64), np.dtype(np.float64)
     if dt.kind in "iub":
         return np.dtype(np.float64), np.dtype(np.float64)
+    if _is_bfloat16(dt):
+        return np.dtype(np.float32), dt
     raise TypeError(f"{name} must have a real numeric dtype, got {dt}")
 
 
@@ -143,7 +145,7 @@ def _storage_code(dt):
     """The kernels' 16-bit storage code for dt, or -1."""
     if dt == np.float16:
         return _CODE_F16
-    if _ml_dtypes is not None and dt == np.dtype(_ml_dtypes.bfloat16):
+    if _is_bfloat16(dt):
         return _CODE_BF16
     return -1
 
@@ -374,7 +376,7 @@ def _grad_output(grad_output, reduction, shape, what):
         g = np.asarray(grad_output)
     except Exception as exc:  # ragged sequences and the like
         raise TypeError(f"grad_output must be a real number or array, got {grad_output!r}") from exc
-    if g.dtype.kind not in "biuf" and g.dtype not in _UPCAST_16:
+    if g.dtype.kind not in "biuf" and not _is_bfloat16(g.dtype):
         raise TypeError(f"grad_output must be a real number or array, got dtype {g.dtype} "
                         f"({'complex' if g.dtype.kind == 'c' else 'not numeric'})")
     if g.ndim == 0:
@@ -429,7 +431,7 @@ def _cross_entropy(logits, labels, axis, weight, ignore_index, reduction, label_
                 denom = float(np.count_nonzero(counted))
             else:
                 denom = float(np.sum(w[labels64[counted]], dtype=np.float64))
-    elif lab.dtype.kind == "f" or lab.dtype in _UPCAST_16:
+    elif lab.dtype.kind == "f" or _is_bfloat16(lab.dtype):
         soft = True
         if lab.shape != inp.array.shape:
             raise ValueError(f"floating labels are class probabilities and must have the shape "
@@ -604,7 +606,7 @@ def _kl_div(logits, target, axis, target_kind, reduction, temperature, base, num
     scale = _log_base_scale(base)
     nt = _check_threads(num_threads)
     tgt = np.asarray(target)
-    if tgt.dtype.kind not in "f" and tgt.dtype not in _UPCAST_16:
+    if tgt.dtype.kind not in "f" and not _is_bfloat16(tgt.dtype):
         if tgt.dtype.kind in "iub":
             tgt = tgt.astype(inp.dtype)
         else:

@@ -60,7 +60,7 @@ def _jsd(student_logits, teacher_logits, beta, temperature, target_kind, labels,
     g = rows_out = grad_rows = None
     if want_grad:
         g = np.asarray(grad_output)
-        if g.dtype.kind not in "biuf" and g.dtype not in _api._UPCAST_16:
+        if g.dtype.kind not in "biuf" and not _api._is_bfloat16(g.dtype):
             raise TypeError(f"grad_output must be a real number or array, got dtype {g.dtype}")
         if g.ndim and reduction != "none":
             raise ValueError(f"grad_output must be a scalar for reduction={reduction!r}, "

@@ -209,7 +209,7 @@ def cross_entropy_options(logits, labels, axis, weight, ignore_index, reduction,
         counted = labels64 != ii
     else:
         labels64, target = None, None
-        if lab.dtype.kind == "f" or lab.dtype in _api._UPCAST_16:
+        if lab.dtype.kind == "f" or _api._is_bfloat16(lab.dtype):
             if lab.shape != inp.array.shape:
                 raise ValueError(f"floating labels are class probabilities and must have the "
                                  f"shape of logits {inp.array.shape}, got {lab.shape}")
