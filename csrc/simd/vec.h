@@ -7,7 +7,9 @@
  * arithmetic of every lane is the same, and so is the order in which lanes
  * are combined. That is what makes every ISA build give bitwise-identical
  * results: the width of the hardware never changes the summation order.
- * (The build also turns off floating-point contraction for the same reason.)
+ * (The build also turns off floating-point contraction for the same reason;
+ * fused operations are written out with fx_fma_f32, which every ISA rounds
+ * the same.)
  *
  * Loads and stores go through memcpy so that no alignment is assumed.
  */
@@ -531,6 +533,60 @@ FX_INLINE fx_vf32 fx_vmax_f32(fx_vf32 a, fx_vf32 b)
 FX_INLINE fx_vf64 fx_vmax_f64(fx_vf64 a, fx_vf64 b)
 {
     return fx_acc_get_f64(fx_acc_max_f64(fx_acc_init_f64(a), b));
+}
+
+/* a * b + c rounded once, lane by lane: the same bits on every ISA, which
+   contraction (left to the compiler, and off in the build) would not give.
+   AVX2 and AVX-512 have the instruction. x86 without FMA forms it exactly
+   from doubles: a * b is exact in a double (24 + 24 bits), and rounding
+   a * b + c to double and then to float rounds once unless the double
+   lands exactly halfway between two floats after an inexact addition,
+   which goes to the C library's fmaf. (A float result in the subnormal
+   range could need a wider test; the exp's fused operations there are
+   exact, see expm.h.) Elsewhere the compiler's fmaf per lane is the
+   hardware's. */
+#if !defined(__FMA__) && (defined(__x86_64__) || defined(__i386__))
+/* Out of line: inlined into every exp, it made the baseline build's
+   kernels many times larger. */
+static __attribute__((noinline, unused)) fx_vf32 fx_fma_f32_emul(fx_vf32 a, fx_vf32 b, fx_vf32 c)
+{
+    enum { H = (int)(FX_VBYTES / sizeof(double)) };
+    fx_vf32 r;
+    int hard = 0;
+    for (int h = 0; h < 2; h++) {
+        fx_vf64 A, B, C;
+        for (int j = 0; j < H; j++) {
+            A[j] = a[h * H + j];
+            B[j] = b[h * H + j];
+            C[j] = c[h * H + j];
+        }
+        const fx_vf64 P = A * B, S = P + C;
+        const fx_vu64 u = (fx_vu64)S;
+        const fx_vi64 mid = (fx_vi64)((u & 0x1fffffffull) == 0x10000000ull);
+        const fx_vi64 exact = (S - P == C) & (S - C == P);
+        hard |= fx_any_f64(mid & ~exact);
+        for (int j = 0; j < H; j++) r[h * H + j] = (float)S[j];
+    }
+    if (__builtin_expect(hard, 0))
+        for (int j = 0; j < (int)(FX_VBYTES / sizeof(float)); j++) r[j] = fmaf(a[j], b[j], c[j]);
+    return r;
+}
+#endif
+FX_INLINE fx_vf32 fx_fma_f32(fx_vf32 a, fx_vf32 b, fx_vf32 c)
+{
+#if defined(__AVX512F__)
+    return (fx_vf32)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__) && defined(__AVX__)
+    union { fx_vf32 v; __m256 h[FX_NPARTS]; } ua = {a}, ub = {b}, uc = {c}, r;
+    for (int k = 0; k < FX_NPARTS; k++) r.h[k] = _mm256_fmadd_ps(ua.h[k], ub.h[k], uc.h[k]);
+    return r.v;
+#elif defined(__x86_64__) || defined(__i386__)
+    return fx_fma_f32_emul(a, b, c);
+#else
+    fx_vf32 r;
+    for (int j = 0; j < (int)(FX_VBYTES / sizeof(float)); j++) r[j] = __builtin_fmaf(a[j], b[j], c[j]);
+    return r;
+#endif
 }
 
 #endif
