@@ -64,7 +64,7 @@ FX_INLINE fx_vf32 fx_expm_f32(fx_vf32 x)
 {
     const float cutoff = -87.33654475f; /* ln(FLT_MIN) */
     /* Lanes below the cutoff are computed at 0 and zeroed at the end: n
-       stays in [-126, 0], so the exponent bits are valid, and no
+       stays in [-126, 23] (x <= 16), so the exponent bits are valid, and no
        intermediate is subnormal (clamping to the cutoff instead made
        s * r subnormal, and exp of -inf or -100 ran 2.5x slower on Zen 3:
        padding lanes, masked logits). NaN compares false and stays NaN. */
@@ -82,9 +82,10 @@ FX_INLINE fx_vf32 fx_expm_f32(fx_vf32 x)
     /* 2^n: the low bits of t hold n; adding the bias and shifting keeps the
        low 9 bits, (n + 127) mod 512, which is the exponent field. */
     const fx_vf32 s = (fx_vf32)(((fx_vu32)t + 127u) << 23);
-    /* s (1 + p) rounded once: s p is exact, and so is the sum where the
-       result is subnormal (2^n (1 + p) needs 26 bits), so no double
-       rounding reaches fx_fma_f32's emulation there. */
+    /* s (1 + p) rounded once. A subnormal result (n = -126, x at the
+       cutoff) is inexact as a float, but s p + s is exact as a double
+       (1 + p needs 43 bits there), which is all fx_fma_f32's emulation
+       needs to round it once. */
     const fx_vf32 e = fx_fma_f32(s, p, s);
 #if defined(__AVX512F__)
     return (fx_vf32)_mm512_maskz_mov_ps(keep, (__m512)e);

@@ -542,8 +542,10 @@ FX_INLINE fx_vf64 fx_vmax_f64(fx_vf64 a, fx_vf64 b)
    a * b + c to double and then to float rounds once unless the double
    lands exactly halfway between two floats after an inexact addition,
    which goes to the C library's fmaf. (A float result in the subnormal
-   range could need a wider test; the exp's fused operations there are
-   exact, see expm.h.) Elsewhere the compiler's fmaf per lane is the
+   range rounds at a higher bit, which the halfway test does not see: it
+   is exact only where the double sum is, as for the exp's one such case,
+   see expm.h. A new caller with inexact subnormal results needs a wider
+   test.) Elsewhere the compiler's fmaf per lane is the
    hardware's. */
 #if !defined(__FMA__) && (defined(__x86_64__) || defined(__i386__))
 /* Out of line: inlined into every exp, it made the baseline build's

@@ -66,7 +66,7 @@ def check_sample_weight(sample_weight, batch_shape):
     if sample_weight is None:
         return None
     sw = np.asarray(sample_weight)
-    if sw.dtype.kind not in "biuf" and sw.dtype.name != "bfloat16":
+    if sw.dtype.kind not in "biuf" and not _api._is_bfloat16(sw.dtype):
         raise TypeError(f"sample_weight must have a real numeric dtype, got {sw.dtype}")
     if sw.shape != tuple(batch_shape):
         raise ValueError(f"sample_weight must have the batch shape {tuple(batch_shape)} "
@@ -99,7 +99,7 @@ def denominators(counted, class_of_row, weight, sw, n_valid):
 def row_factors(reduction, grad_output, n, sw, ce_den, z_den, batch_shape):
     """Per-row factors (ce, z) of d(loss)/d(row part), float64 arrays of length n."""
     g = np.asarray(grad_output)
-    if g.dtype.kind not in "biuf" and g.dtype.name != "bfloat16":
+    if g.dtype.kind not in "biuf" and not _api._is_bfloat16(g.dtype):
         raise TypeError(f"grad_output must be a real number or array, got dtype {g.dtype}")
     g = g.astype(np.float64)
     if g.ndim != 0:
