@@ -35,9 +35,10 @@ WIDE_WIDTHS = (1000, 50257)
 FLOAT_DTYPES = (np.float32, np.float64)
 THREADS = (1, 2, None)
 OUT_KINDS = ("none", "prealloc", "inplace")
-# The small-row path's edges (48: float64 and log_softmax; 63: float32)
-# and its 8-column tiles; the row kernels' row pairs (up to 1 KiB a row).
-EDGE_WIDTHS = (23, 24, 31, 32, 47, 48, 49, 56, 63, 64, 129, 256)
+# The small-row path's edges (48: float64 and log_softmax; 63: float32),
+# its 8-column tiles and the gathers of a row's last 1-4 columns (4-20);
+# the row kernels' row pairs (up to 1 KiB a row).
+EDGE_WIDTHS = (4, 10, 12, 20, 23, 24, 31, 32, 47, 48, 49, 56, 63, 64, 129, 256)
 
 # Memory layouts of the logits.  All but "class_first" and "axis1_3d" keep the
 # class axis last (axis=-1) and differ in their strides.

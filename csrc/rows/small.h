@@ -58,6 +58,12 @@ FX_INLINE void NM(small_load)(const XT *x, int64_t ld, int64_t nr, int64_t n, T 
            before it: plain loads and stores, not masked ones (AMD's masked
            stores are slow), and what is written twice is the same value. */
         for (int64_t c = 0; c < n; c += 8) {
+#if defined(__AVX512F__)
+            if (n - c <= 4 && fx_tile_by_lanes(lds)) {
+                fx_tile_gather16(xs + c, lds, n - c, buf + c * VL);
+                break;
+            }
+#endif
             const int64_t c8 = n - c < 8 && n >= 8 ? n - 8 : c;
             fx_tile_load16(xs + c8, lds, n - c8 < 8 ? n - c8 : 8, buf + c8 * VL);
         }
@@ -83,6 +89,12 @@ FX_INLINE void NM(small_store)(const T *buf, int64_t nr, int64_t n, XT *out, int
 #if FX_HAVE_TILE && VL == 16
     if (nr == VL) {
         for (int64_t c = 0; c < n; c += 8) {
+#if defined(__AVX512F__)
+            if (n - c <= 4 && fx_tile_by_lanes(lds)) {
+                fx_tile_scatter16(buf + c * VL, n - c, os + c, lds);
+                break;
+            }
+#endif
             const int64_t c8 = n - c < 8 && n >= 8 ? n - 8 : c;
             fx_tile_store16(buf + c8 * VL, n - c8 < 8 ? n - c8 : 8, os + c8, lds);
         }
