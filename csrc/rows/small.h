@@ -59,7 +59,7 @@ FX_INLINE void NM(small_load)(const XT *x, int64_t ld, int64_t nr, int64_t n, T 
            stores are slow), and what is written twice is the same value. */
         for (int64_t c = 0; c < n; c += 8) {
 #if defined(__AVX512F__)
-            if (n - c <= 4 && fx_tile_by_lanes(lds)) {
+            if (c > 0 && n - c <= 4 && fx_tile_by_lanes(lds)) {
                 fx_tile_gather16(xs + c, lds, n - c, buf + c * VL);
                 break;
             }
@@ -90,7 +90,7 @@ FX_INLINE void NM(small_store)(const T *buf, int64_t nr, int64_t n, XT *out, int
     if (nr == VL) {
         for (int64_t c = 0; c < n; c += 8) {
 #if defined(__AVX512F__)
-            if (n - c <= 4 && fx_tile_by_lanes(lds)) {
+            if (c > 0 && n - c <= 2 && fx_tile_by_lanes(lds)) {
                 fx_tile_scatter16(buf + c * VL, n - c, os + c, lds);
                 break;
             }

@@ -66,9 +66,11 @@ FX_INLINE void fx_tile_rows(const float *x, int64_t ld, int h, int64_t k, __m256
 
 #if defined(__AVX512F__)
 /* Columns [0, k) of 16 rows ld apart, one gather (load) or scatter
-   (store) per column: for the last few columns of a row (k <= 4: rows of
-   1-4, 9-12, 17-20 ... classes), which a tile would transpose eight
-   columns wide. The gathers run on the load ports, beside the exps'
+   (store) per column: for the last few columns of a row of 9 classes or
+   more (loads k <= 4: rows of 9-12, 17-20 ... classes; stores k <= 2,
+   three or four scatters cost more than a tile), which a tile would
+   transpose eight columns wide. Rows of up to 4 classes keep their one
+   tile: by gathers, log_softmax took 1.1-1.25x the time there. The gathers run on the load ports, beside the exps'
    arithmetic, where a tile's shuffles take the port the 512-bit
    arithmetic also uses: on an Intel Xeon (float32, one thread) 65536 x 10
    cross entropy took 0.81x the time, its gradient, softmax and
