@@ -105,20 +105,44 @@ FX_INLINE void fx_tile_scatter16(const float *buf, int64_t k, float *out, int64_
 /* 16 rows, columns [0, k) of x into buf (column c at buf + c*16). */
 FX_INLINE void fx_tile_load16(const float *x, int64_t ld, int64_t k, float *buf)
 {
+#if defined(__AVX512F__)
+    /* Rows j and j + 8 in the halves of one register: each 512-bit
+       shuffle transposes both 8x8 halves at once, and column c comes out
+       whole, as buf holds it (half the shuffles of two 256-bit tiles and
+       one 64-byte store per column, from which the kernels' 64-byte
+       loads of it forward). */
+    __m512 r[8];
+    const __m256i m = fx_tile_mask(k);
+    for (int j = 0; j < 8; j++) {
+        const __m256 a = k == 8 ? _mm256_loadu_ps(x + j * ld) : _mm256_maskload_ps(x + j * ld, m);
+        const __m256 b = k == 8 ? _mm256_loadu_ps(x + (j + 8) * ld)
+                                : _mm256_maskload_ps(x + (j + 8) * ld, m);
+        r[j] = _mm512_insertf32x8(_mm512_castps256_ps512(a), b, 1);
+    }
+    const __m512 t0 = _mm512_unpacklo_ps(r[0], r[1]), t1 = _mm512_unpackhi_ps(r[0], r[1]);
+    const __m512 t2 = _mm512_unpacklo_ps(r[2], r[3]), t3 = _mm512_unpackhi_ps(r[2], r[3]);
+    const __m512 t4 = _mm512_unpacklo_ps(r[4], r[5]), t5 = _mm512_unpackhi_ps(r[4], r[5]);
+    const __m512 t6 = _mm512_unpacklo_ps(r[6], r[7]), t7 = _mm512_unpackhi_ps(r[6], r[7]);
+    const __m512 u[8] = {_mm512_shuffle_ps(t0, t2, 0x44), _mm512_shuffle_ps(t0, t2, 0xEE),
+                         _mm512_shuffle_ps(t1, t3, 0x44), _mm512_shuffle_ps(t1, t3, 0xEE),
+                         _mm512_shuffle_ps(t4, t6, 0x44), _mm512_shuffle_ps(t4, t6, 0xEE),
+                         _mm512_shuffle_ps(t5, t7, 0x44), _mm512_shuffle_ps(t5, t7, 0xEE)};
+    /* The 128-bit quarters: column c < 4 takes the low quarter of each
+       half of u[c] and u[c + 4], column c + 4 the high ones. */
+    const __m512i qlo = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+    const __m512i qhi = _mm512_setr_epi32(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int64_t c = 0; c < k; c++)
+        _mm512_storeu_ps(buf + 16 * c,
+                         _mm512_permutex2var_ps(u[c & 3], c < 4 ? qlo : qhi, u[(c & 3) + 4]));
+#else
     __m256 lo[8], hi[8];
     fx_tile_rows(x, ld, 0, k, lo);
     fx_tile_rows(x, ld, 1, k, hi);
     for (int64_t c = 0; c < k; c++) {
-#if defined(__AVX512F__)
-        /* One 64-byte store per column: the kernels' 64-byte loads of it
-           then forward from a single store. */
-        _mm512_storeu_ps(buf + 16 * c,
-                         _mm512_insertf32x8(_mm512_castps256_ps512(lo[c]), hi[c], 1));
-#else
         _mm256_storeu_ps(buf + 16 * c, lo[c]);
         _mm256_storeu_ps(buf + 16 * c + 8, hi[c]);
-#endif
     }
+#endif
 }
 
 /* The inverse: columns [0, k) of buf into 16 rows of out (row j at
