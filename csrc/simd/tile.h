@@ -12,6 +12,11 @@
  * width the kernels load it with. Transposition is exact, so the results
  * are bitwise those of the scalar copy.
  *
+ * On AVX-512 a tile's two 8-row halves share registers, and a row's last
+ * few columns go by gathers and scatters (fx_tile_gather16): both keep
+ * the transposes off the shuffle port, which the exp's 512-bit
+ * arithmetic also needs.
+ *
  * AVX2 and AVX-512 builds only (FX_HAVE_TILE); the baseline build keeps
  * the scalar copy.
  */
