@@ -341,22 +341,27 @@ def test_integer_label_dtypes(label_dtype, dtype, rng):
 @pytest.mark.parametrize(
     "label_dtype,ignore_index",
     [(np.int8, -1), (np.uint8, 255), (np.int16, 1000), (np.uint16, 65535),
-     (np.int32, -7), (np.uint32, 2**32 - 1), (np.int64, 2**40), (np.uint64, 2**40)],
+     (np.int32, -7), (np.uint32, 2**32 - 1), (np.int64, 2**40), (np.uint64, 2**40),
+     (np.int64, 2**32 + 3)],  # 3 in its low 32 bits: a class
 )
-def test_ignore_index_with_label_dtypes(label_dtype, ignore_index, rng):
-    C = 7
-    x = random_logits(rng, (30, C), np.float64)
-    y = rng.integers(0, C, 30).astype(label_dtype)
-    y[::4] = ignore_index
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_ignore_index_with_label_dtypes(label_dtype, ignore_index, dtype, isa, rng):
+    # 48 rows: ignored rows in the first 16-row group of the small-row
+    # path only, so the other two take its plain-group path.
+    C, N = 7, 48
+    x = random_logits(rng, (N, C), dtype)
+    y = rng.integers(0, C, N).astype(label_dtype)
+    y[16:] = np.arange(N - 16) % C  # every class, 3 among them
+    y[:16:4] = ignore_index
     y_obj = [int(v) for v in y]  # exact integer values
     kept = np.array([v != ignore_index for v in y_obj])
     y_ref = np.where(kept, y.astype(np.int64, casting="unsafe"), -100)
     for reduction in ("mean", "sum", "none"):
         got = fastxent.cross_entropy(x, y, ignore_index=ignore_index, reduction=reduction)
-        assert_close(got, ref.cross_entropy(x, y_ref, reduction=reduction), np.float64)
+        assert_close(got, ref.cross_entropy(x, y_ref, reduction=reduction), dtype)
     loss, grad = fastxent.cross_entropy_with_grad(x, y, ignore_index=ignore_index)
     assert np.all(grad[~kept] == 0)
-    assert_close(grad, ref.cross_entropy_with_grad(x, y_ref)[1], np.float64, scale=1 / 30)
+    assert_close(grad, ref.cross_entropy_with_grad(x, y_ref)[1], dtype, scale=1 / N)
 
 
 def test_uint8_label_equal_to_wrapped_ignore_index_is_a_class(rng):

@@ -277,11 +277,21 @@ FX_DEFINE_CMP(i64, fx_vi64, fx_vi64, fx_ni64, fx_ni64, sm_eq, ==)
 FX_INLINE int NM(group_labels)(const int64_t *lab, int64_t ig, VI *lv)
 {
     typedef int64_t l64 __attribute__((vector_size(VL * 8)));
-    int bad = 0;
-    for (int j = 0; j < VL; j++) bad |= lab[j] == ig;
     l64 l;
     memcpy(&l, lab, sizeof l);
     *lv = __builtin_convertvector(l, VI);
+#if defined(__AVX512F__) && VL == 16
+    /* One compare of the int32 lanes (GCC made the loop below 16 scalar
+       compares): a lane is ig exactly when its label is, labels being in
+       [0, n) or ig, if ig fits. */
+    if (ig == (int32_t)ig) {
+        __m512i v;
+        memcpy(&v, lv, sizeof v);
+        return !_mm512_cmpeq_epi32_mask(v, _mm512_set1_epi32((int32_t)ig));
+    }
+#endif
+    int bad = 0;
+    for (int j = 0; j < VL; j++) bad |= lab[j] == ig;
     return !bad;
 }
 
@@ -305,6 +315,21 @@ FX_INLINE VI NM(label_is)(VI lv, int64_t c)
 #define SMALL_SELECT 16
 FX_INLINE V NM(group_xy)(const T *buf, int64_t n, VI lv)
 {
+#if defined(__AVX512F__) && VL == 16
+    /* One gather from the group's buffer (lane j's at lv[j] * VL + j) in
+       place of n compares and selects. */
+    if (sizeof(T) == 4) {
+        __m512i v;
+        memcpy(&v, &lv, sizeof v);
+        const __m512i idx = _mm512_add_epi32(
+            _mm512_slli_epi32(v, 4),
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+        const __m512 g = _mm512_i32gather_ps(idx, (const float *)buf, 4);
+        V r;
+        memcpy(&r, &g, sizeof r);
+        return r;
+    }
+#endif
     /* The running value is an accumulator (see FX_DEFINE_ACC), and the
        max of one value and -infs is that value, bit for bit (-0 too). */
     if (n > SMALL_SELECT) {
