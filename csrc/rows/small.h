@@ -258,7 +258,15 @@ FX_INLINE void NM(store_w)(double *p, VW v)
    so one tree sum tells. */
 FX_INLINE int NM(finite_group)(V m, VW sv)
 {
-    return !isnan(HSUM((m - m) + __builtin_convertvector(sv, V)));
+    const V t = (m - m) + __builtin_convertvector(sv, V);
+#if defined(__AVX512F__) && VL == 16
+    if (sizeof(T) == 4) { /* one compare to a mask, not a tree */
+        __m512 v;
+        memcpy(&v, &t, sizeof v);
+        return !_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    }
+#endif
+    return !isnan(HSUM(t));
 }
 
 /* Lanewise integer equality by native parts (vec.h's fx_lt/fx_eq rule:
