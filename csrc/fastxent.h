@@ -229,11 +229,22 @@ int fx_openmp_enabled(void);
 int fx_max_threads(void);             /* omp_get_max_threads(), 1 without OpenMP */
 void fx_set_omp_threads(int n);
 void fx_run(int op, int dtype, const fx_job *job, int num_threads);
+/* fx_run for a job whose labels are unchecked and whose only outputs are
+   row values (row_out): each block of rows checked just before it runs and
+   its values summed just after. Returns -1 with *counted as
+   fx_check_labels gives it and *total = fx_sum_f64(row_out, n_rows), or
+   the first bad label's row (the row values then partly written). */
+int64_t fx_run_labelled(int op, int dtype, const fx_job *job, int num_threads, int64_t *counted,
+                        double *total);
 /* Whether (op, dtype) names a kernel: every op has one for every dtype. */
 int fx_has_kernel(int op, int dtype);
 
 /* Batch reductions and label checks (reduce.c). */
+/* The fixed-order sum of n per-row values: blocks of FX_SUM_BLOCK, each
+   summed by fx_sum_block_f64, the block sums added in order. */
+#define FX_SUM_BLOCK 512
 double fx_sum_f64(const double *v, int64_t n);
+double fx_sum_block_f64(const double *v, int64_t n);
 /* Index of the first label outside [0, n_cols) that is not ignore_index, or
    -1 with *counted = the number of labels that are not ignore_index. */
 int64_t fx_check_labels(const int64_t *labels, int64_t n, int64_t n_cols, int64_t ignore_index,

@@ -242,3 +242,93 @@ void fx_run(int op, int dtype, const fx_job *job, int num_threads)
     fn(job, 0, n);
 #endif
 }
+
+/* Rows [r0, r1) of a labelled job by the blocks of FX_SUM_BLOCK rows (or
+   the parts of them) in the range: each one's labels checked before it
+   runs (4 KiB at most, from L1), a whole block's row values summed after
+   (from L1) into sums[block]. A bad label stops the range: *bad takes the
+   smallest bad row found (each range stops at its own first, so the
+   smallest is the job's first); *counted gains the range's unignored
+   labels. */
+static void fx_labelled_range(fx_rows_fn fn, const fx_job *job, int64_t r0, int64_t r1,
+                              double *sums, int64_t *bad, int64_t *counted)
+{
+    const int64_t *lab = job->labels, n = job->n_rows;
+    int64_t k = 0;
+    for (int64_t b0 = r0, b1; b0 < r1; b0 = b1) {
+        const int64_t blk = b0 / FX_SUM_BLOCK, end = (blk + 1) * FX_SUM_BLOCK;
+        b1 = end < r1 ? end : r1;
+        int64_t c = 0;
+        const int64_t e = fx_active->check_labels(lab + b0, b1 - b0, job->n_cols,
+                                                  job->ignore_index, &c);
+        if (e >= 0) {
+            int64_t cur = __atomic_load_n(bad, __ATOMIC_RELAXED);
+            while (b0 + e < cur &&
+                   !__atomic_compare_exchange_n(bad, &cur, b0 + e, 0, __ATOMIC_RELAXED,
+                                                __ATOMIC_RELAXED)) {
+            }
+            return;
+        }
+        k += c;
+        fn(job, b0, b1);
+        if (b0 == blk * FX_SUM_BLOCK && b1 == (end < n ? end : n))
+            sums[blk] = fx_sum_block_f64(job->row_out + b0, b1 - b0);
+    }
+    __atomic_fetch_add(counted, k, __ATOMIC_RELAXED);
+}
+
+int64_t fx_run_labelled(int op, int dtype, const fx_job *job, int num_threads, int64_t *counted,
+                        double *total)
+{
+    const fx_rows_fn fn = fx_active->fn[op][dtype];
+    const int64_t n = job->n_rows, nb = (n + FX_SUM_BLOCK - 1) / FX_SUM_BLOCK;
+    const int64_t work = n * (job->n_cols > 0 ? job->n_cols : 1);
+    int64_t bad = INT64_MAX, k = 0;
+    *counted = 0;
+    *total = 0.0;
+    double *sums = NULL;
+    if (n >= num_threads || num_threads == 1) sums = malloc((size_t)nb * sizeof(double));
+    if (!sums) { /* rows fx_run may split, or no memory: the plain order */
+        const int64_t e = fx_check_labels(job->labels, n, job->n_cols, job->ignore_index, counted);
+        if (e >= 0) return e;
+        fx_run(op, dtype, job, num_threads);
+        *total = fx_sum_f64(job->row_out, n);
+        return -1;
+    }
+    int64_t nt = num_threads;
+    if (nt > n) nt = n;
+    if (nt > 1 + work / FX_GRAIN) nt = 1 + work / FX_GRAIN;
+    if (nt <= 1) {
+        fx_labelled_range(fn, job, 0, n, sums, &bad, &k);
+    } else {
+#ifdef _OPENMP
+        int64_t used = 1;
+#pragma omp parallel num_threads((int)nt)
+        {
+            FX_TEAM(t, team);
+            if (t == 0) used = team;
+            const int64_t r0 = n * t / team, r1 = n * (t + 1) / team;
+            if (r0 < r1) fx_labelled_range(fn, job, r0, r1, sums, &bad, &k);
+        }
+        /* The blocks that two ranges share, from wherever they are now
+           (at most one per thread). */
+        if (bad == INT64_MAX)
+            for (int64_t t = 1; t < used; t++) {
+                const int64_t r = n * t / used, blk = r / FX_SUM_BLOCK, b0 = blk * FX_SUM_BLOCK;
+                if (r != b0)
+                    sums[blk] = fx_sum_block_f64(job->row_out + b0,
+                                                 n - b0 < FX_SUM_BLOCK ? n - b0 : FX_SUM_BLOCK);
+            }
+#else
+        fx_labelled_range(fn, job, 0, n, sums, &bad, &k);
+#endif
+    }
+    if (bad == INT64_MAX) {
+        double s = 0.0;
+        for (int64_t b = 0; b < nb; b++) s += sums[b];
+        *total = s;
+        *counted = k;
+    }
+    free(sums);
+    return bad == INT64_MAX ? -1 : bad;
+}

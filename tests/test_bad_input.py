@@ -202,6 +202,35 @@ def test_first_bad_label_in_a_long_batch_on_every_isa(pos):
         expect(ValueError, lambda: fastxent.cross_entropy(x, bad), "label", str(C + 3), f"({pos},)")
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("positions", [(35000,), (5, 35000), (34999, 35000), (511, 512),
+                                       (69999,), (0, 69999)])
+def test_first_bad_label_in_threads_and_blocks(positions, dtype, threads):
+    """The loss alone checks each block of labels as its rows run, on every
+    thread: the error names the job's first bad label wherever the blocks
+    and the threads' ranges fall, and the mean counts the unignored rows."""
+    rng = np.random.default_rng(len(positions))
+    n = 70000
+    x = rng.standard_normal((n, C)).astype(dtype)
+    lab = rng.integers(0, C, n)
+    lab[::5] = -100
+    want = np.mean(reference.cross_entropy(x, lab, reduction="none")[lab != -100])
+    got = fastxent.cross_entropy(x, lab, num_threads=threads)
+    np.testing.assert_allclose(got, want, rtol=1e-5 if dtype == np.float32 else 1e-12)
+    # The blocks' sums (some shared by two threads' ranges) give the bits
+    # of one thread, and of the gradient's call, which sums after the rows.
+    assert got == fastxent.cross_entropy(x, lab, num_threads=1)
+    assert got == fastxent.cross_entropy_with_grad(x, lab, num_threads=threads)[0]
+    bad = lab.copy()
+    for p in positions:
+        bad[p] = C + p
+    for isa in each_isa():
+        expect(ValueError, lambda: fastxent.cross_entropy(x, bad, num_threads=threads), "label",
+               str(C + positions[0]), f"({positions[0]},)")
+        assert fastxent.cross_entropy(x, lab, num_threads=threads) == got, isa
+
+
 @pytest.mark.parametrize("name", CE)
 def test_label_position_in_a_multidimensional_batch(name):
     x = _x((2, C, 3))

@@ -612,6 +612,20 @@ def test_mean_fast_path_matches_torch(monkeypatch, dtype):
         ft.cross_entropy(x, torch.full((37,), 19))
 
 
+def test_mean_fast_path_checks_labels_block_by_block():
+    """Without a gradient, a batch past the tiny size checks its labels as
+    its rows run: the loss and the first bad label are as everywhere else."""
+    x = torch.randn(3000, 19, generator=gen(7))
+    y = torch.randint(0, 19, (3000,), generator=gen(8))
+    y[::3] = -100
+    with torch.no_grad():
+        close(ft.cross_entropy(x, y), F.cross_entropy(x.double(), y), torch.float32, what="loss")
+        y[2500] = 19
+        y[2900] = -3
+        with pytest.raises(ValueError, match=r"label 19 at position \(2500,\)"):
+            ft.cross_entropy(x, y)
+
+
 def test_gradient_buffers_reused_only_when_free():
     """Large gradients come from a cached buffer, but never from one that a
     tensor still uses (a held .grad), and a reused buffer holds new values."""

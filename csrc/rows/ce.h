@@ -296,6 +296,12 @@ static __attribute__((noinline)) void NM(ce_hard_small)(const fx_job *job, int64
             for (; r + 2 * VL <= r1; r += 2 * VL) {
                 const XT *x = (const XT *)job->x + r * job->x_ld;
                 XT *out = job->out ? (XT *)job->out + r * job->out_ld : NULL;
+                /* The labels a block ahead, for fx_run_labelled's check of
+                   the next block: spread over the groups, where a burst
+                   of prefetches before the block waited for line buffers. */
+                if (r + FX_SUM_BLOCK + 2 * VL <= job->n_rows)
+                    for (int k = 0; k < 2 * VL; k += 8)
+                        __builtin_prefetch(job->labels + r + FX_SUM_BLOCK + k, 0, 3);
                 NM(small_load)(x, job->x_ld, VL, n, ba);
                 NM(small_load)(x + VL * job->x_ld, job->x_ld, VL, n, bb);
                 VW sa, sb;

@@ -109,6 +109,8 @@ cdef extern from "fastxent.h" nogil:
     int fx_max_threads()
     void fx_set_omp_threads(int n)
     void fx_run(int op, int dtype, const fx_job *job, int num_threads)
+    int64_t fx_run_labelled(int op, int dtype, const fx_job *job, int num_threads,
+                            int64_t *counted, double *total)
     void fx_expm_f32_array(const float *x, float *y, int64_t n)
     void fx_expm_f64_array(const double *x, double *y, int64_t n)
     void fx_tanh_f32_array(const float *x, float *y, int64_t n)
@@ -434,6 +436,25 @@ cdef object _execute(int op, int dt, fx_job *job, int nt, int red, double denom,
     return _loss(total, red, denom, scale, dt)
 
 
+cdef object _ce_mean_labelled(fx_job *job, int dt, int nt):
+    """The mean cross entropy of a job whose labels are unchecked: each block
+    of labels is checked as its rows run (fx_run_labelled), so they are read
+    from memory once, behind the arithmetic; a bad label raises as
+    fx_check_labels's would."""
+    cdef int64_t n = job.n_rows, counted = 0, bad
+    cdef double total = 0.0
+    job.row_out = <double *>malloc(n * sizeof(double))
+    if job.row_out == NULL:
+        raise MemoryError()
+    with nogil:
+        bad = fx_run_labelled(FX_CE_HARD, dt, job, nt, &counted, &total)
+    free(job.row_out)
+    job.row_out = NULL
+    if bad >= 0:
+        raise label_error(job.labels[bad], (bad,), job.n_cols, job.ignore_index)
+    return _loss(total, _MEAN, <double>counted, 1.0, dt)
+
+
 def run(int op, cnp.ndarray x not None, *, num_threads=None, int xdtype=-1,
         cnp.ndarray labels=None, int64_t ignore_index=0,
         cnp.ndarray target=None, cnp.ndarray weight=None, double w_sum=0.0,
@@ -705,10 +726,12 @@ def cross_entropy_common(x, labels, axis, weight, ignore_index, reduction, label
     cdef int dt = _set_x(&job, xa, -1, &cnum)
     cdef int64_t counted = 0
     _set_labels(&job, la, ii)
+    job.w_sum = <double>job.n_cols
+    if not want_grad and job.n_rows * job.n_cols > _TINY_ELEMENTS:
+        return _ce_mean_labelled(&job, dt, _threads(num_threads))
     cdef int64_t bad = fx_check_labels(job.labels, job.n_rows, job.n_cols, ii, &counted)
     if bad >= 0:
         raise label_error(job.labels[bad], (bad,), job.n_cols, ii)
-    job.w_sum = <double>job.n_cols
     cdef double gs
     if want_grad:
         _set_out(&job, ga, tnum)
@@ -742,6 +765,8 @@ def cross_entropy_mean_at(size_t x, int64_t n, int64_t c, int dtype, size_t labe
     job.labels = <const int64_t *>labels
     job.ignore_index = ignore_index
     job.w_sum = <double>c
+    if out == 0 and n * c > _TINY_ELEMENTS:
+        return float(_ce_mean_labelled(&job, dtype, num_threads))
     cdef int64_t counted = 0
     cdef int64_t bad = fx_check_labels(job.labels, n, c, ignore_index, &counted)
     if bad >= 0:
