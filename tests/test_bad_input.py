@@ -225,9 +225,15 @@ def test_first_bad_label_in_threads_and_blocks(positions, dtype, threads):
     bad = lab.copy()
     for p in positions:
         bad[p] = C + p
+    g = np.full_like(x, 3.0)
     for isa in each_isa():
         expect(ValueError, lambda: fastxent.cross_entropy(x, bad, num_threads=threads), "label",
                str(C + positions[0]), f"({positions[0]},)")
+        # With a gradient the labels are checked (over the threads) first.
+        expect(ValueError,
+               lambda: fastxent.cross_entropy_with_grad(x, bad, num_threads=threads, out=g),
+               "label", str(C + positions[0]), f"({positions[0]},)")
+        assert np.all(g == 3.0), isa
         assert fastxent.cross_entropy(x, lab, num_threads=threads) == got, isa
 
 
