@@ -69,11 +69,24 @@ int fx_has_kernel(int op, int dtype)
    threads: below this, one thread per row is as fast. */
 #define FX_SPLIT_MIN 65536
 
-static fx_split_fn fx_splitter(int op, int dtype, const fx_job *job)
+static fx_split_fn fx_splitter(int op, int dtype, const fx_job *job, int num_threads)
 {
     const fx_split_fn split = fx_active->split[op][dtype];
-    if (job->n_cols < FX_SPLIT_MIN || !split || !split(job, NULL, FX_SPLIT_JOB)) return NULL;
+    if (job->n_rows >= num_threads || num_threads <= 1 || job->n_cols < FX_SPLIT_MIN || !split
+        || !split(job, NULL, FX_SPLIT_JOB))
+        return NULL;
     return split;
+}
+
+/* Threads for a job's rows: at most one a row, and one more for each
+   FX_GRAIN elements of work. */
+static int64_t fx_row_threads(const fx_job *job, int num_threads)
+{
+    const int64_t n = job->n_rows, work = n * (job->n_cols > 0 ? job->n_cols : 1);
+    int64_t nt = num_threads;
+    if (nt > n) nt = n;
+    if (nt > 1 + work / FX_GRAIN) nt = 1 + work / FX_GRAIN;
+    return nt;
 }
 
 /* The write pass of a split row and the family's last touches: over even
@@ -212,8 +225,7 @@ void fx_run(int op, int dtype, const fx_job *job, int num_threads)
 {
     const fx_rows_fn fn = fx_active->fn[op][dtype];
     const int64_t n = job->n_rows;
-    const int64_t work = n * (job->n_cols > 0 ? job->n_cols : 1);
-    const fx_split_fn split = n < num_threads && num_threads > 1 ? fx_splitter(op, dtype, job) : NULL;
+    const fx_split_fn split = fx_splitter(op, dtype, job, num_threads);
     if (split) {
         const int64_t nchunks = (job->n_cols + FX_CHUNK - 1) / FX_CHUNK;
         double *sums = malloc((size_t)(3 * nchunks) * sizeof(double));
@@ -224,9 +236,7 @@ void fx_run(int op, int dtype, const fx_job *job, int num_threads)
             return;
         }
     }
-    int64_t nt = num_threads;
-    if (nt > n) nt = n;
-    if (nt > 1 + work / FX_GRAIN) nt = 1 + work / FX_GRAIN;
+    const int64_t nt = fx_row_threads(job, num_threads);
     if (nt <= 1) {
         if (n > 0) fn(job, 0, n);
         return;
@@ -282,22 +292,19 @@ int64_t fx_run_labelled(int op, int dtype, const fx_job *job, int num_threads, i
 {
     const fx_rows_fn fn = fx_active->fn[op][dtype];
     const int64_t n = job->n_rows, nb = (n + FX_SUM_BLOCK - 1) / FX_SUM_BLOCK;
-    const int64_t work = n * (job->n_cols > 0 ? job->n_cols : 1);
     int64_t bad = INT64_MAX, k = 0;
     *counted = 0;
     *total = 0.0;
     double *sums = NULL;
-    if (n >= num_threads || num_threads == 1) sums = malloc((size_t)nb * sizeof(double));
-    if (!sums) { /* rows fx_run may split, or no memory: the plain order */
+    if (!fx_splitter(op, dtype, job, num_threads)) sums = malloc((size_t)nb * sizeof(double));
+    if (!sums) { /* rows fx_run splits, or no memory: the plain order */
         const int64_t e = fx_check_labels(job->labels, n, job->n_cols, job->ignore_index, counted);
         if (e >= 0) return e;
         fx_run(op, dtype, job, num_threads);
         *total = fx_sum_f64(job->row_out, n);
         return -1;
     }
-    int64_t nt = num_threads;
-    if (nt > n) nt = n;
-    if (nt > 1 + work / FX_GRAIN) nt = 1 + work / FX_GRAIN;
+    const int64_t nt = fx_row_threads(job, num_threads);
     if (nt <= 1) {
         fx_labelled_range(fn, job, 0, n, sums, &bad, &k);
     } else {
